@@ -1,0 +1,2 @@
+export * from './sys/index.js';
+export { VERSION } from './version.js';

@@ -1,0 +1,74 @@
+/**
+ * Loader and typed face of the native addon (native/vdevkit.c).
+ * Nothing outside src/sys/ imports this module.
+ */
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+import path from 'node:path';
+import { existsSync } from 'node:fs';
+import { SysError } from './errors.js';
+
+/** Opaque uv_poll handle. */
+export type PollHandle = { readonly __poll: unique symbol };
+
+export interface NativeAddon {
+  setErrorClass(ctor: typeof SysError): void;
+  close(fd: number): void;
+  dup(fd: number): number;
+  fstat(fd: number): { size: number; mode: number };
+  setNonBlock(fd: number, on: boolean): void;
+  listen(path: string, backlog: number): number;
+  /** A new connection's fd, or -1 when none is pending. */
+  accept(fd: number): number;
+  connect(path: string): number;
+  socketpair(): [number, number];
+  shutdown(fd: number, how: 0 | 1 | 2): void;
+  /** Bytes sent, or -1 when the socket buffer is full. */
+  sendmsg(fd: number, data: Uint8Array | readonly Uint8Array[], fds: readonly number[] | null): number;
+  /** Bytes read (0 = end of stream), or -1 when nothing is available. fdsOut[0] = fd count. */
+  recvmsg(fd: number, buf: Uint8Array, offset: number, length: number, fdsOut: Int32Array): number;
+  pollNew(fd: number, cb: (status: number, events: number) => void): PollHandle;
+  pollStart(handle: PollHandle, events: number): void;
+  pollClose(handle: PollHandle): void;
+  memfdCreate(name: string, allowSealing: boolean): number;
+  ftruncate(fd: number, size: number): void;
+  addSeals(fd: number, seals: number): void;
+  mmap(fd: number, offset: number, length: number, readOnly: boolean): ArrayBuffer;
+  munmap(buf: ArrayBuffer): boolean;
+  eventfd(initval: number, semaphore: boolean): number;
+  /** Counter value, or -1 when it is zero. */
+  eventfdRead(fd: number): number | bigint;
+  /** false when the counter would overflow. */
+  eventfdWrite(fd: number, value: number | bigint): boolean;
+  readonly SCM_MAX_FD: number;
+  readonly PAGE_SIZE: number;
+  readonly F_SEAL_SEAL: number;
+  readonly F_SEAL_SHRINK: number;
+  readonly F_SEAL_GROW: number;
+  readonly F_SEAL_WRITE: number;
+}
+
+export const POLL_READABLE = 1;
+export const POLL_WRITABLE = 2;
+
+function load(): NativeAddon {
+  const here = path.dirname(fileURLToPath(import.meta.url));
+  const require = createRequire(import.meta.url);
+  // src/sys -> dist/src/sys when compiled; the build directory sits at the package root.
+  const candidates = [
+    process.env['VDEVKIT_NATIVE'],
+    path.resolve(here, '../../../build/Release/vdevkit.node'),
+    path.resolve(here, '../../build/Release/vdevkit.node'),
+  ].filter((p): p is string => typeof p === 'string');
+  for (const file of candidates) {
+    if (existsSync(file)) return require(file) as NativeAddon;
+  }
+  throw new Error(
+    'vdevkit: the native addon is not built (looked for ' +
+      candidates.join(', ') +
+      '). Run `npm install` (or `npx node-gyp rebuild`); it needs python3, make and a C compiler.',
+  );
+}
+
+export const native: NativeAddon = load();
+native.setErrorClass(SysError);

@@ -1,0 +1,449 @@
+/**
+ * UNIX stream sockets that carry file descriptors, on the native addon.
+ *
+ * fds and bytes: the kernel attaches the fds of one sendmsg() to the bytes of
+ * that call, and a recvmsg() that receives fds stops at the end of the
+ * sendmsg that carried them. So the writer here sends each write() that has
+ * fds in sendmsg calls of its own (never coalesced with other writes), and a
+ * reader can rely on this: the fds delivered with a chunk belong to the write
+ * that contains the chunk's last byte. This is the same association QEMU and
+ * libvhost-user use (they read each header with its own recvmsg).
+ */
+import { EventEmitter } from 'node:events';
+import fs from 'node:fs';
+import { native, POLL_READABLE, POLL_WRITABLE, type PollHandle } from './native.js';
+import { Fd, closeAll } from './fd.js';
+import { SysError, sysError } from './errors.js';
+
+export interface UnixSocketOptions {
+  /** Queued bytes above which write() returns false (default 1 MiB). */
+  highWaterMark?: number;
+  /** Most fds accepted in one received chunk (default 253, the kernel's limit). */
+  maxRecvFds?: number;
+  /** Bytes asked of one recvmsg (default 64 KiB). */
+  readSize?: number;
+}
+
+interface WriteEntry {
+  bufs: Uint8Array[];
+  /** Bytes of bufs still to send. */
+  length: number;
+  /** Owned duplicates of the fds to send with the first byte; null if none. */
+  fds: Fd[] | null;
+}
+
+const MAX_GATHER = 64;
+const POOL_SIZE = 256 * 1024;
+
+type SocketEvents = {
+  data: [chunk: Buffer, fds: Fd[]];
+  drain: [];
+  end: [];
+  error: [err: Error];
+  close: [err: Error | undefined];
+};
+
+/**
+ * A connected non-blocking UNIX stream socket.
+ *
+ * Events: 'data' (chunk, fds) where the listener owns the fds (they are
+ * closed if there is no 'data' listener); 'drain' when the write queue has
+ * fallen below the high-water mark after write() returned false; 'end' when
+ * the peer closed its side; 'error' (only emitted if someone listens, so a
+ * misbehaving peer never crashes the process); 'close' (err?) once, last.
+ */
+export class UnixSocket extends EventEmitter<SocketEvents> {
+  readonly #fd: Fd;
+  #poll: PollHandle | null;
+  #events = 0;
+  #paused = false;
+  #queue: WriteEntry[] = [];
+  #queued = 0;
+  #needDrain = false;
+  #ending = false;
+  #closed = false;
+  readonly #highWaterMark: number;
+  readonly #readSize: number;
+  readonly #fdsOut: Int32Array;
+  #pool: Buffer;
+  #poolOffset = 0;
+
+  constructor(fd: Fd, options: UnixSocketOptions = {}) {
+    super();
+    this.#fd = fd;
+    this.#highWaterMark = options.highWaterMark ?? 1024 * 1024;
+    this.#readSize = Math.min(options.readSize ?? 64 * 1024, POOL_SIZE);
+    const maxFds = Math.min(options.maxRecvFds ?? native.SCM_MAX_FD, native.SCM_MAX_FD);
+    this.#fdsOut = new Int32Array(1 + Math.max(0, maxFds));
+    this.#pool = Buffer.allocUnsafe(POOL_SIZE);
+    this.#poll = native.pollNew(fd.value, (status, events) => this.#onPoll(status, events));
+    // Start reading on the next tick so the creator can attach listeners first.
+    process.nextTick(() => this.#updatePoll());
+  }
+
+  /** The socket's descriptor number (for diagnostics). */
+  get fdNumber(): number {
+    return this.#fd.closed ? -1 : this.#fd.value;
+  }
+
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  /** Bytes accepted by write() and not yet handed to the kernel. */
+  get writableLength(): number {
+    return this.#queued;
+  }
+
+  /**
+   * Queues bytes (one buffer or several gathered) with optional fds attached
+   * to their first byte. The fds stay owned by the caller: if they cannot be
+   * sent at once they are duplicated. Returns false when the queue is above
+   * the high-water mark (wait for 'drain').
+   */
+  write(data: Uint8Array | readonly Uint8Array[], fds?: readonly (Fd | number)[] | null): boolean {
+    if (this.#closed || this.#ending) throw sysError('EPIPE', 'write', 'socket is closed');
+    const bufs = (Array.isArray(data) ? [...data] : [data]) as Uint8Array[];
+    let length = 0;
+    for (const b of bufs) length += b.byteLength;
+    const fdNums = fds && fds.length > 0 ? fds.map((f) => (typeof f === 'number' ? f : f.value)) : null;
+    if (fdNums && fdNums.length > native.SCM_MAX_FD) {
+      throw sysError('EINVAL', 'sendmsg', `${fdNums.length} fds in one message; at most ${native.SCM_MAX_FD}`);
+    }
+    if (fdNums && length === 0) throw sysError('EINVAL', 'sendmsg', 'fds need at least one byte to travel with');
+
+    if (this.#queue.length === 0) {
+      // Fast path: nothing queued, try to send now.
+      const n = this.#send(bufs, fdNums);
+      if (n === length) return true;
+      if (n < 0) {
+        this.#enqueue(bufs, length, fdNums ? fdNums.map((f) => new Fd(native.dup(f))) : null);
+      } else {
+        // Partial: the fds went with the first byte.
+        this.#enqueue(bufs, length, null);
+        this.#consume(this.#queue[0]!, n);
+      }
+      this.#updatePoll();
+    } else {
+      this.#enqueue(bufs, length, fdNums ? fdNums.map((f) => new Fd(native.dup(f))) : null);
+    }
+    if (this.#queued > this.#highWaterMark) {
+      this.#needDrain = true;
+      return false;
+    }
+    return true;
+  }
+
+  /** Stops reading (backpressure to the peer); resume() restarts. */
+  pause(): void {
+    this.#paused = true;
+    this.#updatePoll();
+  }
+
+  resume(): void {
+    this.#paused = false;
+    this.#updatePoll();
+  }
+
+  /** Closes once the write queue has been sent. */
+  end(): void {
+    if (this.#closed) return;
+    this.#ending = true;
+    if (this.#queue.length === 0) this.destroy();
+    else this.#updatePoll();
+  }
+
+  /** Closes now: queued writes are dropped (their fds closed); emits 'close'. */
+  destroy(err?: Error): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    if (this.#poll) {
+      native.pollClose(this.#poll);
+      this.#poll = null;
+    }
+    for (const e of this.#queue) if (e.fds) closeAll(e.fds);
+    this.#queue = [];
+    this.#queued = 0;
+    this.#fd.close();
+    if (err && this.listenerCount('error') > 0) this.emit('error', err);
+    this.emit('close', err);
+  }
+
+  close(): void {
+    this.destroy();
+  }
+
+  #send(bufs: Uint8Array[], fds: readonly number[] | null): number {
+    try {
+      return native.sendmsg(this.#fd.value, bufs.length === 1 ? bufs[0]! : bufs, fds);
+    } catch (err) {
+      // EPIPE / ECONNRESET: the peer is gone. Report it once, after this call returns.
+      process.nextTick(() => this.destroy(err as Error));
+      return -1;
+    }
+  }
+
+  #enqueue(bufs: Uint8Array[], length: number, fds: Fd[] | null): void {
+    this.#queue.push({ bufs, length, fds });
+    this.#queued += length;
+  }
+
+  /** Drops n sent bytes from the head entry. */
+  #consume(entry: WriteEntry, n: number): void {
+    this.#queued -= n;
+    entry.length -= n;
+    if (entry.fds && n > 0) {
+      closeAll(entry.fds);
+      entry.fds = null;
+    }
+    while (n > 0) {
+      const b = entry.bufs[0]!;
+      if (n >= b.byteLength) {
+        n -= b.byteLength;
+        entry.bufs.shift();
+      } else {
+        entry.bufs[0] = b.subarray(n);
+        n = 0;
+      }
+    }
+  }
+
+  #flush(): void {
+    while (this.#queue.length > 0 && !this.#closed) {
+      const head = this.#queue[0]!;
+      let bufs = head.bufs;
+      let total = head.length;
+      let entries = 1;
+      // Gather following writes that carry no fds into the same sendmsg.
+      if (!head.fds) {
+        bufs = [...head.bufs];
+        while (entries < this.#queue.length && bufs.length < MAX_GATHER) {
+          const next = this.#queue[entries]!;
+          if (next.fds || bufs.length + next.bufs.length > MAX_GATHER) break;
+          bufs.push(...next.bufs);
+          total += next.length;
+          entries++;
+        }
+      }
+      const n = this.#send(bufs, head.fds ? head.fds.map((f) => f.value) : null);
+      if (n < 0) return;
+      let left = n;
+      while (left > 0 && this.#queue.length > 0) {
+        const e = this.#queue[0]!;
+        const take = Math.min(left, e.length);
+        this.#consume(e, take);
+        left -= take;
+        if (e.length === 0) this.#queue.shift();
+      }
+      if (n < total) return;
+    }
+  }
+
+  #onPoll(status: number, events: number): void {
+    if (this.#closed) return;
+    if (status < 0) {
+      this.destroy(new SysError('EIO', 'poll', -status, `poll failed with status ${status}`));
+      return;
+    }
+    if (events & POLL_WRITABLE) {
+      this.#flush();
+      if (this.#closed) return;
+      if (this.#queue.length === 0 && this.#ending) {
+        this.destroy();
+        return;
+      }
+      if (this.#needDrain && this.#queued <= this.#highWaterMark) {
+        this.#needDrain = false;
+        this.emit('drain');
+      }
+    }
+    if (events & POLL_READABLE) this.#read();
+    if (!this.#closed) this.#updatePoll();
+  }
+
+  #read(): void {
+    const fdsOut = this.#fdsOut;
+    // A bounded number of reads per wake-up keeps other sockets served.
+    for (let i = 0; i < 16 && !this.#paused && !this.#closed; i++) {
+      if (POOL_SIZE - this.#poolOffset < this.#readSize) {
+        this.#pool = Buffer.allocUnsafe(POOL_SIZE);
+        this.#poolOffset = 0;
+      }
+      let n: number;
+      try {
+        n = native.recvmsg(this.#fd.value, this.#pool, this.#poolOffset, this.#readSize, fdsOut);
+      } catch (err) {
+        this.destroy(err as Error);
+        return;
+      }
+      if (n < 0) return;
+      if (n === 0) {
+        this.emit('end');
+        this.destroy();
+        return;
+      }
+      const chunk = this.#pool.subarray(this.#poolOffset, this.#poolOffset + n);
+      this.#poolOffset += (n + 7) & ~7;
+      const nfds = fdsOut[0]!;
+      const fds: Fd[] = [];
+      for (let k = 0; k < nfds; k++) fds.push(new Fd(fdsOut[1 + k]!));
+      if (this.listenerCount('data') > 0) this.emit('data', chunk, fds);
+      else closeAll(fds);
+      if (n < this.#readSize) return;
+    }
+  }
+
+  #updatePoll(): void {
+    if (this.#closed || !this.#poll) return;
+    const want = (this.#paused || this.#ending ? 0 : POLL_READABLE) | (this.#queue.length > 0 ? POLL_WRITABLE : 0);
+    if (want !== this.#events) {
+      this.#events = want;
+      native.pollStart(this.#poll, want);
+    }
+  }
+}
+
+/** A connected pair of sockets in this process (socketpair(2)). */
+export function socketPair(options?: UnixSocketOptions): [UnixSocket, UnixSocket] {
+  const [a, b] = native.socketpair();
+  return [new UnixSocket(new Fd(a), options), new UnixSocket(new Fd(b), options)];
+}
+
+/** Raw socketpair fds, e.g. to hand one end to a child process. */
+export function socketPairFds(): [Fd, Fd] {
+  const [a, b] = native.socketpair();
+  return [new Fd(a), new Fd(b)];
+}
+
+export interface ConnectOptions extends UnixSocketOptions {
+  /** How long to retry while the listener's backlog is full (default 5000 ms). */
+  timeoutMs?: number;
+}
+
+/** Connects to a listening UNIX socket at `path`. */
+export async function connectUnix(path: string, options: ConnectOptions = {}): Promise<UnixSocket> {
+  const deadline = Date.now() + (options.timeoutMs ?? 5000);
+  let delay = 1;
+  for (;;) {
+    try {
+      return new UnixSocket(new Fd(native.connect(path)), options);
+    } catch (err) {
+      if (!(err instanceof SysError) || err.code !== 'EAGAIN' || Date.now() >= deadline) throw err;
+    }
+    await new Promise((r) => setTimeout(r, delay));
+    delay = Math.min(delay * 2, 50);
+  }
+}
+
+export interface ListenOptions extends UnixSocketOptions {
+  backlog?: number;
+}
+
+type ServerEvents = {
+  connection: [socket: UnixSocket];
+  error: [err: Error];
+  close: [];
+};
+
+/**
+ * A listening UNIX socket. A stale socket file left by a dead process is
+ * replaced; a path where someone is listening, or that is not a socket, is
+ * refused with EADDRINUSE.
+ */
+export class UnixServer extends EventEmitter<ServerEvents> {
+  readonly path: string;
+  readonly #fd: Fd;
+  #poll: PollHandle | null;
+  readonly #ino: number;
+  readonly #options: UnixSocketOptions;
+  #closed = false;
+
+  private constructor(path: string, fd: Fd, options: UnixSocketOptions) {
+    super();
+    this.path = path;
+    this.#fd = fd;
+    this.#options = options;
+    this.#ino = fs.statSync(path).ino;
+    this.#poll = native.pollNew(fd.value, (status) => this.#onPoll(status));
+    native.pollStart(this.#poll, POLL_READABLE);
+  }
+
+  static listen(path: string, options: ListenOptions = {}): UnixServer {
+    const backlog = options.backlog ?? 128;
+    let fd: number;
+    try {
+      fd = native.listen(path, backlog);
+    } catch (err) {
+      if (!(err instanceof SysError) || err.code !== 'EADDRINUSE') throw err;
+      removeStaleSocket(path);
+      fd = native.listen(path, backlog);
+    }
+    return new UnixServer(path, new Fd(fd), options);
+  }
+
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  /** Stops listening and removes the socket file (if it is still ours). */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    if (this.#poll) native.pollClose(this.#poll);
+    this.#poll = null;
+    this.#fd.close();
+    try {
+      if (fs.statSync(this.path).ino === this.#ino) fs.unlinkSync(this.path);
+    } catch {
+      // already gone
+    }
+    this.emit('close');
+  }
+
+  #onPoll(status: number): void {
+    if (this.#closed) return;
+    if (status < 0) {
+      if (this.listenerCount('error') > 0) this.emit('error', new SysError('EIO', 'poll', -status));
+      return;
+    }
+    // Accept a bounded batch per wake-up; the poll fires again if more wait.
+    for (let i = 0; i < 64 && !this.#closed; i++) {
+      let c: number;
+      try {
+        c = native.accept(this.#fd.value);
+      } catch (err) {
+        // EMFILE and the like: report, keep listening.
+        if (this.listenerCount('error') > 0) this.emit('error', err as Error);
+        return;
+      }
+      if (c < 0) return;
+      const sock = new UnixSocket(new Fd(c), this.#options);
+      if (this.listenerCount('connection') > 0) this.emit('connection', sock);
+      else sock.destroy();
+    }
+  }
+}
+
+/** Unlinks `path` if it is a socket nobody listens on; throws EADDRINUSE otherwise. */
+function removeStaleSocket(path: string): void {
+  let st: fs.Stats;
+  try {
+    st = fs.lstatSync(path);
+  } catch {
+    return; // vanished meanwhile: bind again
+  }
+  if (!st.isSocket()) throw sysError('EADDRINUSE', 'listen', `${path} exists and is not a socket`);
+  let probe: number;
+  try {
+    probe = native.connect(path);
+  } catch (err) {
+    if (err instanceof SysError && (err.code === 'ECONNREFUSED' || err.code === 'ENOENT')) {
+      fs.rmSync(path, { force: true });
+      return;
+    }
+    // EAGAIN: a live listener with a full backlog.
+    throw sysError('EADDRINUSE', 'listen', `${path} is in use`);
+  }
+  native.close(probe);
+  throw sysError('EADDRINUSE', 'listen', `${path} is in use by a listening process`);
+}
