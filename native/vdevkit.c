@@ -53,7 +53,9 @@ struct vdk_poll {
   vdk_instance *inst; /* NULL once detached from the instance list */
   vdk_poll *next;
   vdk_poll *prev;
-  int closing;
+  int closing;   /* uv_close() has been called */
+  int uv_closed; /* ... and its callback has run */
+  int finalized; /* the JS external is gone */
 };
 
 /* ------------------------------------------------------------------ */
@@ -559,16 +561,25 @@ static void poll_unlink(vdk_poll *p) {
   p->next = p->prev = NULL;
 }
 
+/* The struct is freed once both the uv handle is closed and the JS external
+ * that points at it has been finalized, whichever comes last. */
 static void poll_on_close(uv_handle_t *h) {
   vdk_poll *p = (vdk_poll *)h->data;
   if (p->callback != NULL) napi_delete_reference(p->env, p->callback);
   if (p->async_ctx != NULL) napi_async_destroy(p->env, p->async_ctx);
-  free(p);
+  p->callback = NULL;
+  p->async_ctx = NULL;
+  p->uv_closed = 1;
+  if (p->finalized) free(p);
 }
 
-/* Teardown path: the env is going away, so free without calling into N-API. */
+/* Teardown path: the env is going away, so release without calling into N-API. */
 static void poll_on_close_teardown(uv_handle_t *h) {
-  free(h->data);
+  vdk_poll *p = (vdk_poll *)h->data;
+  p->callback = NULL;
+  p->async_ctx = NULL;
+  p->uv_closed = 1;
+  if (p->finalized) free(p);
 }
 
 static void poll_on_event(uv_poll_t *h, int status, int events) {
@@ -596,11 +607,14 @@ static void poll_finalize(napi_env env, void *data, void *hint) {
   (void)env;
   (void)hint;
   vdk_poll *p = (vdk_poll *)data;
-  /* Dropped without pollClose(): close it now. */
+  p->finalized = 1;
   if (!p->closing) {
+    /* Dropped without pollClose(): close it now; poll_on_close frees. */
     p->closing = 1;
     poll_unlink(p);
     uv_close((uv_handle_t *)&p->handle, poll_on_close);
+  } else if (p->uv_closed) {
+    free(p);
   }
 }
 
@@ -656,6 +670,7 @@ static napi_value vdk_poll_new(napi_env env, napi_callback_info info) {
 
   napi_value ext;
   if (napi_create_external(env, p, poll_finalize, NULL, &ext) != napi_ok) {
+    p->finalized = 1;
     p->closing = 1;
     poll_unlink(p);
     uv_close((uv_handle_t *)&p->handle, poll_on_close);

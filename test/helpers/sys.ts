@@ -1,0 +1,51 @@
+import fs from 'node:fs';
+import type { UnixSocket, Fd } from '../../src/sys/index.js';
+
+/** Number of open fds of this process. */
+export function openFdCount(): number {
+  return fs.readdirSync('/proc/self/fd').length;
+}
+
+export interface Received {
+  bytes: Buffer;
+  /** fds with the byte offset (in the stream) of the last byte of the chunk they came with. */
+  fds: { fd: Fd; at: number }[];
+}
+
+/** Collects everything a socket receives until `bytes` bytes have arrived. */
+export function receive(sock: UnixSocket, bytes: number, timeoutMs = 5000): Promise<Received> {
+  return new Promise((resolve, reject) => {
+    const parts: Buffer[] = [];
+    const fds: Received['fds'] = [];
+    let total = 0;
+    const timer = setTimeout(() => finish(new Error(`timed out after ${total} of ${bytes} bytes`)), timeoutMs);
+    const onData = (chunk: Buffer, got: Fd[]): void => {
+      parts.push(Buffer.from(chunk));
+      total += chunk.length;
+      for (const fd of got) fds.push({ fd, at: total - 1 });
+      if (total >= bytes) finish();
+    };
+    const onClose = (): void => finish(new Error(`closed after ${total} of ${bytes} bytes`));
+    function finish(err?: Error): void {
+      clearTimeout(timer);
+      sock.off('data', onData);
+      sock.off('close', onClose);
+      if (err) {
+        for (const f of fds) f.fd.close();
+        reject(err);
+      } else resolve({ bytes: Buffer.concat(parts), fds });
+    }
+    sock.on('data', onData);
+    sock.on('close', onClose);
+  });
+}
+
+export async function closed(sock: UnixSocket): Promise<Error | undefined> {
+  if (sock.closed) return undefined;
+  // Not events.once: it rejects on 'error', and a close after an error is what we wait for.
+  return new Promise((resolve) => sock.once('close', (err) => resolve(err)));
+}
+
+export function tick(ms = 0): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
