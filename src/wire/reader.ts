@@ -1,0 +1,200 @@
+/**
+ * Incremental frame reader over a byte stream that carries fds.
+ *
+ * Chunks arrive in any split; the reader cuts them into frames (header +
+ * body, the total size read from the header) and hands each frame out with
+ * the fds that came with it. Fd association follows the socket layer's rule
+ * (src/sys/socket.ts): the fds of a chunk belong to the frame that contains
+ * the chunk's last byte.
+ *
+ * A frame is a view into the received chunk when it lies inside one chunk,
+ * and a copy only when it spans chunks. Sizes are checked from the header
+ * before any body byte is buffered: an oversized frame is either skipped
+ * (its body discarded as it streams past, so the connection can go on) or
+ * fatal, as the protocol layer decides.
+ */
+import type { Fd } from '../sys/fd.js';
+
+export interface FrameSpec {
+  /** Bytes of the fixed header. */
+  headerSize: number;
+  /** Total frame size (header included) announced by a header; NaN or < headerSize is fatal. */
+  frameSize(header: Uint8Array): number;
+  /** Largest frame that will be buffered. */
+  maxFrameSize: number;
+}
+
+export interface FrameHandler {
+  /** A complete frame and its fds (the handler owns the fds). */
+  frame(frame: Uint8Array, fds: Fd[]): void;
+  /**
+   * A header announced a frame larger than maxFrameSize. Return true to skip
+   * its body (the fds that came with it are closed) and go on; false to stop.
+   */
+  oversized(header: Uint8Array, size: number): boolean;
+  /** The stream can no longer be framed (bad size, or oversized and not skipped). */
+  fatal(reason: string): void;
+}
+
+interface PendingFds {
+  /** Stream offset of the last byte of the chunk that carried them. */
+  at: number;
+  fds: Fd[];
+}
+
+export class FrameReader {
+  readonly #spec: FrameSpec;
+  readonly #handler: FrameHandler;
+  #chunks: Uint8Array[] = [];
+  /** Bytes buffered in #chunks. */
+  #buffered = 0;
+  /** Stream offset of the first buffered byte. */
+  #offset = 0;
+  #fds: PendingFds[] = [];
+  /** Bytes of an oversized frame's body still to discard. */
+  #skip = 0;
+  /** Stream offset at which the frame being skipped ends. */
+  #skipEnd = 0;
+  #stopped = false;
+
+  constructor(spec: FrameSpec, handler: FrameHandler) {
+    this.#spec = spec;
+    this.#handler = handler;
+  }
+
+  /** Bytes received and not yet handed out as frames. */
+  get buffered(): number {
+    return this.#buffered;
+  }
+
+  get stopped(): boolean {
+    return this.#stopped;
+  }
+
+  push(chunk: Uint8Array, fds: Fd[] = []): void {
+    if (this.#stopped) {
+      for (const fd of fds) fd.close();
+      return;
+    }
+    if (chunk.length === 0) {
+      for (const fd of fds) fd.close();
+      return;
+    }
+    const end = this.#offset + this.#buffered + chunk.length;
+    if (fds.length > 0) this.#fds.push({ at: end - 1, fds });
+    this.#chunks.push(chunk);
+    this.#buffered += chunk.length;
+    this.#drain();
+  }
+
+  /** Stops framing and closes every fd not yet handed out. */
+  close(): void {
+    this.#stopped = true;
+    this.#chunks = [];
+    this.#buffered = 0;
+    for (const p of this.#fds) for (const fd of p.fds) fd.close();
+    this.#fds = [];
+  }
+
+  #drain(): void {
+    const { headerSize } = this.#spec;
+    while (!this.#stopped) {
+      if (this.#skip > 0) {
+        const n = Math.min(this.#skip, this.#buffered);
+        this.#discard(n);
+        this.#skip -= n;
+        if (this.#skip > 0) return;
+        this.#closeFdsBefore(this.#skipEnd);
+        continue;
+      }
+      if (this.#buffered < headerSize) return;
+      const header = this.#peek(headerSize);
+      const size = this.#spec.frameSize(header);
+      if (!Number.isSafeInteger(size) || size < headerSize) {
+        this.#stop(`frame header announces an invalid size ${size}`);
+        return;
+      }
+      if (size > this.#spec.maxFrameSize) {
+        const headerCopy = header.slice();
+        const frameEnd = this.#offset + size;
+        if (!this.#handler.oversized(headerCopy, size)) {
+          this.#stop(`frame of ${size} bytes exceeds the limit of ${this.#spec.maxFrameSize}`);
+          return;
+        }
+        if (this.#stopped) return;
+        this.#skip = size;
+        this.#skipEnd = frameEnd;
+        continue;
+      }
+      if (this.#buffered < size) return;
+      const start = this.#offset;
+      const frame = this.#take(size);
+      const fds = this.#fdsBefore(start + size);
+      this.#handler.frame(frame, fds);
+    }
+  }
+
+  #stop(reason: string): void {
+    this.close();
+    this.#handler.fatal(reason);
+  }
+
+  /** The first n buffered bytes, as a view when they lie in one chunk. */
+  #peek(n: number): Uint8Array {
+    const first = this.#chunks[0]!;
+    if (first.length >= n) return first.subarray(0, n);
+    const out = new Uint8Array(n);
+    let filled = 0;
+    for (const c of this.#chunks) {
+      const take = Math.min(c.length, n - filled);
+      out.set(c.subarray(0, take), filled);
+      filled += take;
+      if (filled === n) break;
+    }
+    return out;
+  }
+
+  /** Removes and returns the first n buffered bytes. */
+  #take(n: number): Uint8Array {
+    const first = this.#chunks[0]!;
+    if (first.length >= n) {
+      const out = first.subarray(0, n);
+      this.#advance(n);
+      return out;
+    }
+    const out = this.#peek(n);
+    this.#advance(n);
+    return out;
+  }
+
+  #discard(n: number): void {
+    this.#advance(n);
+  }
+
+  #advance(n: number): void {
+    this.#buffered -= n;
+    this.#offset += n;
+    while (n > 0) {
+      const c = this.#chunks[0]!;
+      if (c.length <= n) {
+        n -= c.length;
+        this.#chunks.shift();
+      } else {
+        this.#chunks[0] = c.subarray(n);
+        n = 0;
+      }
+    }
+  }
+
+  /** Takes the fds whose chunk ended before stream offset `end`. */
+  #fdsBefore(end: number): Fd[] {
+    if (this.#fds.length === 0 || this.#fds[0]!.at >= end) return [];
+    const out: Fd[] = [];
+    while (this.#fds.length > 0 && this.#fds[0]!.at < end) out.push(...this.#fds.shift()!.fds);
+    return out;
+  }
+
+  #closeFdsBefore(end: number): void {
+    for (const fd of this.#fdsBefore(end)) fd.close();
+  }
+}
