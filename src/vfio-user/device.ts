@@ -1,0 +1,148 @@
+/**
+ * What a device author writes: a plain object describing a PCI device. The
+ * server (server.ts) does every protocol chore: config space, region info,
+ * IRQ plumbing, DMA mapping, migration state and data, errno replies. A
+ * device never sees a message.
+ *
+ * Optional hooks default to "not supported": a region without a read hook
+ * answers reads with EINVAL, a device without `migration` answers the
+ * migration features with EINVAL, and so on.
+ */
+import type { CapabilityDescription, BarType, PciDeviceDescription } from '../pci/index.js';
+import type { SharedMemory } from '../sys/index.js';
+
+/** A range inside a region. */
+export interface Area {
+  offset: number;
+  size: number;
+}
+
+/** An ioeventfd the device asks the client to wire (GET_REGION_IO_FDS). */
+export interface IoEventFdSpec {
+  /** Offset of the watched range in the region. */
+  offset: number;
+  /** Access size that triggers it (1, 2, 4, 8), or 0 for any. */
+  size: number;
+  /** Only writes of this value trigger it (KVM_IOEVENTFD_FLAG_DATAMATCH). */
+  datamatch?: bigint;
+  /** Signalled by the client on a matching write; the device subscribes to it. */
+  eventfd: import('../sys/index.js').EventFd;
+}
+
+export interface RegionSpec {
+  /** Bytes. For a BAR, a power of two. */
+  size: number;
+  /** Default true. */
+  readable?: boolean;
+  /** Default true. */
+  writable?: boolean;
+  /** BAR type (BARs only; default 'mem32'). */
+  barType?: BarType;
+  prefetchable?: boolean;
+  /**
+   * Backing memory (a memfd), offered to the client by fd so it can map the
+   * `mmapAreas` directly. Accesses by message go to it too, unless hooks are given.
+   */
+  memory?: SharedMemory;
+  /** Parts of `memory` the client may mmap (default: all of it). */
+  mmapAreas?: Area[];
+  /** Serves a read by message: fill `out` with the bytes at `offset`. Throw a VfioError/PciError to refuse. */
+  read?(offset: number, out: Uint8Array): void;
+  /** Serves a write by message. */
+  write?(offset: number, data: Uint8Array): void;
+  /** For device-specific regions (index >= 9): VFIO_REGION_INFO_CAP_TYPE. */
+  type?: { type: number; subtype: number };
+  /** ioeventfds for GET_REGION_IO_FDS. */
+  ioEventFds?: IoEventFdSpec[];
+}
+
+/** Interrupt vectors per VFIO irq index. */
+export interface IrqSpec {
+  /** One INTx line (INTA#). */
+  intx?: boolean;
+  /** MSI vectors (1..32, a power of two); adds an MSI capability. */
+  msi?: number;
+  /** MSI-X vectors (1..2048); adds an MSI-X capability, table and PBA emulated in `msixBar`. */
+  msix?: number;
+  /** Where the MSI-X table and PBA live (default: BAR of the first free slot, table at 0, PBA after it). */
+  msixBar?: { bar: number; tableOffset: number; pbaOffset: number };
+  /** The error interrupt (VFIO_PCI_ERR_IRQ_INDEX). */
+  err?: boolean;
+  /** The device request interrupt (VFIO_PCI_REQ_IRQ_INDEX). */
+  req?: boolean;
+}
+
+/** The interrupt indexes a device triggers through its context. */
+export type IrqName = 'intx' | 'msi' | 'msix' | 'err' | 'req';
+
+/** A DMA window the client mapped, as the device sees it. */
+export interface DmaWindow {
+  readonly iova: number;
+  readonly size: number;
+  readonly readable: boolean;
+  readonly writable: boolean;
+  /** True when the memory is mapped here; false when it is reached by DMA_READ/DMA_WRITE messages. */
+  readonly mapped: boolean;
+}
+
+/** DMA as the device does it. Addresses are IOVAs the client mapped. */
+export interface DmaAccess {
+  /** Reads guest memory: from the mapping when there is one, else by DMA_READ messages. */
+  read(iova: number, length: number): Promise<Uint8Array>;
+  /** Writes guest memory (marked dirty while logging is on). */
+  write(iova: number, data: Uint8Array): Promise<void>;
+  /**
+   * A direct view of mapped guest memory, or null if the range is not inside
+   * one fd-backed window. With `write`, the pages are marked dirty. The view
+   * becomes empty (length 0) when the window is unmapped: never stale.
+   */
+  view(iova: number, length: number, options?: { write?: boolean }): Uint8Array | null;
+  /** Marks a range dirty (after writing through a view kept for a while). */
+  markDirty(iova: number, length: number): void;
+  /** The windows mapped now. */
+  windows(): DmaWindow[];
+}
+
+/** What the server hands a device while a client is connected. */
+export interface DeviceContext {
+  /** Signals an interrupt vector (through the client's eventfd, honouring masks). */
+  trigger(irq: IrqName, vector?: number): void;
+  readonly dma: DmaAccess;
+  /** Logs through the server's logger. */
+  log(message: string): void;
+}
+
+/** Migration: the device's state as bytes, streamed by the library with MIG_DATA_READ/WRITE. */
+export interface MigrationSpec {
+  /** Offer PRE_COPY (state read while running; then STOP_COPY sends the rest). */
+  preCopy?: boolean;
+  /** Called on each arc of the state machine (after the library's own work). */
+  transition?(from: string, to: string): void | Promise<void>;
+  /** The state to send, taken when the device enters STOP_COPY (or PRE_COPY for the pre-copy part). */
+  save(phase: 'pre-copy' | 'stop-copy'): Uint8Array | Promise<Uint8Array>;
+  /** The received state, given whole when RESUMING ends. Throw to refuse it. */
+  load(data: Uint8Array): void | Promise<void>;
+}
+
+export interface VfioUserDeviceSpec {
+  /** Identity and capabilities; BARs come from `regions`. */
+  pci: Omit<PciDeviceDescription, 'bars' | 'rom'> & { capabilities?: readonly CapabilityDescription[] };
+  /** Regions by VFIO index: 0-5 BARs, 6 ROM, 8 VGA, >= 9 device-specific. Index 7 (config) is the library's. */
+  regions?: { [index: number]: RegionSpec };
+  irqs?: IrqSpec;
+  /** A client connected (VERSION done). */
+  attach?(ctx: DeviceContext): void;
+  /** The client went away; DMA windows are gone, interrupts unwired; device state is kept. */
+  detach?(): void;
+  /** DEVICE_RESET or a function-level reset. */
+  reset?(): void | Promise<void>;
+  /** A DMA window was mapped. */
+  dmaMapped?(window: DmaWindow): void;
+  /** A DMA window is being unmapped: stop using it before returning. */
+  dmaUnmapped?(window: DmaWindow): void;
+  /** Interrupt masking changed by SET_IRQS (libvfio-user's irq state callback). */
+  irqMasked?(irq: IrqName, vector: number, masked: boolean): void;
+  migration?: MigrationSpec;
+  /** Name for logs. */
+  name?: string;
+}
