@@ -1,0 +1,349 @@
+/**
+ * One vfio-user socket, either end: frames in (with their fds), decoded
+ * messages out to a request handler, replies matched to the requests we sent
+ * (ids, timeouts), and the chores both ends share.
+ *
+ * Ordering: incoming commands are handed to the handler one at a time, in
+ * the order received; a handler that returns a promise holds back the next
+ * command until it settles (the spec's in-order processing, which posted
+ * writes rely on). Replies to our own requests are never held back, so a
+ * handler may itself await a request to the peer on the same socket.
+ *
+ * A broken stream (bad framing, the peer gone) closes this connection only:
+ * every pending request fails with a ConnectionError, buffered fds are
+ * closed.
+ */
+import { EventEmitter } from 'node:events';
+import { FrameReader } from '../wire/reader.js';
+import { ProtocolError } from '../wire/errors.js';
+import type { Fd, UnixSocket } from '../sys/index.js';
+import { closeAll } from '../sys/index.js';
+import { Command, HEADER_SIZE, HeaderFlags, MessageType } from './constants.js';
+import { Errno, errnoName } from './errno.js';
+import {
+  decodeMessage,
+  encodeErrorReply,
+  encodeHeader,
+  encodeReply,
+  encodeRequest,
+  type CodecCommand,
+  type CodecLimits,
+  type Encoded,
+  type Header,
+  type ReplyBodies,
+  type ReplyMessage,
+  type RequestBodies,
+  type RequestMessage,
+} from './messages.js';
+
+/** The connection is gone, or a request to the peer failed without a reply. */
+export class ConnectionError extends Error {
+  readonly code: 'VFU_CLOSED' | 'VFU_TIMEOUT' | 'VFU_PEER_ERROR' | 'VFU_BAD_REPLY';
+  /** The peer's errno for VFU_PEER_ERROR. */
+  readonly errno: number;
+  constructor(code: ConnectionError['code'], message: string, errno = 0, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'ConnectionError';
+    this.code = code;
+    this.errno = errno;
+  }
+}
+
+/** What a request handler returns: a reply body for the codec, raw payload bytes, or nothing. */
+export type HandlerReply = { body?: unknown; raw?: Uint8Array | Uint8Array[]; fds?: readonly (Fd | number)[] } | void;
+
+export type RequestHandler = (msg: RequestMessage, fds: Fd[]) => HandlerReply | Promise<HandlerReply>;
+
+export interface ConnectionOptions {
+  /** Our receive limits (msg size, data transfer size). */
+  limits: CodecLimits;
+  onRequest: RequestHandler;
+  /** Default timeout of our requests to the peer, ms (default 5000). */
+  timeoutMs?: number;
+  /** A command that could not be decoded (after its error reply was sent). */
+  onBadRequest?: (header: Header, err: unknown) => void;
+  /** Called for every message in and out, for --trace. */
+  trace?: (direction: 'in' | 'out', header: Header, detail: unknown) => void;
+}
+
+/** A reply with the fds that came with it (owned by the caller). */
+export type ReplyWithFds<C extends CodecCommand> = ReplyMessage & { body: ReplyBodies[C]; fds: Fd[] };
+
+interface Pending {
+  command: number;
+  resolve: (msg: ReplyMessage & { fds: Fd[] }) => void;
+  reject: (err: Error) => void;
+  timer: NodeJS.Timeout;
+}
+
+type ConnectionEvents = { close: [err: Error | undefined]; error: [err: Error] };
+
+/** Maps any thrown value to the errno a reply carries. */
+export function errnoOf(err: unknown): number {
+  if (err && typeof err === 'object' && 'errno' in err) {
+    const n = (err as { errno: unknown }).errno;
+    if (typeof n === 'number' && Number.isInteger(n) && n > 0 && n < 4096) return n;
+  }
+  return Errno.EIO;
+}
+
+export class Connection extends EventEmitter<ConnectionEvents> {
+  readonly socket: UnixSocket;
+  limits: CodecLimits;
+  readonly #reader: FrameReader;
+  readonly #onRequest: RequestHandler;
+  readonly #timeoutMs: number;
+  readonly #trace: ConnectionOptions['trace'];
+  readonly #onBadRequest: ConnectionOptions['onBadRequest'];
+  readonly #pending = new Map<number, Pending>();
+  /** Commands waiting for the one in progress. */
+  readonly #queue: { frame: Uint8Array; fds: Fd[] }[] = [];
+  #busy = false;
+  #nextId = 1;
+  #closed = false;
+
+  constructor(socket: UnixSocket, options: ConnectionOptions) {
+    super();
+    this.socket = socket;
+    this.limits = options.limits;
+    this.#onRequest = options.onRequest;
+    this.#timeoutMs = options.timeoutMs ?? 5000;
+    this.#trace = options.trace;
+    this.#onBadRequest = options.onBadRequest;
+    this.#reader = new FrameReader(
+      {
+        headerSize: HEADER_SIZE,
+        frameSize: (h) => h[4]! | (h[5]! << 8) | (h[6]! << 16) | (h[7]! * 2 ** 24),
+        get maxFrameSize() {
+          return options.limits.maxMsgSize;
+        },
+      },
+      {
+        frame: (frame, fds) => this.#onFrame(frame, fds),
+        oversized: (header, size) => this.#onOversized(header, size),
+        fatal: (reason) => this.close(new ProtocolError('VFU_BAD_SIZE', reason)),
+      },
+    );
+    socket.on('data', (chunk, fds) => this.#reader.push(chunk, fds));
+    socket.on('close', (err) => this.#shutdown(err ?? new ConnectionError('VFU_CLOSED', 'the peer closed the connection')));
+  }
+
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  /** Requests awaiting a reply. */
+  get pendingCount(): number {
+    return this.#pending.size;
+  }
+
+  /** Sends a command and resolves with its reply; rejects on an error reply, timeout or close. */
+  request<C extends CodecCommand>(
+    command: C,
+    body: RequestBodies[C],
+    options: { fds?: readonly (Fd | number)[]; timeoutMs?: number } = {},
+  ): Promise<ReplyWithFds<C>> {
+    if (this.#closed) return Promise.reject(new ConnectionError('VFU_CLOSED', 'connection is closed'));
+    const id = this.#allocId();
+    const msg = encodeRequest(command, id, body);
+    return new Promise((resolve, reject) => {
+      const timeoutMs = options.timeoutMs ?? this.#timeoutMs;
+      const timer = setTimeout(() => {
+        this.#pending.delete(id);
+        reject(new ConnectionError('VFU_TIMEOUT', `no reply to ${Command[command]} (id ${id}) in ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.#pending.set(id, { command, resolve: resolve as (m: ReplyMessage & { fds: Fd[] }) => void, reject, timer });
+      this.#write(msg, options.fds);
+    });
+  }
+
+  /** Sends a command with No_reply set. */
+  post<C extends CodecCommand>(command: C, body: RequestBodies[C], fds?: readonly (Fd | number)[]): void {
+    if (this.#closed) throw new ConnectionError('VFU_CLOSED', 'connection is closed');
+    this.#write(encodeRequest(command, this.#allocId(), body, HeaderFlags.NO_REPLY), fds);
+  }
+
+  /** Closes the socket; pending requests fail. */
+  close(err?: Error): void {
+    if (this.#closed) return;
+    this.socket.destroy(err);
+    this.#shutdown(err ?? new ConnectionError('VFU_CLOSED', 'connection closed'));
+  }
+
+  #allocId(): number {
+    // ids are 16 bits; skip ones still in flight
+    for (let i = 0; i < 0x10000; i++) {
+      const id = this.#nextId;
+      this.#nextId = (this.#nextId + 1) & 0xffff;
+      if (!this.#pending.has(id)) return id;
+    }
+    throw new ConnectionError('VFU_CLOSED', 'all 65536 message ids are in flight');
+  }
+
+  #write(msg: Encoded, fds?: readonly (Fd | number)[]): void {
+    if (this.#trace) this.#trace('out', decodeHeaderQuick(Array.isArray(msg) ? msg[0] : msg), undefined);
+    this.socket.write(msg as Uint8Array | Uint8Array[], fds);
+  }
+
+  #onOversized(header: Uint8Array, size: number): boolean {
+    const h = decodeHeaderQuick(header);
+    // Answer a command we will not buffer, then skip its body: the stream stays framed.
+    if ((h.flags & HeaderFlags.TYPE_MASK) === MessageType.COMMAND) {
+      if (!(h.flags & HeaderFlags.NO_REPLY)) this.#write(encodeErrorReply(h.msgId, h.cmd, Errno.E2BIG));
+    } else {
+      this.#failPending(h.msgId, new ConnectionError('VFU_BAD_REPLY', `reply of ${size} bytes exceeds our limit`));
+    }
+    return true;
+  }
+
+  #onFrame(frame: Uint8Array, fds: Fd[]): void {
+    const type = (frame[8]! & HeaderFlags.TYPE_MASK) as number;
+    if (type === MessageType.REPLY) {
+      this.#onReply(frame, fds);
+      return;
+    }
+    if (this.#busy) {
+      this.#queue.push({ frame, fds });
+      return;
+    }
+    this.#dispatch(frame, fds);
+  }
+
+  /** Replies may carry fds (VERSION's twin socket, region info): handed over with the message. */
+  #onReply(frame: Uint8Array, fds: Fd[]): void {
+    let msg;
+    try {
+      msg = decodeMessage(frame, this.limits);
+    } catch (err) {
+      closeAll(fds);
+      const h = decodeHeaderQuick(frame);
+      this.#failPending(h.msgId, new ConnectionError('VFU_BAD_REPLY', (err as Error).message, Errno.EINVAL, { cause: err }));
+      return;
+    }
+    this.#trace?.('in', msg.header, msg.kind === 'error' ? { errno: msg.errno } : msg.body);
+    const p = this.#pending.get(msg.header.msgId);
+    if (!p) {
+      closeAll(fds); // a late reply to a request that timed out, or a peer bug: ignore
+      return;
+    }
+    this.#pending.delete(msg.header.msgId);
+    clearTimeout(p.timer);
+    if (msg.kind !== 'reply' || msg.command !== p.command) closeAll(fds);
+    if (msg.kind === 'error') {
+      p.reject(new ConnectionError('VFU_PEER_ERROR', `${Command[p.command]} failed: ${errnoName(msg.errno)}`, msg.errno));
+    } else if (msg.kind !== 'reply') {
+      p.reject(new ConnectionError('VFU_BAD_REPLY', `a command arrived flagged as a reply to ${Command[p.command]}`));
+    } else if (msg.command !== p.command) {
+      p.reject(new ConnectionError('VFU_BAD_REPLY', `reply to ${Command[p.command]} says command ${msg.command}`));
+    } else {
+      p.resolve({ ...msg, fds });
+    }
+  }
+
+  #dispatch(frame: Uint8Array, fds: Fd[]): void {
+    let msg: RequestMessage;
+    try {
+      const decoded = decodeMessage(frame, this.limits);
+      if (decoded.kind !== 'request') throw new ProtocolError('VFU_BAD_FLAGS', 'not a command');
+      msg = decoded;
+    } catch (err) {
+      closeAll(fds);
+      const h = decodeHeaderQuick(frame);
+      this.#trace?.('in', h, { error: (err as Error).message });
+      if (!(h.flags & HeaderFlags.NO_REPLY)) this.#write(encodeErrorReply(h.msgId, h.cmd, errnoOf(err)));
+      this.#onBadRequest?.(h, err);
+      this.#next();
+      return;
+    }
+    this.#trace?.('in', msg.header, msg.body);
+    let result: HandlerReply | Promise<HandlerReply>;
+    try {
+      result = this.#onRequest(msg, fds);
+    } catch (err) {
+      this.#finish(msg, fds, undefined, err);
+      return;
+    }
+    if (result instanceof Promise) {
+      this.#busy = true;
+      result.then(
+        (r) => this.#finish(msg, fds, r, undefined),
+        (err: unknown) => this.#finish(msg, fds, undefined, err),
+      );
+    } else {
+      this.#finish(msg, fds, result, undefined);
+    }
+  }
+
+  #finish(msg: RequestMessage, fds: Fd[], reply: HandlerReply, err: unknown): void {
+    closeAll(fds); // whatever the handler did not take (Fd.release()/close()) is closed here
+    this.#busy = false;
+    if (this.#closed) return;
+    const { msgId } = msg.header;
+    const noReply = (msg.header.flags & HeaderFlags.NO_REPLY) !== 0;
+    if (err !== undefined) {
+      if (!noReply) this.#write(encodeErrorReply(msgId, msg.command, errnoOf(err)));
+      if (err instanceof Error && !('errno' in err)) this.emit('error', err);
+    } else if (!noReply) {
+      const r = reply ?? {};
+      if (r.raw !== undefined) {
+        const parts = Array.isArray(r.raw) ? r.raw : [r.raw];
+        let size = HEADER_SIZE;
+        for (const p of parts) size += p.length;
+        const head = encodeHeader({ msgId, cmd: msg.command, msgSize: size, flags: MessageType.REPLY, errorNo: 0 });
+        this.#writeParts([head, ...parts], r.fds);
+      } else {
+        const encoded = encodeReply(msg.command, msgId, r.body as never);
+        this.#write(encoded, r.fds);
+      }
+    }
+    this.#next();
+  }
+
+  #writeParts(parts: Uint8Array[], fds?: readonly (Fd | number)[]): void {
+    if (this.#trace) this.#trace('out', decodeHeaderQuick(parts[0]!), undefined);
+    this.socket.write(parts, fds);
+  }
+
+  #next(): void {
+    while (!this.#busy && !this.#closed && this.#queue.length > 0) {
+      const { frame, fds } = this.#queue.shift()!;
+      this.#dispatch(frame, fds);
+    }
+  }
+
+  #failPending(id: number, err: Error): void {
+    const p = this.#pending.get(id);
+    if (!p) return;
+    this.#pending.delete(id);
+    clearTimeout(p.timer);
+    p.reject(err);
+  }
+
+  #shutdown(err: Error): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#reader.close();
+    for (const q of this.#queue) closeAll(q.fds);
+    this.#queue.length = 0;
+    const pending = [...this.#pending.values()];
+    this.#pending.clear();
+    for (const p of pending) {
+      clearTimeout(p.timer);
+      p.reject(new ConnectionError('VFU_CLOSED', `connection closed before the reply to ${Command[p.command]}: ${err.message}`, 0, { cause: err }));
+    }
+    this.emit('close', err instanceof ConnectionError && err.code === 'VFU_CLOSED' ? undefined : err);
+  }
+}
+
+/** The header fields, read without validation (for errors about a message we could not decode). */
+export function decodeHeaderQuick(b: Uint8Array): Header {
+  const v = new DataView(b.buffer, b.byteOffset, Math.min(b.length, HEADER_SIZE));
+  const n = b.length >= HEADER_SIZE;
+  return {
+    msgId: n ? v.getUint16(0, true) : 0,
+    cmd: n ? v.getUint16(2, true) : 0,
+    msgSize: n ? v.getUint32(4, true) : 0,
+    flags: n ? v.getUint32(8, true) : 0,
+    errorNo: n ? v.getUint32(12, true) : 0,
+  };
+}
