@@ -6,7 +6,9 @@ const HELP = `vdevkit ${VERSION}: virtual devices out of process, in TypeScript
 Usage: vdevkit <command> [options]
 
 Commands:
-  demo        run the demo (two processes sharing memory and eventfds over a UNIX socket)
+  serve       serve a PCI device over vfio-user (vdevkit serve --help)
+  demo [sys]  run the demo: a vfio-user device served, driven and migrated
+              (sys: two processes sharing a memfd and eventfds)
   version     print the version
   help        print this help
 
@@ -29,9 +31,18 @@ async function main(argv: string[]): Promise<number> {
     case '--version':
       process.stdout.write(`${VERSION}\n`);
       return 0;
+    case 'serve': {
+      const { serve } = await import('./serve.js');
+      return serve(argv.slice(1));
+    }
     case 'demo': {
-      const { runSysDemo } = await import('../demo/sys-demo.js');
-      await runSysDemo();
+      if (argv[1] === 'sys') {
+        const { runSysDemo } = await import('../demo/sys-demo.js');
+        await runSysDemo();
+      } else {
+        const { runVfioUserDemo } = await import('../demo/vfio-user-demo.js');
+        await runVfioUserDemo();
+      }
       return 0;
     }
     default:

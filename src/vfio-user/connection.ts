@@ -181,8 +181,21 @@ export class Connection extends EventEmitter<ConnectionEvents> {
   }
 
   #write(msg: Encoded, fds?: readonly (Fd | number)[]): void {
-    if (this.#trace) this.#trace('out', decodeHeaderQuick(Array.isArray(msg) ? msg[0] : msg), undefined);
+    if (this.#trace) this.#traceOut(Array.isArray(msg) ? msg : [msg]);
     this.socket.write(msg as Uint8Array | Uint8Array[], fds);
+  }
+
+  /** Decodes what we send, for the trace only (costs nothing when tracing is off). */
+  #traceOut(parts: Uint8Array[]): void {
+    const bytes = parts.length === 1 ? parts[0]! : Buffer.concat(parts);
+    let detail: unknown;
+    try {
+      const m = decodeMessage(bytes, { ...this.limits, maxMsgSize: 0xffffffff, maxDataXferSize: 0xffffffff });
+      detail = m.kind === 'error' ? undefined : m.body;
+    } catch {
+      detail = undefined;
+    }
+    this.#trace!('out', decodeHeaderQuick(bytes), detail);
   }
 
   #onOversized(header: Uint8Array, size: number): boolean {
@@ -300,7 +313,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
   }
 
   #writeParts(parts: Uint8Array[], fds?: readonly (Fd | number)[]): void {
-    if (this.#trace) this.#trace('out', decodeHeaderQuick(parts[0]!), undefined);
+    if (this.#trace) this.#traceOut(parts);
     this.socket.write(parts, fds);
   }
 

@@ -1,0 +1,17 @@
+/** The ready-made devices, by the name the CLI uses. */
+import type { VfioUserDeviceSpec } from '../vfio-user/device.js';
+import { gpioDevice } from './gpio.js';
+
+export interface DeviceEntry {
+  description: string;
+  create(options: { log: (line: string) => void }): VfioUserDeviceSpec;
+}
+
+export const devices: Record<string, DeviceEntry> = {
+  gpio: {
+    description: "GPIO card with libvfio-user's gpio-pci-idio-16 ids and registers (0x494f:0x0dc8, BAR2)",
+    create: ({ log }) => gpioDevice({ log }),
+  },
+};
+
+export { gpioDevice };
