@@ -1,0 +1,322 @@
+/**
+ * The vfio-user client connection (QEMU's hw/vfio-user/proxy.c, in
+ * TypeScript): version and capability negotiation with the server's reply
+ * validated, requests by id with timeouts, the three send modes, posted
+ * writes and REGION_WRITE_MULTI coalescing, the twin socket, and the
+ * server's DMA_READ / DMA_WRITE requests served from the client's memory.
+ *
+ * Send modes, as in the seed:
+ * - wait: `request()` sends and resolves with the reply;
+ * - nowait: `requestNoWait()` sends and tracks the reply; `waitAll()`
+ *   settles every one sent so far (DMA map/unmap batches);
+ * - async: `post()` sends with No_reply and forgets it (posted writes).
+ */
+import { EventEmitter } from 'node:events';
+import { connectUnix, UnixSocket, type Fd, type SharedMemory } from '../sys/index.js';
+import { DmaMapTable } from '../vfio/dma.js';
+import { VfioError, Errno as VErrno } from '../vfio/errors.js';
+import { DmaMapFlag } from '../vfio/uapi.js';
+import { Command, DEFAULT_MAX_DATA_XFER_SIZE, QEMU_MAX_MSG_FDS, VFIO_USER_MAJOR, VFIO_USER_MINOR, WRITE_MULTI_DATA, QEMU_WRITE_MULTI_MAX } from './constants.js';
+import { buildCapabilitiesJson, checkVersionReply, validateServerCapabilities, type Capabilities } from './caps.js';
+import { codecLimits, type CodecCommand, type RequestBodies, type RegionAccessData } from './messages.js';
+import { Connection, ConnectionError, type HandlerReply, type ReplyWithFds } from './connection.js';
+
+export interface VfioUserClientOptions {
+  /** Reply timeout, ms (default 5000, QEMU's x-msg-timeout). */
+  timeoutMs?: number;
+  /** The largest count we accept in DMA_READ/DMA_WRITE from the server (default 1 MiB). */
+  maxDataXferSize?: number;
+  /** The most fds we accept in one message (default 16). */
+  maxMsgFds?: number;
+  /** Ask for a twin socket for server-to-client requests (default false). */
+  twinSocket?: boolean;
+  /** Send REGION_WRITEs posted (No_reply) where allowed (default true). */
+  postedWrites?: boolean;
+  /** Coalesce small posted writes into REGION_WRITE_MULTI when the server accepts it (default true). */
+  writeMultiple?: boolean;
+  /** Page size of our DMA windows (default 4096). */
+  pageSize?: number;
+  log?: (line: string) => void;
+}
+
+/** The memory behind one DMA window: the client's own, so it can serve the server's DMA requests. */
+interface Window {
+  memory: SharedMemory;
+  /** Offset of the window in `memory`. */
+  offset: number;
+}
+
+export interface DmaMapOptions {
+  iova: number;
+  size: number;
+  /** The client memory the window shows. */
+  memory: SharedMemory;
+  /** Offset in `memory` (and in its fd) of the window's first byte (default 0). */
+  offset?: number;
+  /** DmaMapFlag READ | WRITE (default both). */
+  prot?: number;
+  /** Pass the memory's fd so the server maps it (default true); false makes DMA go through messages. */
+  passFd?: boolean;
+}
+
+type ClientEvents = { close: [err: Error | undefined]; error: [err: Error] };
+
+type ResolvedOptions = Required<Omit<VfioUserClientOptions, 'log'>> & { log: (line: string) => void };
+
+export class VfioUserClient extends EventEmitter<ClientEvents> {
+  readonly conn: Connection;
+  readonly version: { major: number; minor: number };
+  readonly serverCaps: Capabilities;
+  readonly #twin: Connection | null;
+  readonly #options: ResolvedOptions;
+  readonly dma: DmaMapTable<Window>;
+  #posted: boolean;
+  #nowait: Promise<unknown>[] = [];
+  #multi: RegionAccessData[] | null = null;
+  #multiScheduled = false;
+
+  private constructor(
+    conn: Connection,
+    twin: Connection | null,
+    version: { major: number; minor: number },
+    caps: Capabilities,
+    options: ResolvedOptions,
+  ) {
+    super();
+    this.conn = conn;
+    this.#twin = twin;
+    this.version = version;
+    this.serverCaps = caps;
+    this.#options = options;
+    this.#posted = options.postedWrites;
+    this.dma = new DmaMapTable<Window>({ pageSize: options.pageSize, maxMaps: caps.maxDmaMaps });
+    conn.on('close', (err) => {
+      this.#twin?.close();
+      this.emit('close', err);
+    });
+  }
+
+  /** Connects to a server at `path` and negotiates the version. */
+  static async connect(path: string, options: VfioUserClientOptions = {}): Promise<VfioUserClient> {
+    return VfioUserClient.over(await connectUnix(path), options);
+  }
+
+  /** Negotiates over an already connected socket (e.g. one end of a socketpair). */
+  static async over(socket: UnixSocket, options: VfioUserClientOptions = {}): Promise<VfioUserClient> {
+    const opts: ResolvedOptions = {
+      timeoutMs: options.timeoutMs ?? 5000,
+      maxDataXferSize: options.maxDataXferSize ?? DEFAULT_MAX_DATA_XFER_SIZE,
+      maxMsgFds: options.maxMsgFds ?? QEMU_MAX_MSG_FDS,
+      twinSocket: options.twinSocket ?? false,
+      postedWrites: options.postedWrites ?? true,
+      writeMultiple: options.writeMultiple ?? true,
+      pageSize: options.pageSize ?? 4096,
+      log: options.log ?? (() => {}),
+    };
+    let client: VfioUserClient | null = null;
+    const onRequest = (msg: Parameters<ConstructorParameters<typeof Connection>[1]['onRequest']>[0]): HandlerReply => {
+      if (!client) throw new VfioError('NOT_READY', VErrno.EINVAL, 'request before VERSION completed');
+      return client.#serve(msg);
+    };
+    const limits = codecLimits(opts.maxDataXferSize);
+    const conn = new Connection(socket, { limits, timeoutMs: opts.timeoutMs, onRequest });
+    const proposed = { major: VFIO_USER_MAJOR, minor: VFIO_USER_MINOR };
+    const json = buildCapabilitiesJson({
+      maxMsgFds: opts.maxMsgFds,
+      maxDataXferSize: opts.maxDataXferSize,
+      pgsizes: BigInt(opts.pageSize),
+      maxDmaMaps: 65535,
+      migration: { pgsize: opts.pageSize, maxBitmapSize: 256 << 20 },
+      writeMultiple: true,
+      ...(opts.twinSocket ? { twinSocket: { supported: true } } : {}),
+    });
+    let reply: ReplyWithFds<Command.VERSION>;
+    try {
+      reply = await conn.request(Command.VERSION, { ...proposed, json });
+    } catch (err) {
+      conn.close();
+      throw err;
+    }
+    let twin: Connection | null = null;
+    try {
+      checkVersionReply(proposed, reply.body);
+      const caps = validateServerCapabilities(reply.body.json, { proposedTwinSocket: opts.twinSocket, fdCount: reply.fds.length });
+      if (caps.twinSocket?.supported) {
+        const fd = reply.fds[caps.twinSocket.fdIndex ?? 0]!;
+        const twinSock = new UnixSocket(fd.dup());
+        twin = new Connection(twinSock, { limits, timeoutMs: opts.timeoutMs, onRequest });
+      }
+      for (const f of reply.fds) f.close();
+      client = new VfioUserClient(conn, twin, reply.body, caps, opts);
+      return client;
+    } catch (err) {
+      for (const f of reply.fds) f.close();
+      twin?.close();
+      conn.close();
+      throw err;
+    }
+  }
+
+  get closed(): boolean {
+    return this.conn.closed;
+  }
+
+  /** True while REGION_WRITEs may be posted. */
+  get postedWrites(): boolean {
+    return this.#posted;
+  }
+
+  /** Turns posted writes off for good (done once any region is mmap'd: a read through the mapping could pass a posted write). */
+  disablePostedWrites(): void {
+    this.#posted = false;
+  }
+
+  /** The server's max_data_xfer_size: the largest region access or DMA transfer to send. */
+  get maxXfer(): number {
+    return this.serverCaps.maxDataXferSize;
+  }
+
+  // --- send modes ---
+
+  /** wait mode: sends a command and resolves with its reply (with any fds it carried, owned by the caller). */
+  request<C extends CodecCommand>(command: C, body: RequestBodies[C], options: { fds?: readonly (Fd | number)[]; timeoutMs?: number } = {}): Promise<ReplyWithFds<C>> {
+    this.#flushMulti();
+    return this.conn.request(command, body, options);
+  }
+
+  /** nowait mode: sends now, the reply is checked by waitAll(). */
+  requestNoWait<C extends CodecCommand>(command: C, body: RequestBodies[C], options: { fds?: readonly (Fd | number)[] } = {}): void {
+    const p = this.request(command, body, options).then((r) => r.fds.forEach((f) => f.close()));
+    p.catch(() => {}); // reported by waitAll()
+    this.#nowait.push(p);
+  }
+
+  /** Settles every nowait request sent so far; rejects with the first failure. */
+  async waitAll(): Promise<void> {
+    const all = this.#nowait;
+    this.#nowait = [];
+    const results = await Promise.allSettled(all);
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw failed.reason;
+  }
+
+  /** async mode: sends with No_reply; nothing comes back, even on error. */
+  post<C extends CodecCommand>(command: C, body: RequestBodies[C], fds?: readonly (Fd | number)[]): void {
+    this.#flushMulti();
+    this.conn.post(command, body, fds);
+  }
+
+  // --- regions ---
+
+  /** REGION_READ of at most max_data_xfer_size bytes. */
+  async regionRead(index: number, offset: number, count: number): Promise<Uint8Array> {
+    if (count > this.maxXfer) throw new VfioError('XFER_TOO_BIG', VErrno.EINVAL, `count ${count} > server max_data_xfer_size ${this.maxXfer}`);
+    const r = await this.request(Command.REGION_READ, { offset, region: index, count });
+    const body = r.body;
+    if (!body) {
+      if (count === 0) return new Uint8Array(0);
+      throw new ConnectionError('VFU_BAD_REPLY', 'REGION_READ reply without data');
+    }
+    if (body.count > count || body.data.length !== body.count || body.region !== index || body.offset !== offset) {
+      throw new ConnectionError('VFU_BAD_REPLY', `REGION_READ reply (${body.count} bytes at ${body.offset}) does not match the request`);
+    }
+    return body.data;
+  }
+
+  /**
+   * REGION_WRITE. Posted (No_reply, resolved at once) when `posted` and posted
+   * writes are on; small posted writes are coalesced into REGION_WRITE_MULTI
+   * when the server accepts it, flushed before any other command.
+   */
+  async regionWrite(index: number, offset: number, data: Uint8Array, options: { posted?: boolean } = {}): Promise<void> {
+    if (data.length > this.maxXfer) throw new VfioError('XFER_TOO_BIG', VErrno.EINVAL, `count ${data.length} > server max_data_xfer_size ${this.maxXfer}`);
+    const body = { offset, region: index, count: data.length, data };
+    if (options.posted && this.#posted) {
+      if (this.#options.writeMultiple && this.serverCaps.writeMultiple && data.length <= WRITE_MULTI_DATA && data.length > 0) {
+        (this.#multi ??= []).push({ ...body, data: Uint8Array.from(data) });
+        if (this.#multi.length >= QEMU_WRITE_MULTI_MAX) this.#flushMulti();
+        else if (!this.#multiScheduled) {
+          this.#multiScheduled = true;
+          queueMicrotask(() => this.#flushMulti());
+        }
+        return;
+      }
+      this.post(Command.REGION_WRITE, body);
+      return;
+    }
+    const r = await this.request(Command.REGION_WRITE, body);
+    if (r.body.count !== data.length) throw new ConnectionError('VFU_BAD_REPLY', `REGION_WRITE wrote ${r.body.count} of ${data.length} bytes`);
+  }
+
+  #flushMulti(): void {
+    this.#multiScheduled = false;
+    const writes = this.#multi;
+    if (!writes) return;
+    this.#multi = null;
+    if (this.conn.closed) return;
+    if (writes.length === 1) this.conn.post(Command.REGION_WRITE, writes[0]!);
+    else this.conn.post(Command.REGION_WRITE_MULTI, { writes });
+  }
+
+  // --- DMA ---
+
+  /** DMA_MAP: the window is recorded here (to serve DMA_READ/WRITE) and sent with the memory's fd. */
+  async dmaMap(m: DmaMapOptions): Promise<void> {
+    const prot = m.prot ?? DmaMapFlag.READ | DmaMapFlag.WRITE;
+    const offset = m.offset ?? 0;
+    if (offset + m.size > m.memory.size) throw new VfioError('DMA_MAP_MEMORY', VErrno.EINVAL, 'window extends past its memory');
+    const { added } = this.dma.map({ iova: m.iova, size: m.size, prot, offset, handle: { memory: m.memory, offset } });
+    if (!added) return;
+    const passFd = m.passFd ?? true;
+    try {
+      await this.request(
+        Command.DMA_MAP,
+        { argsz: 32, flags: prot, offset: passFd ? m.memory.offset + offset : 0, address: m.iova, size: m.size },
+        passFd ? { fds: [m.memory.fd] } : {},
+      );
+    } catch (err) {
+      this.dma.unmap(m.iova, m.size);
+      throw err;
+    }
+  }
+
+  /** DMA_UNMAP of a window mapped before (exact range). */
+  async dmaUnmap(iova: number, size: number): Promise<void> {
+    await this.request(Command.DMA_UNMAP, { argsz: 24, flags: 0, address: iova, size });
+    this.dma.unmap(iova, size);
+  }
+
+  /** DMA_UNMAP with VFIO_DMA_UNMAP_FLAG_ALL. */
+  async dmaUnmapAll(): Promise<void> {
+    await this.request(Command.DMA_UNMAP, { argsz: 24, flags: 2, address: 0, size: 0 });
+    this.dma.unmapAll();
+  }
+
+  /** Serves the server's DMA_READ / DMA_WRITE from our memory; anything else is refused. */
+  #serve(msg: Parameters<ConstructorParameters<typeof Connection>[1]['onRequest']>[0]): HandlerReply {
+    if (msg.command === Command.DMA_READ) {
+      const { address, count } = msg.body;
+      const data = new Uint8Array(count);
+      for (const seg of this.dma.lookup(address, count, DmaMapFlag.READ)) {
+        const w = seg.region.handle;
+        data.set(w.memory.subarray(w.offset + seg.regionOffset, seg.length), seg.iova - address);
+      }
+      return { body: { address, count, data } };
+    }
+    if (msg.command === Command.DMA_WRITE) {
+      const { address, count, data } = msg.body;
+      for (const seg of this.dma.lookup(address, count, DmaMapFlag.WRITE)) {
+        const w = seg.region.handle;
+        w.memory.subarray(w.offset + seg.regionOffset, seg.length).set(data.subarray(seg.iova - address, seg.iova - address + seg.length));
+      }
+      return { body: { address, count } };
+    }
+    throw new VfioError('CLIENT_COMMAND', VErrno.EINVAL, `${Command[msg.command]} is not a server-to-client command`);
+  }
+
+  close(): void {
+    this.#flushMulti();
+    this.#twin?.close();
+    this.conn.close();
+  }
+}
