@@ -7,6 +7,8 @@ Usage: vdevkit <command> [options]
 
 Commands:
   serve       serve a PCI device over vfio-user (vdevkit serve --help)
+  lspci       describe the device behind a vfio-user socket, like lspci -vvv
+  probe       conformance check of any vfio-user server
   demo [sys]  run the demo: a vfio-user device served, driven and migrated
               (sys: two processes sharing a memfd and eventfds)
   version     print the version
@@ -34,6 +36,11 @@ async function main(argv: string[]): Promise<number> {
     case 'serve': {
       const { serve } = await import('./serve.js');
       return serve(argv.slice(1));
+    }
+    case 'lspci':
+    case 'probe': {
+      const { lspciCommand } = await import('./lspci.js');
+      return lspciCommand(cmd, argv.slice(1));
     }
     case 'demo': {
       if (argv[1] === 'sys') {
