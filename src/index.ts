@@ -4,3 +4,7 @@ export { VfioUserServer } from './vfio-user/server.js';
 export type { VfioUserServerOptions } from './vfio-user/server.js';
 export type * from './vfio-user/device.js';
 export { gpioDevice } from './devices/gpio.js';
+export { VfioUserClient } from './vfio-user/client.js';
+export type { VfioUserClientOptions, DmaMapOptions } from './vfio-user/client.js';
+export { VfioUserDevice } from './vfio-user/client-device.js';
+export { ConnectionError } from './vfio-user/connection.js';
