@@ -1,6 +1,7 @@
 /** The ready-made devices, by the name the CLI uses. */
 import type { VfioUserDeviceSpec } from '../vfio-user/device.js';
 import { gpioDevice } from './gpio.js';
+import { sampleDevice } from './sample.js';
 
 export interface DeviceEntry {
   description: string;
@@ -12,6 +13,10 @@ export const devices: Record<string, DeviceEntry> = {
     description: "GPIO card with libvfio-user's gpio-pci-idio-16 ids and registers (0x494f:0x0dc8, BAR2)",
     create: ({ log }) => gpioDevice({ log }),
   },
+  sample: {
+    description: 'a device using every server feature: register BAR with a DMA engine, mmap-able BAR, MSI-X, migration',
+    create: () => sampleDevice(),
+  },
 };
 
-export { gpioDevice };
+export { gpioDevice, sampleDevice };

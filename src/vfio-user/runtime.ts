@@ -216,7 +216,10 @@ export class DeviceRuntime {
   async reset(): Promise<void> {
     await this.spec.reset?.();
     this.msix?.reset();
-    if (this.migration && this.migration.state === MigrationState.ERROR) this.migration.reset();
+    if (this.migration && this.migration.state === MigrationState.ERROR) {
+      this.migration.reset();
+      await this.spec.migration?.transition?.('ERROR', 'RUNNING');
+    }
   }
 
   // --- migration data ---

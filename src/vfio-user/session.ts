@@ -448,6 +448,16 @@ export class Session {
     return Math.min(this.#client?.maxDataXferSize ?? 1 << 20, this.#options.maxDataXferSize);
   }
 
+  /**
+   * A message-based transfer awaits between chunks: the client may unmap the
+   * window meanwhile, and after DMA_UNMAP the server must not touch it again.
+   */
+  #stillMapped(region: DmaRegion<DmaHandle>): void {
+    if (this.dma.find(region.iova) !== region) {
+      throw new VfioError('DMA_UNMAPPED', VErrno.ENOENT, `DMA window 0x${region.iova.toString(16)} was unmapped during the transfer`);
+    }
+  }
+
   async #dmaRead(iova: number, length: number): Promise<Uint8Array> {
     const out = new Uint8Array(length);
     for (const seg of this.dma.lookup(iova, length, DmaMapFlag.READ)) {
@@ -459,6 +469,7 @@ export class Session {
       }
       const chunk = this.#chunk();
       for (let done = 0; done < seg.length; done += chunk) {
+        this.#stillMapped(seg.region);
         const count = Math.min(chunk, seg.length - done);
         const r = await this.#dmaConn.request(Command.DMA_READ, { address: seg.iova + done, count });
         if (r.body.count !== count || r.body.data.length !== count || r.body.address !== seg.iova + done) {
@@ -480,6 +491,7 @@ export class Session {
       } else {
         const chunk = this.#chunk();
         for (let done = 0; done < seg.length; done += chunk) {
+          this.#stillMapped(seg.region);
           const part = src.subarray(done, Math.min(done + chunk, seg.length));
           await this.#dmaConn.request(Command.DMA_WRITE, { address: seg.iova + done, count: part.length, data: part });
         }
