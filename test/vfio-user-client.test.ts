@@ -266,3 +266,39 @@ test('a server that dies fails every pending request, and only that client', asy
   for (const r of results) if (r.status === 'rejected') assert.ok(r.reason instanceof ConnectionError);
   await assert.rejects(a.dev.info(), ConnectionError);
 });
+
+test('a container with two vfio-user devices keeps their mappings in step', async () => {
+  const { VfioContainer, VfioGroup, IommuType } = await import('../src/vfio/index.js');
+  const { dmaTargetOf } = await import('../src/vfio-user/client-device.js');
+  const d1 = dmaDevice();
+  const d2 = dmaDevice();
+  const s1 = await setup(d1);
+  const s2 = await setup(d2);
+  const container = new VfioContainer<SharedMemory>({ iommu: IommuType.TYPE1v2 });
+  const group = new VfioGroup<SharedMemory>('g0');
+  await group.addDevice(dmaTargetOf(s1.dev, 'dev1'));
+  await group.attach(container);
+  const ram = SharedMemory.create(0x20000);
+  ram.bytes.set([1, 2, 3], 0x10000);
+  await container.map({ iova: 0x80000000, size: 0x20000, prot: 3, memory: ram, offset: 0 });
+  // A device added later gets the existing mapping replayed.
+  await group.addDevice(dmaTargetOf(s2.dev, 'dev2'));
+  for (const d of [d1, d2]) assert.deepEqual([...(await d.ctx().dma.read(0x80010000, 3))], [1, 2, 3]);
+  // Dirty logging across both devices: their bitmaps are OR-ed.
+  await container.startDirtyLogging(4096);
+  await d1.ctx().dma.write(0x80000000 + 2 * 4096, Uint8Array.of(9));
+  await d2.ctx().dma.write(0x80000000 + 7 * 4096, Uint8Array.of(9));
+  const bitmap = await container.reportDirty(0x80000000, 0x20000, 4096);
+  assert.equal(bitmap[0], (1 << 2) | (1 << 7));
+  await container.stopDirtyLogging();
+  await container.unmap(0x80000000, 0x20000);
+  for (const d of [d1, d2]) assert.deepEqual(d.ctx().dma.windows(), []);
+  ram.close();
+  for (const s of [s1, s2]) {
+    s.dev.close();
+    s.client.close();
+    s.server.close();
+  }
+  d1.bar2.close();
+  d2.bar2.close();
+});

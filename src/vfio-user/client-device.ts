@@ -315,3 +315,30 @@ export class VfioUserDevice {
     this.#regions.clear();
   }
 }
+
+/**
+ * A vfio-user device as a member of a VfioContainer (src/vfio/container.ts):
+ * the container's mappings become DMA_MAP / DMA_UNMAP on this connection,
+ * with the client's SharedMemory passed by fd, and its dirty logging goes to
+ * the device's DMA_LOGGING features.
+ */
+export function dmaTargetOf(device: VfioUserDevice, name = 'vfio-user'): import('../vfio/dma-target.js').DmaTarget<SharedMemory> {
+  const client = device.client;
+  return {
+    name,
+    get pgsizes() {
+      return client.serverCaps.pgsizes;
+    },
+    get maxDmaMaps() {
+      return client.serverCaps.maxDmaMaps;
+    },
+    dmaMap: (m) => client.dmaMap({ iova: m.iova, size: m.size, prot: m.prot, memory: m.memory, offset: m.offset }),
+    dmaUnmap: (m) => client.dmaUnmap(m.iova, m.size),
+    dmaUnmapAll: () => client.dmaUnmapAll(),
+    dmaLogging: {
+      start: (pageSize, ranges) => device.startDmaLogging(pageSize, [...ranges]),
+      stop: () => device.stopDmaLogging(),
+      report: (iova, length, pageSize) => device.dmaLoggingReport(iova, length, pageSize),
+    },
+  };
+}

@@ -12,6 +12,7 @@ export const Errno = {
   EPERM: 1,
   /** No such mapping, region or entry. */
   ENOENT: 2,
+  ENODEV: 19,
   /** I/O error; used when a device callback failed without an errno of its own. */
   EIO: 5,
   /** Argument list (here: a bitmap or range list) too long. */
