@@ -302,3 +302,61 @@ test('a container with two vfio-user devices keeps their mappings in step', asyn
   d1.bar2.close();
   d2.bar2.close();
 });
+
+test('misbehaving servers: an oversized reply, a cap chain pointing outside the reply, unexpected fds', async () => {
+  const before = openFdCount();
+  let stage = 0;
+  const infoReply = (id: number) => new Bytes().u16(id).u16(4).u32(32).u32(1).u32(0).u32(16).u32(3).u32(9).u32(5).build();
+  const server = rawServer((s, m) => {
+    const id = m.readUInt16LE(0);
+    const cmd = m.readUInt16LE(2);
+    stage++;
+    if (cmd === 1) return s.write(versionReply(id, '{}'));
+    if (cmd === 4 && stage === 2) {
+      // A reply announcing 8 MiB: refused from its header, its body skipped as it streams past.
+      s.write(new Bytes().u16(id).u16(4).u32(8 << 20).u32(1).u32(0).build());
+      s.write(Buffer.alloc((8 << 20) - 16));
+      return;
+    }
+    if (cmd === 4 && stage === 3) return s.write(infoReply(id), [s.fdNumber]); // an fd nobody asked for
+    if (cmd === 4) return s.write(infoReply(id));
+    if (cmd === 5) {
+      // flags READ|CAPS, cap_offset 32, one cap whose next points far outside the 40-byte reply.
+      const body = new Bytes().u32(40).u32(1 | 8).u32(0).u32(32).u64(4096).u64(0).u16(2).u16(1).u32(4096).build();
+      s.write(Buffer.concat([new Bytes().u16(id).u16(5).u32(16 + body.length).u32(1).u32(0).build(), body]));
+    }
+  });
+  const client = await VfioUserClient.connect(server.path, { timeoutMs: 2000 });
+  const dev = new VfioUserDevice(client);
+  await assert.rejects(dev.info(), (e: unknown) => e instanceof ConnectionError && e.code === 'VFU_BAD_REPLY');
+  await assert.rejects(dev.info(), (e: unknown) => e instanceof ConnectionError && /unexpected fd/.test(e.message));
+  assert.equal((await dev.info()).numRegions, 9, 'the connection goes on');
+  await assert.rejects(dev.regionInfo(0), (e: unknown) => (e as { errno?: number }).errno === 22);
+  client.close();
+  server.close();
+  await tick(30);
+  assert.equal(openFdCount(), before);
+});
+
+test('migration of the sample device between two servers, through the client', async () => {
+  const { sampleDevice } = await import('../src/devices/sample.js');
+  const a = sampleDevice();
+  const b = sampleDevice();
+  const sa = await setup(a);
+  const sb = await setup(b);
+  await sa.dev.write(0, 0x04, Uint8Array.of(0x78, 0x56, 0x34, 0x12)); // scratch register
+  const r2 = await sa.dev.regionInfo(2);
+  assert.ok(r2.mapped.length > 0);
+  await sa.dev.write(2, 0x100, Uint8Array.of(1, 2, 3, 4)); // through the mapping
+  const stream = await sa.dev.save();
+  await sb.dev.restore(stream);
+  assert.deepEqual([...(await sb.dev.read(0, 0x04, 4))], [0x78, 0x56, 0x34, 0x12]);
+  assert.deepEqual([...(await sb.dev.read(2, 0x100, 4))], [1, 2, 3, 4]);
+  for (const s of [sa, sb]) {
+    s.dev.close();
+    s.client.close();
+    s.server.close();
+  }
+  a.dispose();
+  b.dispose();
+});

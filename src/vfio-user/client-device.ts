@@ -88,7 +88,7 @@ export class VfioUserDevice {
         capOffset: 0,
         size: 0,
         offset: 0,
-      });
+      }, { takeFds: true });
       const fds = r.fds;
       try {
         const raw = r.body.raw ?? new Uint8Array(0);

@@ -178,10 +178,23 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
 
   // --- send modes ---
 
-  /** wait mode: sends a command and resolves with its reply (with any fds it carried, owned by the caller). */
-  request<C extends CodecCommand>(command: C, body: RequestBodies[C], options: { fds?: readonly (Fd | number)[]; timeoutMs?: number } = {}): Promise<ReplyWithFds<C>> {
+  /**
+   * wait mode: sends a command and resolves with its reply. A reply that
+   * carries fds is an error unless `takeFds` says the command expects them
+   * (then the caller owns them); unexpected fds are closed.
+   */
+  async request<C extends CodecCommand>(
+    command: C,
+    body: RequestBodies[C],
+    options: { fds?: readonly (Fd | number)[]; timeoutMs?: number; takeFds?: boolean } = {},
+  ): Promise<ReplyWithFds<C>> {
     this.#flushMulti();
-    return this.conn.request(command, body, options);
+    const r = await this.conn.request(command, body, options);
+    if (!options.takeFds && r.fds.length > 0) {
+      for (const f of r.fds) f.close();
+      throw new ConnectionError('VFU_BAD_REPLY', `${Command[command]} reply carried ${r.fds.length} unexpected fd(s)`, VErrno.EINVAL);
+    }
+    return r;
   }
 
   /** nowait mode: sends now, the reply is checked by waitAll(). */
