@@ -23,7 +23,7 @@ export interface GpioDevice extends VfioUserDeviceSpec {
 export function gpioDevice(options: GpioOptions = {}): GpioDevice {
   let pin = 0;
   let ctx: DeviceContext | null = null;
-  const log = options.log ?? (() => {});
+  const log = options.log;
   return {
     name: 'gpio-pci-idio-16',
     get pin() {
@@ -39,10 +39,10 @@ export function gpioDevice(options: GpioOptions = {}): GpioDevice {
             out[0] = Math.floor(pin / 3) & 0xff;
             pin = (pin + 1) | 0;
           }
-          log(`region2: read ${out.length > 0 ? out[0] : 0} from (${offset}:${out.length})`);
+          log?.(`region2: read ${out.length > 0 ? out[0] : 0} from (${offset}:${out.length})`);
         },
         write(offset, data) {
-          log(`region2: wrote 0x${Buffer.from(data).reverse().toString('hex')} to (${offset}:${data.length})`);
+          log?.(`region2: wrote 0x${Buffer.from(data).reverse().toString('hex')} to (${offset}:${data.length})`);
         },
       },
     },
@@ -64,18 +64,18 @@ export function gpioDevice(options: GpioOptions = {}): GpioDevice {
         pin = new DataView(data.buffer, data.byteOffset, 4).getInt32(0, true);
       },
       transition(from, to) {
-        log(`migration: transition ${from} -> ${to}`);
+        log?.(`migration: transition ${from} -> ${to}`);
       },
     },
     reset() {
-      log('reset');
+      log?.('reset');
     },
     dmaMapped(w) {
       void ctx;
-      log(`dma: mapped 0x${w.iova.toString(16)}+0x${w.size.toString(16)}${w.mapped ? '' : ' (by messages)'}`);
+      log?.(`dma: mapped 0x${w.iova.toString(16)}+0x${w.size.toString(16)}${w.mapped ? '' : ' (by messages)'}`);
     },
     dmaUnmapped(w) {
-      log(`dma: unmapped 0x${w.iova.toString(16)}+0x${w.size.toString(16)}`);
+      log?.(`dma: unmapped 0x${w.iova.toString(16)}+0x${w.size.toString(16)}`);
     },
   };
 }

@@ -317,7 +317,8 @@ function assemble<T>(codec: BodyCodec<T>, body: T, msgId: number, cmd: number, f
   const msgSize = HEADER_SIZE + head + tailLength;
   if (msgSize > 0xffff_ffff) throw encodeError('header.msg_size', `${msgSize} does not fit in u32`);
   const gather = tail !== undefined && tailLength >= GATHER_THRESHOLD;
-  const buf = Buffer.alloc(gather ? HEADER_SIZE + head : msgSize);
+  // From Node's off-heap pool (a small Buffer.alloc lives on the V8 heap and must be moved for sendmsg); zeroed for padding.
+  const buf = Buffer.allocUnsafe(gather ? HEADER_SIZE + head : msgSize).fill(0);
   HEADER.encode({ msgId, cmd, msgSize, flags, errorNo: 0 }, buf, 0);
   codec.write(body, buf, HEADER_SIZE);
   if (!tail) return buf;
