@@ -92,14 +92,6 @@ export enum DmaUnmapFlags {
 }
 export const DMA_UNMAP_FLAGS_VALID = DmaUnmapFlags.GET_DIRTY_BITMAP | DmaUnmapFlags.ALL;
 
-/** VFIO_USER_DEVICE_GET_INFO reply flags. */
-export enum DeviceInfoFlags {
-  /** The device supports VFIO_USER_DEVICE_RESET. */
-  RESET = 1 << 0,
-  /** The device is a PCI device. */
-  PCI = 1 << 1,
-}
-
 /** VFIO_USER_DEVICE_GET_REGION_INFO reply flags. */
 export enum RegionInfoFlags {
   /** Allows client read access to the region. */
@@ -112,38 +104,12 @@ export enum RegionInfoFlags {
   CAPS = 1 << 3,
 }
 
-/** Region capability ids (struct vfio_info_cap_header.id). */
-export enum RegionCapId {
-  /** Only the listed areas of the region can be mmapped. */
-  SPARSE_MMAP = 1,
-  /** A device-specific region, identified by type and subtype. */
-  TYPE = 2,
-  /** Kernel only: the MSI-X table may be mmapped. */
-  MSIX_MAPPABLE = 3,
-  /** Kernel only: NVLink2 SSATGT. */
-  NVLINK2_SSATGT = 4,
-  /** Kernel only: NVLink2 link speed. */
-  NVLINK2_LNKSPD = 5,
-}
-
 /** Sub-region types of VFIO_USER_DEVICE_GET_REGION_IO_FDS. */
 export enum IoFdType {
   /** The fd is to be configured as a KVM ioeventfd. */
   IOEVENTFD = 0,
   /** The fd is to be configured as an ioregionfd (never merged in mainline KVM). */
   IOREGIONFD = 1,
-}
-
-/** VFIO_USER_DEVICE_GET_IRQ_INFO reply flags. */
-export enum IrqInfoFlags {
-  /** The IRQ type can support server eventfd signalling. */
-  EVENTFD = 1 << 0,
-  /** The IRQ type supports the MASK and UNMASK actions. */
-  MASKABLE = 1 << 1,
-  /** The IRQ masks itself after being triggered; the client must UNMASK it. */
-  AUTOMASKED = 1 << 2,
-  /** Interrupts are set up as a set; new sub-indexes cannot be enabled without disabling the whole type. */
-  NORESIZE = 1 << 3,
 }
 
 /** VFIO_USER_DEVICE_SET_IRQS flags: exactly one DATA_* and one ACTION_*. */
@@ -192,35 +158,11 @@ export enum DeviceFeature {
   DMA_LOGGING_REPORT = 8,
 }
 
-/** VFIO_DEVICE_FEATURE_MIGRATION flags (a u64 in the reply). */
-export enum MigrationFlags {
-  /** STOP_COPY is supported (must be set). */
-  STOP_COPY = 1 << 0,
-  /** The P2P states are supported (unused by vfio-user). */
-  P2P = 1 << 1,
-  /** PRE_COPY is supported. */
-  PRE_COPY = 1 << 2,
-}
-
-/** enum vfio_device_mig_state. */
-export enum MigrationState {
-  /** The device has failed and must be reset. */
-  ERROR = 0,
-  /** The device does not change the internal or external state. */
-  STOP = 1,
-  /** The device is running normally. */
-  RUNNING = 2,
-  /** The device internal state can be read out. */
-  STOP_COPY = 3,
-  /** The device is stopped and is loading a new internal state. */
-  RESUMING = 4,
-  /** Not used in vfio-user. */
-  RUNNING_P2P = 5,
-  /** The device is running normally but tracking internal state changes. */
-  PRE_COPY = 6,
-  /** Not used in vfio-user. */
-  PRE_COPY_P2P = 7,
-}
+/**
+ * VFIO uapi values shared with the kernel model (device info, region caps,
+ * irq info, migration flags and states) live in src/vfio/uapi.ts.
+ */
+export { MigrationState } from '../vfio/uapi.js';
 
 /** Protocol version we implement: major 0 as every peer; minor 2 as libvfio-user (QEMU proposes 0.0). */
 export const VFIO_USER_MAJOR = 0;
