@@ -20,7 +20,7 @@ export interface UnixSocketOptions {
   highWaterMark?: number;
   /** Most fds accepted in one received chunk (default 253, the kernel's limit). */
   maxRecvFds?: number;
-  /** Bytes asked of one recvmsg (default 64 KiB). */
+  /** Bytes asked of one recvmsg (default 256 KiB). */
   readSize?: number;
 }
 
@@ -33,7 +33,7 @@ interface WriteEntry {
 }
 
 const MAX_GATHER = 64;
-const POOL_SIZE = 256 * 1024;
+const POOL_SIZE = 1024 * 1024;
 
 type SocketEvents = {
   data: [chunk: Buffer, fds: Fd[]];
@@ -72,7 +72,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     super();
     this.#fd = fd;
     this.#highWaterMark = options.highWaterMark ?? 1024 * 1024;
-    this.#readSize = Math.min(options.readSize ?? 64 * 1024, POOL_SIZE);
+    this.#readSize = Math.min(options.readSize ?? 256 * 1024, POOL_SIZE);
     const maxFds = Math.min(options.maxRecvFds ?? native.SCM_MAX_FD, native.SCM_MAX_FD);
     this.#fdsOut = new Int32Array(1 + Math.max(0, maxFds));
     this.#pool = Buffer.allocUnsafe(POOL_SIZE);

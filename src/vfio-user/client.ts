@@ -309,8 +309,14 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
   #serve(msg: Parameters<ConstructorParameters<typeof Connection>[1]['onRequest']>[0]): HandlerReply {
     if (msg.command === Command.DMA_READ) {
       const { address, count } = msg.body;
-      const data = new Uint8Array(count);
-      for (const seg of this.dma.lookup(address, count, DmaMapFlag.READ)) {
+      const segs = this.dma.lookup(address, count, DmaMapFlag.READ); // throws (an errno reply) outside our windows
+      if (segs.length === 1) {
+        // Zero copy: the reply is gathered straight from our memory (the kernel copies it at sendmsg).
+        const w = segs[0]!.region.handle;
+        return { body: { address, count, data: w.memory.subarray(w.offset + segs[0]!.regionOffset, count) } };
+      }
+      const data = Buffer.allocUnsafe(count); // every byte is written below
+      for (const seg of segs) {
         const w = seg.region.handle;
         data.set(w.memory.subarray(w.offset + seg.regionOffset, seg.length), seg.iova - address);
       }

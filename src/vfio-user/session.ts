@@ -459,7 +459,7 @@ export class Session {
   }
 
   async #dmaRead(iova: number, length: number): Promise<Uint8Array> {
-    const out = new Uint8Array(length);
+    const out = Buffer.allocUnsafe(length); // every byte is written below
     for (const seg of this.dma.lookup(iova, length, DmaMapFlag.READ)) {
       const at = seg.iova - iova;
       const shm = seg.region.handle.shm;

@@ -143,7 +143,8 @@ export class FrameReader {
   #peek(n: number): Uint8Array {
     const first = this.#chunks[0]!;
     if (first.length >= n) return first.subarray(0, n);
-    const out = new Uint8Array(n);
+    // Every byte is overwritten below: no need to zero it first.
+    const out = Buffer.allocUnsafe(n);
     let filled = 0;
     for (const c of this.#chunks) {
       const take = Math.min(c.length, n - filled);
