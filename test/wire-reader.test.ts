@@ -121,3 +121,48 @@ test('close releases buffered fds', () => {
   reader.close();
   assert.equal(openFdCount(), before);
 });
+
+test('large frames are gathered in a buffer of their own, also when the socket reads straight into it', () => {
+  const bigSpec: FrameSpec = { ...spec, maxFrameSize: 1 << 20 };
+  const body = (n: number, v: number): number[] => Array.from({ length: n }, (_, i) => (i * 7 + v) & 0xff);
+  const a = frame(body(100_000, 1));
+  const b = frame([9, 9]);
+  const c = frame(body(70_000, 3));
+  const stream = Uint8Array.from([...a, ...b, ...c]);
+  for (const inPlace of [false, true]) {
+    for (const step of [1000, 4096, 65536, 99_999, 170_011]) {
+      const before = openFdCount();
+      const frames: number[][] = [];
+      const fdCounts: number[] = [];
+      const r = new FrameReader(bigSpec, {
+        frame: (f, fds) => {
+          frames.push([f.length, f[4]!, f[f.length - 1]!]);
+          fdCounts.push(fds.length);
+          fds.forEach((x) => x.close());
+        },
+        oversized: () => false,
+        fatal: (why) => assert.fail(why),
+      });
+      let at = 0;
+      let n = 0;
+      while (at < stream.length) {
+        const target = inPlace ? r.readTarget() : null;
+        const len = Math.min(step, stream.length - at, target ? target.length : Infinity);
+        let chunk: Uint8Array;
+        if (target) {
+          target.set(stream.subarray(at, at + len));
+          chunk = target.subarray(0, len);
+        } else chunk = stream.slice(at, at + len);
+        // fds with the chunk that starts frame c
+        const fds = at <= a.length + b.length && a.length + b.length < at + len ? [EventFd.create().fd] : [];
+        r.push(chunk, fds);
+        at += len;
+        n++;
+      }
+      assert.deepEqual(frames, [[a.length, a[4], a[a.length - 1]], [b.length, 9, 9], [c.length, c[4], c[c.length - 1]]], `step ${step} inPlace ${inPlace}`);
+      assert.equal(fdCounts.reduce((x, y) => x + y, 0), 1);
+      assert.ok(n > 0);
+      assert.equal(openFdCount(), before);
+    }
+  }
+});

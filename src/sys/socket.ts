@@ -22,6 +22,12 @@ export interface UnixSocketOptions {
   maxRecvFds?: number;
   /** Bytes asked of one recvmsg (default 256 KiB). */
   readSize?: number;
+  /**
+   * Asked before each read: a buffer the next bytes should land in (the rest
+   * of a large frame, so it is not copied again), or null for the socket's
+   * own pool. The 'data' chunk is then a view of that buffer.
+   */
+  readTarget?: () => Buffer | null;
 }
 
 interface WriteEntry {
@@ -64,6 +70,8 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
   #closed = false;
   readonly #highWaterMark: number;
   readonly #readSize: number;
+  /** See UnixSocketOptions.readTarget. */
+  readTarget: (() => Buffer | null) | null;
   readonly #fdsOut: Int32Array;
   #pool: Buffer;
   #poolOffset = 0;
@@ -73,6 +81,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     this.#fd = fd;
     this.#highWaterMark = options.highWaterMark ?? 1024 * 1024;
     this.#readSize = Math.min(options.readSize ?? 256 * 1024, POOL_SIZE);
+    this.readTarget = options.readTarget ?? null;
     const maxFds = Math.min(options.maxRecvFds ?? native.SCM_MAX_FD, native.SCM_MAX_FD);
     this.#fdsOut = new Int32Array(1 + Math.max(0, maxFds));
     this.#pool = Buffer.allocUnsafe(POOL_SIZE);
@@ -265,13 +274,16 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     const fdsOut = this.#fdsOut;
     // A bounded number of reads per wake-up keeps other sockets served.
     for (let i = 0; i < 16 && !this.#paused && !this.#closed; i++) {
-      if (POOL_SIZE - this.#poolOffset < this.#readSize) {
+      const target = this.readTarget?.() ?? null;
+      if (!target && POOL_SIZE - this.#poolOffset < this.#readSize) {
         this.#pool = Buffer.allocUnsafe(POOL_SIZE);
         this.#poolOffset = 0;
       }
       let n: number;
       try {
-        n = native.recvmsg(this.#fd.value, this.#pool, this.#poolOffset, this.#readSize, fdsOut);
+        n = target
+          ? native.recvmsg(this.#fd.value, target, 0, target.length, fdsOut)
+          : native.recvmsg(this.#fd.value, this.#pool, this.#poolOffset, this.#readSize, fdsOut);
       } catch (err) {
         this.destroy(err as Error);
         return;
@@ -282,14 +294,19 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
         this.destroy();
         return;
       }
-      const chunk = this.#pool.subarray(this.#poolOffset, this.#poolOffset + n);
-      this.#poolOffset += (n + 7) & ~7;
+      let chunk: Buffer;
+      if (target) {
+        chunk = target.subarray(0, n);
+      } else {
+        chunk = this.#pool.subarray(this.#poolOffset, this.#poolOffset + n);
+        this.#poolOffset += (n + 7) & ~7;
+      }
       const nfds = fdsOut[0]!;
       const fds: Fd[] = [];
       for (let k = 0; k < nfds; k++) fds.push(new Fd(fdsOut[1 + k]!));
       if (this.listenerCount('data') > 0) this.emit('data', chunk, fds);
       else closeAll(fds);
-      if (n < this.#readSize) return;
+      if (n < (target ? target.length : this.#readSize)) return;
     }
   }
 

@@ -124,6 +124,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
         fatal: (reason) => this.close(new ProtocolError('VFU_BAD_SIZE', reason)),
       },
     );
+    socket.readTarget = () => this.#reader.readTarget();
     socket.on('data', (chunk, fds) => this.#reader.push(chunk, fds));
     socket.on('close', (err) => this.#shutdown(err ?? new ConnectionError('VFU_CLOSED', 'the peer closed the connection')));
   }

@@ -15,6 +15,9 @@
  */
 import type { Fd } from '../sys/fd.js';
 
+/** Frames at least this large are received into a buffer of their own. */
+const BIG_FRAME = 64 * 1024;
+
 export interface FrameSpec {
   /** Bytes of the fixed header. */
   headerSize: number;
@@ -56,6 +59,8 @@ export class FrameReader {
   /** Stream offset at which the frame being skipped ends. */
   #skipEnd = 0;
   #stopped = false;
+  /** A large frame being received into its own buffer (bytes filled so far = #buffered). */
+  #big: Buffer | null = null;
 
   constructor(spec: FrameSpec, handler: FrameHandler) {
     this.#spec = spec;
@@ -82,14 +87,48 @@ export class FrameReader {
     }
     const end = this.#offset + this.#buffered + chunk.length;
     if (fds.length > 0) this.#fds.push({ at: end - 1, fds });
+    if (this.#big) {
+      this.#fillBig(chunk);
+      return;
+    }
     this.#chunks.push(chunk);
     this.#buffered += chunk.length;
+    this.#drain();
+  }
+
+  /**
+   * Where the next bytes should be read to: the rest of a large frame's own
+   * buffer (so its body is not copied again), or null. A socket that reads
+   * into it passes that view to push().
+   */
+  readTarget(): Buffer | null {
+    return this.#big && !this.#stopped ? this.#big.subarray(this.#buffered) : null;
+  }
+
+  #fillBig(chunk: Uint8Array): void {
+    const big = this.#big!;
+    const take = Math.min(chunk.length, big.length - this.#buffered);
+    const inPlace = chunk.buffer === big.buffer && chunk.byteOffset === big.byteOffset + this.#buffered;
+    if (!inPlace) big.set(chunk.subarray(0, take), this.#buffered);
+    this.#buffered += take;
+    if (this.#buffered < big.length) return;
+    this.#big = null;
+    const start = this.#offset;
+    this.#offset += big.length;
+    this.#buffered = 0;
+    const rest = chunk.subarray(take);
+    if (rest.length > 0) {
+      this.#chunks.push(rest);
+      this.#buffered = rest.length;
+    }
+    this.#handler.frame(big, this.#fdsBefore(start + big.length));
     this.#drain();
   }
 
   /** Stops framing and closes every fd not yet handed out. */
   close(): void {
     this.#stopped = true;
+    this.#big = null;
     this.#chunks = [];
     this.#buffered = 0;
     for (const p of this.#fds) for (const fd of p.fds) fd.close();
@@ -126,7 +165,20 @@ export class FrameReader {
         this.#skipEnd = frameEnd;
         continue;
       }
-      if (this.#buffered < size) return;
+      if (this.#buffered < size) {
+        // A large frame: gather it in a buffer of its own, which the socket can read into directly.
+        if (size >= BIG_FRAME) {
+          const big = Buffer.allocUnsafe(size);
+          let at = 0;
+          for (const c of this.#chunks) {
+            big.set(c, at);
+            at += c.length;
+          }
+          this.#chunks = [];
+          this.#big = big;
+        }
+        return;
+      }
       const start = this.#offset;
       const frame = this.#take(size);
       const fds = this.#fdsBefore(start + size);
