@@ -21,7 +21,7 @@ export class SysError extends Error {
 }
 
 /** errno numbers of the codes the sys layer raises itself (Linux values). */
-const ERRNO: Record<string, number> = { EBADF: 9, EINVAL: 22, EPIPE: 32, ETIMEDOUT: 110, ECONNRESET: 104, EADDRINUSE: 98 };
+const ERRNO: Record<string, number> = { EFAULT: 14, EBADF: 9, EINVAL: 22, EPIPE: 32, ETIMEDOUT: 110, ECONNRESET: 104, EADDRINUSE: 98 };
 
 /** A SysError raised by the TypeScript side (misuse such as use after close). */
 export function sysError(code: string, syscall: string, detail?: string): SysError {

@@ -99,6 +99,11 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     return this.#closed;
   }
 
+  /** True while write() accepts data (not closed, not ending). */
+  get writable(): boolean {
+    return !this.#closed && !this.#ending;
+  }
+
   /** Bytes accepted by write() and not yet handed to the kernel. */
   get writableLength(): number {
     return this.#queued;
@@ -154,12 +159,15 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     this.#updatePoll();
   }
 
-  /** Closes once the write queue has been sent. */
-  end(): void {
-    if (this.#closed) return;
+  /** Closes once the write queue has been sent, or after `timeoutMs` (default 2000) if the peer does not read. */
+  end(timeoutMs = 2000): void {
+    if (this.#closed || this.#ending) return;
     this.#ending = true;
     if (this.#queue.length === 0) this.destroy();
-    else this.#updatePoll();
+    else {
+      this.#updatePoll();
+      setTimeout(() => this.destroy(), timeoutMs).unref();
+    }
   }
 
   /** Closes now: queued writes are dropped (their fds closed); emits 'close'. */
@@ -233,6 +241,13 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
           total += next.length;
           entries++;
         }
+      }
+      let actual = 0;
+      for (const b of bufs) actual += b.byteLength;
+      if (actual !== total) {
+        // A queued buffer was a view of memory that has since been unmapped (it is now empty).
+        this.destroy(sysError('EFAULT', 'sendmsg', 'a queued buffer was detached before it was sent'));
+        return;
       }
       const n = this.#send(bufs, head.fds ? head.fds.map((f) => f.value) : null);
       if (n < 0) return;

@@ -124,7 +124,8 @@ export class VfioUserDevice {
       if (a.offset + a.size > region.size) throw bad('SPARSE_AREA', `area [${a.offset}, +${a.size}) outside region ${region.index}`);
       const dup = fd.dup();
       try {
-        out.push({ offset: a.offset, size: a.size, memory: SharedMemory.map(dup, { offset: region.offset + a.offset, size: a.size }) });
+        const readOnly = (region.flags & RegionInfoFlag.WRITE) === 0;
+        out.push({ offset: a.offset, size: a.size, memory: SharedMemory.map(dup, { offset: region.offset + a.offset, size: a.size, readOnly }) });
       } catch (err) {
         dup.close();
         for (const m of out) m.memory.close();

@@ -171,9 +171,9 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
     this.#posted = false;
   }
 
-  /** The server's max_data_xfer_size: the largest region access or DMA transfer to send. */
+  /** The largest region access to send: the server's max_data_xfer_size, and no more than we accept in a reply. */
   get maxXfer(): number {
-    return this.serverCaps.maxDataXferSize;
+    return Math.min(this.serverCaps.maxDataXferSize, this.#options.maxDataXferSize);
   }
 
   // --- send modes ---
@@ -244,6 +244,9 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
   async regionWrite(index: number, offset: number, data: Uint8Array, options: { posted?: boolean } = {}): Promise<void> {
     if (data.length > this.maxXfer) throw new VfioError('XFER_TOO_BIG', VErrno.EINVAL, `count ${data.length} > server max_data_xfer_size ${this.maxXfer}`);
     const body = { offset, region: index, count: data.length, data };
+    if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isInteger(index) || index < 0 || index > 0xffffffff) {
+      throw new VfioError('REGION_ACCESS', VErrno.EINVAL, `bad region access: region ${index} offset ${offset}`);
+    }
     if (options.posted && this.#posted) {
       if (this.#options.writeMultiple && this.serverCaps.writeMultiple && data.length <= WRITE_MULTI_DATA && data.length > 0) {
         (this.#multi ??= []).push({ ...body, data: Uint8Array.from(data) });
@@ -267,8 +270,14 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
     if (!writes) return;
     this.#multi = null;
     if (this.conn.closed) return;
-    if (writes.length === 1) this.conn.post(Command.REGION_WRITE, writes[0]!);
-    else this.conn.post(Command.REGION_WRITE_MULTI, { writes });
+    try {
+      if (writes.length === 1) this.conn.post(Command.REGION_WRITE, writes[0]!);
+      else this.conn.post(Command.REGION_WRITE_MULTI, { writes });
+    } catch (err) {
+      // Posted writes have no reply to carry an error: report it, never throw from a microtask.
+      this.#options.log(`posted writes lost: ${(err as Error).message}`);
+      if (this.listenerCount('error') > 0) this.emit('error', err as Error);
+    }
   }
 
   // --- DMA ---

@@ -36,6 +36,9 @@ import {
   type RequestMessage,
 } from './messages.js';
 
+/** Commands queued behind a slow one before the socket stops being read. */
+const MAX_QUEUED = 1024;
+
 /** The connection is gone, or a request to the peer failed without a reply. */
 export class ConnectionError extends Error {
   readonly code: 'VFU_CLOSED' | 'VFU_TIMEOUT' | 'VFU_PEER_ERROR' | 'VFU_BAD_REPLY';
@@ -99,6 +102,11 @@ export class Connection extends EventEmitter<ConnectionEvents> {
   /** Commands waiting for the one in progress. */
   readonly #queue: { frame: Uint8Array; fds: Fd[] }[] = [];
   #busy = false;
+  #draining = false;
+  /** Reading is paused: too many queued commands, or replies the peer does not read. */
+  #pausedFor = { queue: false, writes: false };
+  /** ids of requests that timed out: kept out of use until their late reply comes (or never). */
+  readonly #stale = new Set<number>();
   #nextId = 1;
   #closed = false;
 
@@ -127,6 +135,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     socket.readTarget = () => this.#reader.readTarget();
     socket.on('data', (chunk, fds) => this.#reader.push(chunk, fds));
     socket.on('close', (err) => this.#shutdown(err ?? new ConnectionError('VFU_CLOSED', 'the peer closed the connection')));
+    socket.on('drain', () => this.#setPaused('writes', false));
   }
 
   get closed(): boolean {
@@ -151,10 +160,15 @@ export class Connection extends EventEmitter<ConnectionEvents> {
       const timeoutMs = options.timeoutMs ?? this.#timeoutMs;
       const timer = setTimeout(() => {
         this.#pending.delete(id);
+        this.#stale.add(id);
         reject(new ConnectionError('VFU_TIMEOUT', `no reply to ${Command[command]} (id ${id}) in ${timeoutMs} ms`));
       }, timeoutMs);
       this.#pending.set(id, { command, resolve: resolve as (m: ReplyMessage & { fds: Fd[] }) => void, reject, timer });
-      this.#write(msg, options.fds);
+      try {
+        this.#write(msg, options.fds);
+      } catch (err) {
+        this.#failPending(id, err as Error);
+      }
     });
   }
 
@@ -176,14 +190,23 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     for (let i = 0; i < 0x10000; i++) {
       const id = this.#nextId;
       this.#nextId = (this.#nextId + 1) & 0xffff;
-      if (!this.#pending.has(id)) return id;
+      if (!this.#pending.has(id) && !this.#stale.has(id)) return id;
     }
     throw new ConnectionError('VFU_CLOSED', 'all 65536 message ids are in flight');
   }
 
   #write(msg: Encoded, fds?: readonly (Fd | number)[]): void {
+    if (!this.socket.writable) return; // closing: nothing more goes out
     if (this.#trace) this.#traceOut(Array.isArray(msg) ? msg : [msg]);
-    this.socket.write(msg as Uint8Array | Uint8Array[], fds);
+    // A peer that does not read its replies stops being read from (backpressure), until 'drain'.
+    if (!this.socket.write(msg as Uint8Array | Uint8Array[], fds)) this.#setPaused('writes', true);
+  }
+
+  #setPaused(why: 'queue' | 'writes', on: boolean): void {
+    if (this.#pausedFor[why] === on) return;
+    this.#pausedFor[why] = on;
+    if (this.#pausedFor.queue || this.#pausedFor.writes) this.socket.pause();
+    else if (!this.#closed) this.socket.resume();
   }
 
   /** Decodes what we send, for the trace only (costs nothing when tracing is off). */
@@ -203,7 +226,8 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     const h = decodeHeaderQuick(header);
     // Answer a command we will not buffer, then skip its body: the stream stays framed.
     if ((h.flags & HeaderFlags.TYPE_MASK) === MessageType.COMMAND) {
-      if (!(h.flags & HeaderFlags.NO_REPLY)) this.#write(encodeErrorReply(h.msgId, h.cmd, Errno.E2BIG));
+      // EINVAL, as libvfio-user answers an oversized message.
+      if (!(h.flags & HeaderFlags.NO_REPLY)) this.#write(encodeErrorReply(h.msgId, h.cmd, Errno.EINVAL));
     } else {
       this.#failPending(h.msgId, new ConnectionError('VFU_BAD_REPLY', `reply of ${size} bytes exceeds our limit`));
     }
@@ -218,6 +242,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     }
     if (this.#busy) {
       this.#queue.push({ frame, fds });
+      if (this.#queue.length >= MAX_QUEUED) this.#setPaused('queue', true);
       return;
     }
     this.#dispatch(frame, fds);
@@ -237,6 +262,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     this.#trace?.('in', msg.header, msg.kind === 'error' ? { errno: msg.errno } : msg.body);
     const p = this.#pending.get(msg.header.msgId);
     if (!p) {
+      this.#stale.delete(msg.header.msgId);
       closeAll(fds); // a late reply to a request that timed out, or a peer bug: ignore
       return;
     }
@@ -296,7 +322,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     const noReply = (msg.header.flags & HeaderFlags.NO_REPLY) !== 0;
     if (err !== undefined) {
       if (!noReply) this.#write(encodeErrorReply(msgId, msg.command, errnoOf(err)));
-      if (err instanceof Error && !('errno' in err)) this.emit('error', err);
+      if (err instanceof Error && !('errno' in err) && this.listenerCount('error') > 0) this.emit('error', err);
     } else if (!noReply) {
       const r = reply ?? {};
       if (r.raw !== undefined) {
@@ -314,15 +340,24 @@ export class Connection extends EventEmitter<ConnectionEvents> {
   }
 
   #writeParts(parts: Uint8Array[], fds?: readonly (Fd | number)[]): void {
+    if (!this.socket.writable) return;
     if (this.#trace) this.#traceOut(parts);
-    this.socket.write(parts, fds);
+    if (!this.socket.write(parts, fds)) this.#setPaused('writes', true);
   }
 
+  /** Runs queued commands in order; a loop, not recursion, however many are queued. */
   #next(): void {
-    while (!this.#busy && !this.#closed && this.#queue.length > 0) {
-      const { frame, fds } = this.#queue.shift()!;
-      this.#dispatch(frame, fds);
+    if (this.#draining) return;
+    this.#draining = true;
+    try {
+      while (!this.#busy && !this.#closed && this.#queue.length > 0) {
+        const { frame, fds } = this.#queue.shift()!;
+        this.#dispatch(frame, fds);
+      }
+    } finally {
+      this.#draining = false;
     }
+    if (this.#queue.length < MAX_QUEUED / 2) this.#setPaused('queue', false);
   }
 
   #failPending(id: number, err: Error): void {

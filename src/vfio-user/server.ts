@@ -22,6 +22,8 @@ export interface VfioUserServerOptions {
   maxMsgFds?: number;
   /** Timeout of DMA requests to the client, ms (default 5000). */
   timeoutMs?: number;
+  /** How long a new connection may take to send VERSION, ms (default 10000). */
+  versionTimeoutMs?: number;
   /** Log lines (connections, errors). Default: none. */
   log?: (line: string) => void;
   /** Every message decoded, one line each. */
@@ -80,6 +82,7 @@ export class VfioUserServer extends EventEmitter<ServerEvents> {
     if (this.#shared && this.#busy) {
       // One client at a time drives a shared device: refuse the newcomer's first message.
       this.#log(`connection ${n}: refused, the device is in use`);
+      setTimeout(() => sock.destroy(), 5000).unref();
       sock.once('data', (chunk, fds) => {
         fds.forEach((f) => f.close());
         if (chunk.length >= 4) {
@@ -103,6 +106,7 @@ export class VfioUserServer extends EventEmitter<ServerEvents> {
       maxDataXferSize: this.#options.maxDataXferSize ?? DEFAULT_MAX_DATA_XFER_SIZE,
       maxMsgFds: this.#options.maxMsgFds ?? QEMU_MAX_MSG_FDS,
       timeoutMs: this.#options.timeoutMs ?? 5000,
+      ...(this.#options.versionTimeoutMs !== undefined ? { versionTimeoutMs: this.#options.versionTimeoutMs } : {}),
       log,
       trace: this.#options.trace ? (line) => this.#options.trace!(`[${n}] ${line}`) : undefined,
     };

@@ -45,10 +45,14 @@ export interface SessionOptions {
   timeoutMs: number;
   log: (line: string) => void;
   trace?: ((line: string) => void) | undefined;
+  /** How long a new connection may take to send VERSION, ms (default 10000). */
+  versionTimeoutMs?: number;
 }
 
 const IRQ_NAMES: Record<IrqName, number> = { intx: PciIrq.INTX, msi: PciIrq.MSI, msix: PciIrq.MSIX, err: PciIrq.ERR, req: PciIrq.REQ };
 const PAGE = 4096;
+/** Largest total of dirty bitmaps DMA_LOGGING_START may set up (QEMU's max_bitmap_size). */
+const MAX_LOG_BITMAP_BYTES = 256 * 1024 * 1024;
 const einval = (code: string, msg: string): VfioError => new VfioError(code, VErrno.EINVAL, msg);
 
 /** Takes an Fd out of a message's list, so the connection does not close it after the handler. */
@@ -63,6 +67,7 @@ export class Session {
   readonly dma: DmaMapTable<DmaHandle>;
   readonly irqs: IrqState;
   readonly ctx: DeviceContext;
+  #versionTimer: NodeJS.Timeout;
 
   constructor(socket: UnixSocket, runtime: DeviceRuntime, options: SessionOptions) {
     this.runtime = runtime;
@@ -83,6 +88,14 @@ export class Session {
     this.irqs = new IrqState(runtime.irqConfig);
     this.ctx = this.#context();
     this.conn.on('close', () => this.#teardown());
+    // A client that never negotiates does not hold the device.
+    this.#versionTimer = setTimeout(() => {
+      if (!this.#client) {
+        options.log('no VERSION in time: closing');
+        this.conn.close();
+      }
+    }, options.versionTimeoutMs ?? 10_000);
+    this.#versionTimer.unref();
     this.conn.on('error', (err) => options.log(`device error: ${err.message}`));
   }
 
@@ -98,12 +111,24 @@ export class Session {
     return codecLimits(this.#options.maxDataXferSize);
   }
 
-  /** The client went away: unmap DMA, close irq fds; the device state stays. */
+  /** The client went away: unmap DMA, close irq fds; the device state stays. Every step runs, whatever throws. */
   #teardown(): void {
-    this.dma.unmapAll();
-    this.irqs.closeAll();
-    this.#twin?.close();
-    if (this.#client) this.runtime.spec.detach?.();
+    clearTimeout(this.#versionTimer);
+    const steps = [
+      () => this.dma.unmapAll(),
+      () => this.irqs.closeAll(),
+      () => this.#twin?.close(),
+      () => {
+        if (this.#client) this.runtime.spec.detach?.();
+      },
+    ];
+    for (const step of steps) {
+      try {
+        step();
+      } catch (err) {
+        this.#options.log(`teardown: ${(err as Error).message}`);
+      }
+    }
   }
 
   #handle(msg: RequestMessage, fds: Fd[]): HandlerReply | Promise<HandlerReply> {
@@ -183,8 +208,8 @@ export class Session {
       const client = parseCapabilities(body.json);
       if (client.unknownKeys.length > 0) this.#options.log(`client capabilities ignored: ${client.unknownKeys.join(', ')}`);
       const mig = this.runtime.migration ? { pgsize: PAGE } : undefined;
-      if (client.migration && mig && client.migration.pgsize < PAGE) {
-        throw einval('VERSION_PGSIZE', `migration pgsize ${client.migration.pgsize} below ${PAGE}`);
+      if (client.migration && mig && client.migration.pgsize !== PAGE) {
+        throw einval('VERSION_PGSIZE', `migration pgsize ${client.migration.pgsize}: the server's is ${PAGE}`);
       }
       const replyFds: Fd[] = [];
       let twinSocket: { supported: boolean; fdIndex?: number } | undefined;
@@ -200,7 +225,6 @@ export class Session {
         replyFds.push(theirs);
         twinSocket = { supported: true, fdIndex: 0 };
       }
-      this.#client = client;
       const json = buildCapabilitiesJson({
         maxMsgFds: this.#options.maxMsgFds,
         maxDataXferSize: this.#options.maxDataXferSize,
@@ -210,7 +234,13 @@ export class Session {
         ...(mig ? { migration: mig } : {}),
         ...(twinSocket ? { twinSocket } : {}),
       });
-      this.runtime.spec.attach?.(this.ctx);
+      try {
+        this.runtime.spec.attach?.(this.ctx);
+      } catch (err) {
+        replyFds.forEach((f) => f.close());
+        throw err;
+      }
+      this.#client = client;
       // The reply's fds are ours to close once sent: the socket duplicates what it queues.
       process.nextTick(() => replyFds.forEach((f) => f.close()));
       return { body: { major: version.major, minor: version.minor, json }, fds: replyFds };
@@ -269,10 +299,9 @@ export class Session {
       if (!region || region.iova !== body.address || region.size !== body.size) {
         throw new VfioError('DMA_UNMAP_UNKNOWN', VErrno.ENOENT, 'no mapping matches the range');
       }
-      const wasLogging = this.dma.loggingPageSize > 0;
-      if (!wasLogging) this.dma.startLogging(body.bitmap.pgsize);
+      // Without logging there is nothing to report (all-clean would lose dirty pages).
+      if (this.dma.loggingPageSize === 0) throw einval('DMA_LOGGING_OFF', 'GET_DIRTY_BITMAP needs DMA logging started');
       const data = this.dma.report(body.address, body.size, body.bitmap.pgsize);
-      if (!wasLogging) this.dma.stopLogging();
       if (data.length > body.bitmap.size) throw einval('DMA_UNMAP_BITMAP', `bitmap needs ${data.length} bytes`);
       bitmap = { pgsize: body.bitmap.pgsize, size: data.length, data };
     }
@@ -384,7 +413,13 @@ export class Session {
         allowed(false, true);
         const ctl = decodeDmaLoggingControl(body.data);
         if (probe) return echo();
-        if (feature === DeviceFeature.DMA_LOGGING_START) this.dma.startLogging(ctl.pageSize);
+        if (feature === DeviceFeature.DMA_LOGGING_START) {
+          // The bitmaps of every window must stay within a sane bound (a peer can map huge windows without memory).
+          let bytes = 0;
+          for (const r of this.dma.regions()) bytes += Math.ceil(r.size / ctl.pageSize / 8);
+          if (bytes > MAX_LOG_BITMAP_BYTES) throw new VfioError('DMA_LOGGING_TOO_BIG', VErrno.ENOMEM, `dirty bitmaps would take ${bytes} bytes`);
+          this.dma.startLogging(ctl.pageSize);
+        }
         else this.dma.stopLogging();
         return echo();
       }

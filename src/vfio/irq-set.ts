@@ -350,7 +350,12 @@ export class IrqState {
       s.pending = true;
       return 'pending';
     }
-    s.trigger.signal();
+    try {
+      s.trigger.signal();
+    } catch {
+      // The client gave an fd that cannot be signalled (not an eventfd, closed): the interrupt is lost.
+      return 'unassigned';
+    }
     if ((this.#config[index]!.flags & IrqInfoFlag.AUTOMASKED) !== 0) s.masked = true;
     return 'signalled';
   }

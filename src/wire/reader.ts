@@ -25,6 +25,8 @@ export interface FrameSpec {
   frameSize(header: Uint8Array): number;
   /** Largest frame that will be buffered. */
   maxFrameSize: number;
+  /** Most fds held for frames not yet complete (default 253, what one sendmsg can carry). */
+  maxPendingFds?: number;
 }
 
 export interface FrameHandler {
@@ -61,6 +63,8 @@ export class FrameReader {
   #stopped = false;
   /** A large frame being received into its own buffer (bytes filled so far = #buffered). */
   #big: Buffer | null = null;
+  /** fds held in #fds. */
+  #pendingFds = 0;
 
   constructor(spec: FrameSpec, handler: FrameHandler) {
     this.#spec = spec;
@@ -86,7 +90,14 @@ export class FrameReader {
       return;
     }
     const end = this.#offset + this.#buffered + chunk.length;
-    if (fds.length > 0) this.#fds.push({ at: end - 1, fds });
+    if (fds.length > 0) {
+      this.#fds.push({ at: end - 1, fds });
+      this.#pendingFds += fds.length;
+      if (this.#pendingFds > (this.#spec.maxPendingFds ?? 253)) {
+        this.#stop(`${this.#pendingFds} fds sent for frames not yet complete`);
+        return;
+      }
+    }
     if (this.#big) {
       this.#fillBig(chunk);
       return;
@@ -133,6 +144,7 @@ export class FrameReader {
     this.#buffered = 0;
     for (const p of this.#fds) for (const fd of p.fds) fd.close();
     this.#fds = [];
+    this.#pendingFds = 0;
   }
 
   #drain(): void {
@@ -244,6 +256,7 @@ export class FrameReader {
     if (this.#fds.length === 0 || this.#fds[0]!.at >= end) return [];
     const out: Fd[] = [];
     while (this.#fds.length > 0 && this.#fds[0]!.at < end) out.push(...this.#fds.shift()!.fds);
+    this.#pendingFds -= out.length;
     return out;
   }
 
