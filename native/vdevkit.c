@@ -368,6 +368,23 @@ static napi_value vdk_socketpair(napi_env env, napi_callback_info info) {
   return arr;
 }
 
+/* setSendBuffer(fd, bytes) -> the SO_SNDBUF the kernel granted (capped by
+ * net.core.wmem_max; the kernel doubles what is asked for its bookkeeping).
+ * A larger send buffer means fewer sleep/wake-ups for large messages. */
+static napi_value vdk_set_send_buffer(napi_env env, napi_callback_info info) {
+  GET_ARGS(2);
+  int32_t bytes = 0;
+  int fd = arg_fd(env, argv[0]);
+  if (fd < 0) return NULL;
+  CHECK_NAPI(napi_get_value_int32(env, argv[1], &bytes));
+  if (bytes <= 0) return range_error(env, "bytes must be positive");
+  if (setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes) < 0) return throw_errno(env, errno, "setsockopt");
+  int got = 0;
+  socklen_t len = sizeof got;
+  if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &got, &len) < 0) return throw_errno(env, errno, "getsockopt");
+  return make_int(env, got);
+}
+
 /* shutdown(fd, how) with how 0=read, 1=write, 2=both */
 static napi_value vdk_shutdown(napi_env env, napi_callback_info info) {
   GET_ARGS(2);
@@ -974,6 +991,7 @@ NAPI_MODULE_INIT(/* napi_env env, napi_value exports */) {
   EXPORT_FN("connect", vdk_connect);
   EXPORT_FN("socketpair", vdk_socketpair);
   EXPORT_FN("shutdown", vdk_shutdown);
+  EXPORT_FN("setSendBuffer", vdk_set_send_buffer);
   EXPORT_FN("sendmsg", vdk_sendmsg);
   EXPORT_FN("recvmsg", vdk_recvmsg);
   EXPORT_FN("pollNew", vdk_poll_new);

@@ -99,6 +99,15 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     return this.#closed;
   }
 
+  /**
+   * Asks for a kernel send buffer of `bytes` (SO_SNDBUF, capped by
+   * net.core.wmem_max) and returns what was granted. Worth it for large
+   * messages: each one then takes fewer sleep/wake-ups of both ends.
+   */
+  setSendBufferSize(bytes: number): number {
+    return native.setSendBuffer(this.#fd.value, bytes);
+  }
+
   /** True while write() accepts data (not closed, not ending). */
   get writable(): boolean {
     return !this.#closed && !this.#ending;

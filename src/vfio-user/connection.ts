@@ -133,6 +133,12 @@ export class Connection extends EventEmitter<ConnectionEvents> {
       },
     );
     socket.readTarget = () => this.#reader.readTarget();
+    // Room for a whole largest message in the kernel (best effort: capped by net.core.wmem_max).
+    try {
+      socket.setSendBufferSize(Math.min(2 * options.limits.maxMsgSize, 8 << 20));
+    } catch {
+      // not fatal: the default buffer works, only slower for large messages
+    }
     socket.on('data', (chunk, fds) => this.#reader.push(chunk, fds));
     socket.on('close', (err) => this.#shutdown(err ?? new ConnectionError('VFU_CLOSED', 'the peer closed the connection')));
     socket.on('drain', () => this.#setPaused('writes', false));
