@@ -493,9 +493,25 @@ export class Session {
     }
   }
 
+  /** One DMA_READ of a whole message-window range: its reply data, checked. */
+  async #dmaReadMessage(region: DmaRegion<DmaHandle>, address: number, count: number): Promise<Uint8Array> {
+    this.#stillMapped(region);
+    const r = await this.#dmaConn.request(Command.DMA_READ, { address, count });
+    if (r.body.count !== count || r.body.data.length !== count || r.body.address !== address) {
+      throw new VfioError('DMA_READ_REPLY', VErrno.EIO, 'DMA_READ reply does not match the request');
+    }
+    return r.body.data;
+  }
+
   async #dmaRead(iova: number, length: number): Promise<Uint8Array> {
+    const segs = this.dma.lookup(iova, length, DmaMapFlag.READ);
+    const only = segs.length === 1 ? segs[0]! : null;
+    if (only && !only.region.handle.shm && length <= this.#chunk()) {
+      // One message: its data (a buffer of its own) is the result, no copy.
+      return this.#dmaReadMessage(only.region, iova, length);
+    }
     const out = Buffer.allocUnsafe(length); // every byte is written below
-    for (const seg of this.dma.lookup(iova, length, DmaMapFlag.READ)) {
+    for (const seg of segs) {
       const at = seg.iova - iova;
       const shm = seg.region.handle.shm;
       if (shm) {
@@ -504,13 +520,8 @@ export class Session {
       }
       const chunk = this.#chunk();
       for (let done = 0; done < seg.length; done += chunk) {
-        this.#stillMapped(seg.region);
         const count = Math.min(chunk, seg.length - done);
-        const r = await this.#dmaConn.request(Command.DMA_READ, { address: seg.iova + done, count });
-        if (r.body.count !== count || r.body.data.length !== count || r.body.address !== seg.iova + done) {
-          throw new VfioError('DMA_READ_REPLY', VErrno.EIO, 'DMA_READ reply does not match the request');
-        }
-        out.set(r.body.data, at + done);
+        out.set(await this.#dmaReadMessage(seg.region, seg.iova + done, count), at + done);
       }
     }
     return out;
