@@ -123,7 +123,7 @@ test('close releases buffered fds', () => {
 });
 
 test('large frames are gathered in a buffer of their own, also when the socket reads straight into it', () => {
-  const bigSpec: FrameSpec = { ...spec, maxFrameSize: 1 << 20 };
+  const bigSpec: FrameSpec = { ...spec, maxFrameSize: 1 << 20, bigFrameSize: 64 * 1024 };
   const body = (n: number, v: number): number[] => Array.from({ length: n }, (_, i) => (i * 7 + v) & 0xff);
   const a = frame(body(100_000, 1));
   const b = frame([9, 9]);

@@ -15,8 +15,12 @@
  */
 import type { Fd } from '../sys/fd.js';
 
-/** Frames at least this large are received into a buffer of their own. */
-const BIG_FRAME = 64 * 1024;
+/**
+ * Frames at least this large are received into a buffer of their own by
+ * default; smaller ones come from the socket's pooled reads (a fresh buffer
+ * per frame costs more than a copy below this size).
+ */
+const BIG_FRAME = 256 * 1024;
 
 export interface FrameSpec {
   /** Bytes of the fixed header. */
@@ -25,6 +29,8 @@ export interface FrameSpec {
   frameSize(header: Uint8Array): number;
   /** Largest frame that will be buffered. */
   maxFrameSize: number;
+  /** Frames at least this large get a buffer of their own, filled in place (default 256 KiB). */
+  bigFrameSize?: number;
   /** Most fds held for frames not yet complete (default 253, what one sendmsg can carry). */
   maxPendingFds?: number;
 }
@@ -179,7 +185,7 @@ export class FrameReader {
       }
       if (this.#buffered < size) {
         // A large frame: gather it in a buffer of its own, which the socket can read into directly.
-        if (size >= BIG_FRAME) {
+        if (size >= (this.#spec.bigFrameSize ?? BIG_FRAME)) {
           const big = Buffer.allocUnsafe(size);
           let at = 0;
           for (const c of this.#chunks) {
