@@ -30,9 +30,11 @@
  *   0x10 DMA_SRC     u64 RW   source IOVA of a copy.
  *   0x18 DMA_DST     u64 RW   destination IOVA of a copy or a fill.
  *   0x20 DMA_LEN     u32 RW   bytes to copy or fill (at most `maxDmaLength`).
- *   0x24 DMA_CMD     u32 WO   1: copy DMA_LEN bytes from DMA_SRC to DMA_DST with ctx.dma.read and
- *                             ctx.dma.write (so by mapping or by DMA_READ/DMA_WRITE messages).
- *                             Reads 0. Other values are ignored.
+ *   0x24 DMA_CMD     u32 WO   1: copy DMA_LEN bytes from DMA_SRC to DMA_DST: when the destination
+ *                             lies in one fd-mapped window, ctx.dma.readInto a view of it; else
+ *                             when the source does, ctx.dma.write of a view of it; else
+ *                             ctx.dma.read then ctx.dma.write, 1 MiB at a time (so by mapping or
+ *                             by DMA_READ/DMA_WRITE messages). Reads 0. Other values are ignored.
  *   0x28 DMA_STATUS  u32 R/W1C bit 0 BUSY (read-only), bit 1 DONE, bit 2 ERROR; writing 1 clears
  *                             DONE/ERROR. A command sets BUSY; on success DONE and MSI-X vector 0
  *                             is triggered, on failure ERROR, DMA_ERRNO, and the ERR interrupt.
@@ -95,7 +97,7 @@ const MIG_MAGIC = 0x47494d53;
 const MIG_PRE_COPY = 1;
 const MIG_STOP_COPY = 2;
 const MIG_HEADER = 16;
-/** A copy moves at most this many bytes per read/write pair. */
+/** A copy through a buffer of its own moves at most this many bytes per read/write pair. */
 const COPY_CHUNK = 1 << 20;
 
 export interface SampleOptions {
@@ -258,6 +260,12 @@ export function sampleDevice(options: SampleOptions = {}): SampleDevice {
   };
 
   const copy = async (c: DeviceContext, src: number, dst: number, len: number): Promise<void> => {
+    if (len === 0) return;
+    // A mapped end needs no buffer: the other end's DMA messages go straight to or from it.
+    const into = c.dma.view(dst, len, { write: true });
+    if (into) return c.dma.readInto(src, into);
+    const from = c.dma.view(src, len);
+    if (from) return c.dma.write(dst, from);
     for (let done = 0; done < len; done += COPY_CHUNK) {
       const n = Math.min(COPY_CHUNK, len - done);
       const data = await c.dma.read(src + done, n);

@@ -27,7 +27,13 @@ export interface UnixSocketOptions {
    * of a large frame, so it is not copied again), or null for the socket's
    * own pool. The 'data' chunk is then a view of that buffer.
    */
-  readTarget?: () => Buffer | null;
+  readTarget?: () => Uint8Array | null;
+  /**
+   * Asked after each 'data' read into the socket's pool: false when no
+   * listener kept a reference to the chunk's memory, so the next read may
+   * reuse it (fresh pool memory costs page faults). Without it, never reused.
+   */
+  chunkRetained?: () => boolean;
 }
 
 interface WriteEntry {
@@ -71,7 +77,9 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
   readonly #highWaterMark: number;
   readonly #readSize: number;
   /** See UnixSocketOptions.readTarget. */
-  readTarget: (() => Buffer | null) | null;
+  readTarget: (() => Uint8Array | null) | null;
+  /** See UnixSocketOptions.chunkRetained. */
+  chunkRetained: (() => boolean) | null;
   readonly #fdsOut: Int32Array;
   #pool: Buffer;
   #poolOffset = 0;
@@ -82,6 +90,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     this.#highWaterMark = options.highWaterMark ?? 1024 * 1024;
     this.#readSize = Math.min(options.readSize ?? 256 * 1024, POOL_SIZE);
     this.readTarget = options.readTarget ?? null;
+    this.chunkRetained = options.chunkRetained ?? null;
     const maxFds = Math.min(options.maxRecvFds ?? native.SCM_MAX_FD, native.SCM_MAX_FD);
     this.#fdsOut = new Int32Array(1 + Math.max(0, maxFds));
     this.#pool = Buffer.allocUnsafe(POOL_SIZE);
@@ -298,7 +307,8 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     const fdsOut = this.#fdsOut;
     // A bounded number of reads per wake-up keeps other sockets served.
     for (let i = 0; i < 16 && !this.#paused && !this.#closed; i++) {
-      const target = this.readTarget?.() ?? null;
+      let target = this.readTarget?.() ?? null;
+      if (target && target.length === 0) target = null; // never a zero-length read: it would look like EOF
       if (!target && POOL_SIZE - this.#poolOffset < this.#readSize) {
         this.#pool = Buffer.allocUnsafe(POOL_SIZE);
         this.#poolOffset = 0;
@@ -319,10 +329,11 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
         return;
       }
       let chunk: Buffer;
+      const at = this.#poolOffset;
       if (target) {
-        chunk = target.subarray(0, n);
+        chunk = Buffer.from(target.buffer, target.byteOffset, n);
       } else {
-        chunk = this.#pool.subarray(this.#poolOffset, this.#poolOffset + n);
+        chunk = this.#pool.subarray(at, at + n);
         this.#poolOffset += (n + 7) & ~7;
       }
       const nfds = fdsOut[0]!;
@@ -330,6 +341,8 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
       for (let k = 0; k < nfds; k++) fds.push(new Fd(fdsOut[1 + k]!));
       if (this.listenerCount('data') > 0) this.emit('data', chunk, fds);
       else closeAll(fds);
+      // Nobody kept the chunk: its pool memory (hot in cache, already faulted in) takes the next read.
+      if (!target && chunk.buffer === this.#pool.buffer && this.chunkRetained?.() === false) this.#poolOffset = at;
       if (n < (target ? target.length : this.#readSize)) return;
     }
   }

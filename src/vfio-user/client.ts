@@ -118,8 +118,10 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
       if (!client) throw new VfioError('NOT_READY', VErrno.EINVAL, 'request before VERSION completed');
       return client.#serve(msg);
     };
+    // A large DMA_WRITE's data is received straight into our memory when it lies in one window.
+    const placeRequest = (prefix: Uint8Array, size: number): Uint8Array | null => (client ? client.#placeDmaWrite(prefix, size) : null);
     const limits = codecLimits(opts.maxDataXferSize);
-    const conn = new Connection(socket, { limits, timeoutMs: opts.timeoutMs, onRequest });
+    const conn = new Connection(socket, { limits, timeoutMs: opts.timeoutMs, onRequest, placeRequest });
     const proposed = { major: VFIO_USER_MAJOR, minor: VFIO_USER_MINOR };
     const json = buildCapabilitiesJson({
       maxMsgFds: opts.maxMsgFds,
@@ -144,7 +146,7 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
       if (caps.twinSocket?.supported) {
         const fd = reply.fds[caps.twinSocket.fdIndex ?? 0]!;
         const twinSock = new UnixSocket(fd.dup());
-        twin = new Connection(twinSock, { limits, timeoutMs: opts.timeoutMs, onRequest });
+        twin = new Connection(twinSock, { limits, timeoutMs: opts.timeoutMs, onRequest, placeRequest });
       }
       for (const f of reply.fds) f.close();
       client = new VfioUserClient(conn, twin, reply.body, caps, opts);
@@ -335,11 +337,34 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
       const { address, count, data } = msg.body;
       for (const seg of this.dma.lookup(address, count, DmaMapFlag.WRITE)) {
         const w = seg.region.handle;
-        w.memory.subarray(w.offset + seg.regionOffset, seg.length).set(data.subarray(seg.iova - address, seg.iova - address + seg.length));
+        const dest = w.memory.subarray(w.offset + seg.regionOffset, seg.length);
+        const src = data.subarray(seg.iova - address, seg.iova - address + seg.length);
+        if (src.buffer !== dest.buffer || src.byteOffset !== dest.byteOffset) dest.set(src); // else received in place
       }
       return { body: { address, count } };
     }
     throw new VfioError('CLIENT_COMMAND', VErrno.EINVAL, `${Command[msg.command]} is not a server-to-client command`);
+  }
+
+  /**
+   * Connection placeRequest: for a DMA_WRITE whose range lies in one window
+   * we may write, that memory (its data is received there); else null, and
+   * the request is received and checked as usual (and refused if bad).
+   */
+  #placeDmaWrite(prefix: Uint8Array, size: number): Uint8Array | null {
+    const v = new DataView(prefix.buffer, prefix.byteOffset, prefix.length);
+    if (v.getUint16(2, true) !== Command.DMA_WRITE) return null;
+    const address = Number(v.getBigUint64(16, true));
+    const count = Number(v.getBigUint64(24, true));
+    if (count !== size - prefix.length || count > this.#options.maxDataXferSize) return null;
+    try {
+      const segs = this.dma.lookup(address, count, DmaMapFlag.WRITE);
+      if (segs.length !== 1) return null;
+      const w = segs[0]!.region.handle;
+      return w.memory.subarray(w.offset + segs[0]!.regionOffset, count);
+    } catch {
+      return null; // outside our windows, or the memory was closed: refused by #serve
+    }
   }
 
   close(): void {

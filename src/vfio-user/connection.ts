@@ -38,6 +38,12 @@ import {
 
 /** Commands queued behind a slow one before the socket stops being read. */
 const MAX_QUEUED = 1024;
+/**
+ * Bytes of a message kept when its payload is placed: the header and the
+ * 16 fixed bytes of DMA_READ / DMA_WRITE / REGION_READ / REGION_WRITE
+ * bodies; the data after them is received straight into its destination.
+ */
+export const PLACE_PREFIX = HEADER_SIZE + 16;
 
 /** The connection is gone, or a request to the peer failed without a reply. */
 export class ConnectionError extends Error {
@@ -67,6 +73,16 @@ export interface ConnectionOptions {
   onBadRequest?: (header: Header, err: unknown) => void;
   /** Called for every message in and out, for --trace. */
   trace?: (direction: 'in' | 'out', header: Header, detail: unknown) => void;
+  /**
+   * Where the data of an incoming command should be received: given the
+   * first PLACE_PREFIX bytes of a command of `size` bytes (4 KiB or more),
+   * a destination of exactly size - PLACE_PREFIX bytes, or null to receive
+   * it as usual. Asked only when the command would be dispatched next (none
+   * queued or in progress), so the data lands in the order commands are
+   * processed. The command then reaches onRequest with that destination as
+   * its data.
+   */
+  placeRequest?: (prefix: Uint8Array, size: number) => Uint8Array | null;
 }
 
 /** A reply with the fds that came with it (owned by the caller). */
@@ -74,6 +90,8 @@ export type ReplyWithFds<C extends CodecCommand> = ReplyMessage & { body: ReplyB
 
 interface Pending {
   command: number;
+  /** Where the reply's data is to be received (request option `into`). */
+  into: Uint8Array | undefined;
   resolve: (msg: ReplyMessage & { fds: Fd[] }) => void;
   reject: (err: Error) => void;
   timer: NodeJS.Timeout;
@@ -98,9 +116,10 @@ export class Connection extends EventEmitter<ConnectionEvents> {
   readonly #timeoutMs: number;
   readonly #trace: ConnectionOptions['trace'];
   readonly #onBadRequest: ConnectionOptions['onBadRequest'];
+  readonly #placeRequest: ConnectionOptions['placeRequest'];
   readonly #pending = new Map<number, Pending>();
   /** Commands waiting for the one in progress. */
-  readonly #queue: { frame: Uint8Array; fds: Fd[] }[] = [];
+  readonly #queue: { frame: Uint8Array; fds: Fd[]; placed: Uint8Array | undefined }[] = [];
   #busy = false;
   #draining = false;
   /** Reading is paused: too many queued commands, or replies the peer does not read. */
@@ -118,6 +137,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     this.#timeoutMs = options.timeoutMs ?? 5000;
     this.#trace = options.trace;
     this.#onBadRequest = options.onBadRequest;
+    this.#placeRequest = options.placeRequest;
     this.#reader = new FrameReader(
       {
         headerSize: HEADER_SIZE,
@@ -125,14 +145,17 @@ export class Connection extends EventEmitter<ConnectionEvents> {
         get maxFrameSize() {
           return options.limits.maxMsgSize;
         },
+        placePrefix: PLACE_PREFIX,
+        place: (prefix, size) => this.#place(prefix, size),
       },
       {
-        frame: (frame, fds) => this.#onFrame(frame, fds),
+        frame: (frame, fds, placed) => this.#onFrame(frame, fds, placed),
         oversized: (header, size) => this.#onOversized(header, size),
         fatal: (reason) => this.close(new ProtocolError('VFU_BAD_SIZE', reason)),
       },
     );
     socket.readTarget = () => this.#reader.readTarget();
+    socket.chunkRetained = () => this.#reader.retainsLastChunk;
     // Room for a whole largest message in the kernel (best effort: capped by net.core.wmem_max).
     try {
       socket.setSendBufferSize(Math.min(2 * options.limits.maxMsgSize, 8 << 20));
@@ -153,11 +176,18 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     return this.#pending.size;
   }
 
-  /** Sends a command and resolves with its reply; rejects on an error reply, timeout or close. */
+  /**
+   * Sends a command and resolves with its reply; rejects on an error reply,
+   * timeout or close. `into`: for a reply that carries data (DMA_READ,
+   * REGION_READ), where to receive it: the socket reads a large reply's data
+   * straight into it, and the reply's `data` is then `into` itself (compare
+   * before copying). It must be exactly the size of the data asked for; if
+   * the request fails, its content is unspecified.
+   */
   request<C extends CodecCommand>(
     command: C,
     body: RequestBodies[C],
-    options: { fds?: readonly (Fd | number)[]; timeoutMs?: number } = {},
+    options: { fds?: readonly (Fd | number)[]; timeoutMs?: number; into?: Uint8Array } = {},
   ): Promise<ReplyWithFds<C>> {
     if (this.#closed) return Promise.reject(new ConnectionError('VFU_CLOSED', 'connection is closed'));
     const id = this.#allocId();
@@ -165,11 +195,11 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     return new Promise((resolve, reject) => {
       const timeoutMs = options.timeoutMs ?? this.#timeoutMs;
       const timer = setTimeout(() => {
-        this.#pending.delete(id);
         this.#stale.add(id);
-        reject(new ConnectionError('VFU_TIMEOUT', `no reply to ${Command[command]} (id ${id}) in ${timeoutMs} ms`));
+        this.#failPending(id, new ConnectionError('VFU_TIMEOUT', `no reply to ${Command[command]} (id ${id}) in ${timeoutMs} ms`));
       }, timeoutMs);
-      this.#pending.set(id, { command, resolve: resolve as (m: ReplyMessage & { fds: Fd[] }) => void, reject, timer });
+      const into = options.into;
+      this.#pending.set(id, { command, into, resolve: resolve as (m: ReplyMessage & { fds: Fd[] }) => void, reject, timer });
       try {
         this.#write(msg, options.fds);
       } catch (err) {
@@ -240,25 +270,42 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     return true;
   }
 
-  #onFrame(frame: Uint8Array, fds: Fd[]): void {
+  /** FrameSpec.place: the destination of a large message's data, or null. */
+  #place(prefix: Uint8Array, size: number): Uint8Array | null {
+    const flags = prefix[8]!;
+    const type = flags & HeaderFlags.TYPE_MASK;
+    if (type === MessageType.REPLY) {
+      if (flags & HeaderFlags.ERROR) return null;
+      const p = this.#pending.get(prefix[0]! | (prefix[1]! << 8));
+      if (!p?.into || p.into.length !== size - PLACE_PREFIX || p.command !== (prefix[2]! | (prefix[3]! << 8))) return null;
+      return p.into;
+    }
+    if (type === MessageType.COMMAND && this.#placeRequest && !this.#busy && this.#queue.length === 0) {
+      const target = this.#placeRequest(prefix, size);
+      return target && target.length === size - PLACE_PREFIX ? target : null;
+    }
+    return null;
+  }
+
+  #onFrame(frame: Uint8Array, fds: Fd[], placed?: Uint8Array): void {
     const type = (frame[8]! & HeaderFlags.TYPE_MASK) as number;
     if (type === MessageType.REPLY) {
-      this.#onReply(frame, fds);
+      this.#onReply(frame, fds, placed);
       return;
     }
     if (this.#busy) {
-      this.#queue.push({ frame, fds });
+      this.#queue.push({ frame, fds, placed });
       if (this.#queue.length >= MAX_QUEUED) this.#setPaused('queue', true);
       return;
     }
-    this.#dispatch(frame, fds);
+    this.#dispatch(frame, fds, placed);
   }
 
   /** Replies may carry fds (VERSION's twin socket, region info): handed over with the message. */
-  #onReply(frame: Uint8Array, fds: Fd[]): void {
+  #onReply(frame: Uint8Array, fds: Fd[], placed: Uint8Array | undefined): void {
     let msg;
     try {
-      msg = decodeMessage(frame, this.limits);
+      msg = decodeMessage(frame, this.limits, placed);
     } catch (err) {
       closeAll(fds);
       const h = decodeHeaderQuick(frame);
@@ -286,10 +333,10 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     }
   }
 
-  #dispatch(frame: Uint8Array, fds: Fd[]): void {
+  #dispatch(frame: Uint8Array, fds: Fd[], placed: Uint8Array | undefined): void {
     let msg: RequestMessage;
     try {
-      const decoded = decodeMessage(frame, this.limits);
+      const decoded = decodeMessage(frame, this.limits, placed);
       if (decoded.kind !== 'request') throw new ProtocolError('VFU_BAD_FLAGS', 'not a command');
       msg = decoded;
     } catch (err) {
@@ -357,8 +404,8 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     this.#draining = true;
     try {
       while (!this.#busy && !this.#closed && this.#queue.length > 0) {
-        const { frame, fds } = this.#queue.shift()!;
-        this.#dispatch(frame, fds);
+        const { frame, fds, placed } = this.#queue.shift()!;
+        this.#dispatch(frame, fds, placed);
       }
     } finally {
       this.#draining = false;
@@ -371,6 +418,8 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     if (!p) return;
     this.#pending.delete(id);
     clearTimeout(p.timer);
+    // A reply still being received into the caller's memory stops landing there.
+    if (p.into) this.#reader.dropPlacement(p.into);
     p.reject(err);
   }
 

@@ -89,6 +89,13 @@ export interface DmaWindow {
 export interface DmaAccess {
   /** Reads guest memory: from the mapping when there is one, else by DMA_READ messages. */
   read(iova: number, length: number): Promise<Uint8Array>;
+  /**
+   * Reads guest memory into `dest` (dest.length bytes from iova): no buffer
+   * of the library's in between; DMA_READ replies are received straight into
+   * it. If it fails, dest's content is unspecified. `dest` may be a view of
+   * another DMA window (from view()), which makes a copy between windows.
+   */
+  readInto(iova: number, dest: Uint8Array): Promise<void>;
   /** Writes guest memory (marked dirty while logging is on). */
   write(iova: number, data: Uint8Array): Promise<void>;
   /**

@@ -46,6 +46,12 @@ export interface BodyCodec<T> {
   write(value: T, buf: Uint8Array, offset: number): void;
   /** Payload appended after the head, or undefined. */
   tail(value: T): Uint8Array | undefined;
+  /**
+   * Decodes a body whose payload was received elsewhere (FrameReader
+   * placement): `head` is the fixed part, `data` the payload. Only codecs
+   * whose body is a fixed head plus data have it.
+   */
+  decodePlaced?(head: Uint8Array, data: Uint8Array, limits: CodecLimits): T;
 }
 
 /** A body with no payload: the empty body decodes to `undefined`. */
@@ -186,16 +192,26 @@ export function withData<T extends { count: number }>(
   start: keyof T & string,
 ): BodyCodec<T & { data: Uint8Array }> {
   const what = layout.name;
+  const decodeWith = (body: Uint8Array, dataLength: number, limits: CodecLimits): T & { data: Uint8Array } => {
+    const value = layout.decode(body, 0) as T & { data: Uint8Array };
+    xferLimit(value.count, limits, `${what}.count`);
+    if (dataLength !== value.count) {
+      throw badCount(`${what}.count`, value.count, dataLength, 'does not match the data length');
+    }
+    noOverflow(value[start] as number, value.count, `${what}.${start}`);
+    return value;
+  };
   return {
     decode(body, limits) {
       minSize(body, layout.size, what);
-      const value = layout.decode(body, 0) as T & { data: Uint8Array };
-      xferLimit(value.count, limits, `${what}.count`);
-      if (body.length - layout.size !== value.count) {
-        throw badCount(`${what}.count`, value.count, body.length - layout.size, 'does not match the data length');
-      }
-      noOverflow(value[start] as number, value.count, `${what}.${start}`);
+      const value = decodeWith(body, body.length - layout.size, limits);
       value.data = view(body, layout.size);
+      return value;
+    },
+    decodePlaced(head, data, limits) {
+      exactSize(head, layout.size, what);
+      const value = decodeWith(head, data.length, limits);
+      value.data = data;
       return value;
     },
     headSize(value) {

@@ -259,9 +259,16 @@ function commandOf(cmd: number): CodecCommand {
  * least msg_size bytes (bytes after msg_size are ignored). Data fields in
  * the result are views into `frame`.
  */
-export function decodeMessage(frame: Uint8Array, limits: CodecLimits = DEFAULT_LIMITS): Message {
+/**
+ * Decodes one message. `placed`: the frame's payload was received elsewhere
+ * (FrameReader placement), and `frame` holds only the header and the fixed
+ * part of the body; only commands whose body is fixed fields plus data
+ * (DMA_READ replies, DMA_WRITE, REGION_READ replies, ...) can be placed.
+ */
+export function decodeMessage(frame: Uint8Array, limits: CodecLimits = DEFAULT_LIMITS, placed?: Uint8Array): Message {
   const header = decodeHeader(frame, 0, limits);
   try {
+    if (placed) return decodePlacedMessage(header, frame, placed, limits);
     if (frame.length < header.msgSize) {
       throw new ProtocolError('VFU_SHORT', `frame: ${frame.length} bytes, msg_size ${header.msgSize}`, {
         field: 'header.msg_size',
@@ -285,6 +292,25 @@ export function decodeMessage(frame: Uint8Array, limits: CodecLimits = DEFAULT_L
   } catch (e) {
     throw e instanceof ProtocolError ? e.withMessage(header.cmd, header.msgId) : e;
   }
+}
+
+function decodePlacedMessage(header: Header, frame: Uint8Array, placed: Uint8Array, limits: CodecLimits): Message {
+  if (frame.length + placed.length !== header.msgSize) {
+    throw new ProtocolError('VFU_SHORT', `frame: ${frame.length} + ${placed.length} placed bytes, msg_size ${header.msgSize}`, {
+      field: 'header.msg_size',
+      value: frame.length + placed.length,
+      limit: header.msgSize,
+    });
+  }
+  checkHeaderFlags(header);
+  const reply = (header.flags & HeaderFlags.TYPE_MASK) === MessageType.REPLY;
+  const command = commandOf(header.cmd);
+  const codec = (reply ? replyCodecs[command] : requestCodecs[command]) as BodyCodec<unknown>;
+  if (!codec.decodePlaced || (reply && header.flags & HeaderFlags.ERROR)) {
+    throw new ProtocolError('VFU_BAD_COMMAND', `${Command[command]} ${reply ? 'reply' : 'request'} cannot be placed`);
+  }
+  const body = codec.decodePlaced(view(frame, HEADER_SIZE), placed, limits);
+  return { kind: reply ? 'reply' : 'request', header, command, body } as Message;
 }
 
 /** Decodes a request body (the bytes after the header) of a known command. */

@@ -446,6 +446,9 @@ export class Session {
     const session = this;
     const dma: DmaAccess = {
       read: (iova, length) => session.#dmaRead(iova, length),
+      readInto: async (iova, dest) => {
+        await session.#dmaRead(iova, dest.length, dest);
+      },
       write: (iova, data) => session.#dmaWrite(iova, data),
       view(iova, length, options) {
         const prot = options?.write ? DmaMapFlag.WRITE : DmaMapFlag.READ;
@@ -493,24 +496,33 @@ export class Session {
     }
   }
 
-  /** One DMA_READ of a whole message-window range: its reply data, checked. */
-  async #dmaReadMessage(region: DmaRegion<DmaHandle>, address: number, count: number): Promise<Uint8Array> {
+  /** One DMA_READ of a message-window range, its data received into `into` when given; the data, checked. */
+  async #dmaReadMessage(region: DmaRegion<DmaHandle>, address: number, count: number, into?: Uint8Array): Promise<Uint8Array> {
     this.#stillMapped(region);
-    const r = await this.#dmaConn.request(Command.DMA_READ, { address, count });
+    const r = await this.#dmaConn.request(Command.DMA_READ, { address, count }, into ? { into } : {});
     if (r.body.count !== count || r.body.data.length !== count || r.body.address !== address) {
       throw new VfioError('DMA_READ_REPLY', VErrno.EIO, 'DMA_READ reply does not match the request');
     }
+    if (into && r.body.data !== into) into.set(r.body.data); // a small reply arrives whole, not placed
     return r.body.data;
   }
 
-  async #dmaRead(iova: number, length: number): Promise<Uint8Array> {
+  /**
+   * Reads [iova, iova + length) into `into` (or a new buffer). Message windows
+   * are read in chunks of the negotiated transfer size, several requests in
+   * flight (the client serves them in order), each reply received straight
+   * into its place in the destination.
+   */
+  async #dmaRead(iova: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
     const segs = this.dma.lookup(iova, length, DmaMapFlag.READ);
     const only = segs.length === 1 ? segs[0]! : null;
-    if (only && !only.region.handle.shm && length <= this.#chunk()) {
+    if (!into && only && !only.region.handle.shm && length <= this.#chunk()) {
       // One message: its data (a buffer of its own) is the result, no copy.
       return this.#dmaReadMessage(only.region, iova, length);
     }
-    const out = Buffer.allocUnsafe(length); // every byte is written below
+    const out = into ?? Buffer.allocUnsafe(length); // every byte is written below
+    const chunk = this.#chunk();
+    const jobs: (() => Promise<unknown>)[] = [];
     for (const seg of segs) {
       const at = seg.iova - iova;
       const shm = seg.region.handle.shm;
@@ -518,33 +530,77 @@ export class Session {
         out.set(shm.subarray(seg.regionOffset, seg.length), at);
         continue;
       }
-      const chunk = this.#chunk();
       for (let done = 0; done < seg.length; done += chunk) {
         const count = Math.min(chunk, seg.length - done);
-        out.set(await this.#dmaReadMessage(seg.region, seg.iova + done, count), at + done);
+        const address = seg.iova + done;
+        const dest = out.subarray(at + done, at + done + count);
+        jobs.push(() => this.#dmaReadMessage(seg.region, address, count, dest));
       }
     }
+    await inFlight(jobs, chunk);
     return out;
   }
 
   async #dmaWrite(iova: number, data: Uint8Array): Promise<void> {
     const segs = this.dma.lookup(iova, data.length, DmaMapFlag.WRITE);
+    const chunk = this.#chunk();
+    const jobs: (() => Promise<unknown>)[] = [];
     for (const seg of segs) {
       const src = data.subarray(seg.iova - iova, seg.iova - iova + seg.length);
       const shm = seg.region.handle.shm;
       if (shm) {
         shm.subarray(seg.regionOffset, seg.length).set(src);
-      } else {
-        const chunk = this.#chunk();
-        for (let done = 0; done < seg.length; done += chunk) {
-          this.#stillMapped(seg.region);
-          const part = src.subarray(done, Math.min(done + chunk, seg.length));
-          await this.#dmaConn.request(Command.DMA_WRITE, { address: seg.iova + done, count: part.length, data: part });
-        }
+        continue;
       }
-      this.dma.markDirty(seg.iova, seg.length);
+      for (let done = 0; done < seg.length; done += chunk) {
+        const part = src.subarray(done, Math.min(done + chunk, seg.length));
+        const address = seg.iova + done;
+        jobs.push(async () => {
+          this.#stillMapped(seg.region);
+          await this.#dmaConn.request(Command.DMA_WRITE, { address, count: part.length, data: part });
+        });
+      }
+    }
+    try {
+      await inFlight(jobs, chunk);
+    } finally {
+      // What reached the client may be part of it: all of it counts as dirty.
+      for (const seg of segs) this.dma.markDirty(seg.iova, seg.length);
     }
   }
+}
+
+/** Bytes of DMA messages a transfer keeps in flight (the client serves them in order). */
+const DMA_WINDOW_BYTES = 4 << 20;
+/** At most this many DMA requests in flight per transfer. */
+const DMA_WINDOW_MAX = 32;
+
+/**
+ * Runs transfer steps with several in flight: at most DMA_WINDOW_BYTES of
+ * `chunk`-byte messages (at least 2, at most DMA_WINDOW_MAX). After the first
+ * failure no step starts; the ones in flight are awaited (so nothing lands in
+ * the destination after this returns), then the failure is thrown.
+ */
+async function inFlight(jobs: (() => Promise<unknown>)[], chunk: number): Promise<void> {
+  const window = Math.max(2, Math.min(DMA_WINDOW_MAX, Math.floor(DMA_WINDOW_BYTES / Math.max(1, chunk))));
+  const running: Promise<void>[] = [];
+  let failed = false;
+  let failure: unknown;
+  let next = 0;
+  const fail = (err: unknown): void => {
+    if (!failed) {
+      failed = true;
+      failure = err;
+    }
+  };
+  while (next < jobs.length || running.length > 0) {
+    while (!failed && next < jobs.length && running.length < window) {
+      running.push(jobs[next++]!().then(() => undefined, fail));
+    }
+    if (running.length === 0) break;
+    await running.shift();
+  }
+  if (failed) throw failure;
 }
 
 function windowOf(r: DmaRegion<DmaHandle>): DmaWindow {

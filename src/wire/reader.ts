@@ -8,7 +8,11 @@
  * the chunk's last byte.
  *
  * A frame is a view into the received chunk when it lies inside one chunk,
- * and a copy only when it spans chunks. Sizes are checked from the header
+ * and a copy only when it spans chunks. A large frame gets a buffer of its
+ * own that the socket reads into directly; or, when the protocol layer
+ * places it (FrameSpec.place), its payload is received straight into a
+ * destination the layer chose (the memory a DMA transfer is for), and only
+ * its first `placePrefix` bytes come out as the frame. Sizes are checked from the header
  * before any body byte is buffered: an oversized frame is either skipped
  * (its body discarded as it streams past, so the connection can go on) or
  * fatal, as the protocol layer decides.
@@ -33,11 +37,27 @@ export interface FrameSpec {
   bigFrameSize?: number;
   /** Most fds held for frames not yet complete (default 253, what one sendmsg can carry). */
   maxPendingFds?: number;
+  /**
+   * Where a frame's bytes after its first `placePrefix` should go: a
+   * destination of exactly `size - placePrefix` bytes, or null to deliver the
+   * frame whole as usual. Asked once per frame of at least `placeMinSize`
+   * bytes, when its first `placePrefix` bytes are buffered.
+   */
+  place?(prefix: Uint8Array, size: number): Uint8Array | null;
+  /** Bytes of a placed frame kept as the frame itself (header and fixed fields). */
+  placePrefix?: number;
+  /** Smallest frame offered to place() (default 4096). */
+  placeMinSize?: number;
 }
 
 export interface FrameHandler {
-  /** A complete frame and its fds (the handler owns the fds). */
-  frame(frame: Uint8Array, fds: Fd[]): void;
+  /**
+   * A complete frame and its fds (the handler owns the fds). For a placed
+   * frame, `frame` is its prefix and `placed` the destination now holding the
+   * rest; `placed` is empty if the destination went away (was detached) or was
+   * dropped before the frame ended: its bytes were then discarded.
+   */
+  frame(frame: Uint8Array, fds: Fd[], placed?: Uint8Array): void;
   /**
    * A header announced a frame larger than maxFrameSize. Return true to skip
    * its body (the fds that came with it are closed) and go on; false to stop.
@@ -67,10 +87,16 @@ export class FrameReader {
   /** Stream offset at which the frame being skipped ends. */
   #skipEnd = 0;
   #stopped = false;
-  /** A large frame being received into its own buffer (bytes filled so far = #buffered). */
-  #big: Buffer | null = null;
+  /**
+   * A large frame being received in place: its own buffer (head null), or a
+   * placed frame's prefix (head) and destination (body). #buffered counts
+   * the bytes of the frame received so far.
+   */
+  #big: { head: Uint8Array | null; body: Uint8Array; size: number; lost: boolean } | null = null;
   /** fds held in #fds. */
   #pendingFds = 0;
+  /** A frame handed out during this push() was a view of a received chunk. */
+  #gaveView = false;
 
   constructor(spec: FrameSpec, handler: FrameHandler) {
     this.#spec = spec;
@@ -86,7 +112,17 @@ export class FrameReader {
     return this.#stopped;
   }
 
+  /**
+   * Whether the reader, or a frame it handed out, still refers to the memory
+   * of the chunk last pushed. When false (its bytes were all copied out or
+   * placed), the socket may read the next bytes into the same memory.
+   */
+  get retainsLastChunk(): boolean {
+    return this.#gaveView || this.#chunks.length > 0;
+  }
+
   push(chunk: Uint8Array, fds: Fd[] = []): void {
+    this.#gaveView = false;
     if (this.#stopped) {
       for (const fd of fds) fd.close();
       return;
@@ -115,30 +151,67 @@ export class FrameReader {
 
   /**
    * Where the next bytes should be read to: the rest of a large frame's own
-   * buffer (so its body is not copied again), or null. A socket that reads
-   * into it passes that view to push().
+   * buffer or of a placed frame's destination (so its body is not copied
+   * again), or null. A socket that reads into it passes that view to push().
    */
-  readTarget(): Buffer | null {
-    return this.#big && !this.#stopped ? this.#big.subarray(this.#buffered) : null;
+  readTarget(): Uint8Array | null {
+    const big = this.#big;
+    if (!big || this.#stopped || big.lost) return null;
+    const at = this.#buffered - (big.head ? big.head.length : 0);
+    if (at < 0) return null;
+    if (big.body.length === 0) {
+      this.#lose(); // detached: the memory it was a view of is gone
+      return null;
+    }
+    return big.body.subarray(at);
+  }
+
+  /**
+   * Stops receiving into `target` if the frame being placed there is not
+   * complete yet: the rest of its bytes are discarded and the frame is
+   * delivered with an empty destination. For a caller that gave up on it.
+   */
+  dropPlacement(target: Uint8Array): void {
+    if (this.#big?.head && this.#big.body === target) this.#lose();
+  }
+
+  #lose(): void {
+    const big = this.#big!;
+    big.lost = true;
+    big.body = big.body.subarray(0, 0);
   }
 
   #fillBig(chunk: Uint8Array): void {
     const big = this.#big!;
-    const take = Math.min(chunk.length, big.length - this.#buffered);
-    const inPlace = chunk.buffer === big.buffer && chunk.byteOffset === big.byteOffset + this.#buffered;
-    if (!inPlace) big.set(chunk.subarray(0, take), this.#buffered);
+    const headLen = big.head ? big.head.length : 0;
+    let used = 0;
+    if (this.#buffered < headLen) {
+      used = Math.min(chunk.length, headLen - this.#buffered);
+      big.head!.set(chunk.subarray(0, used), this.#buffered);
+      this.#buffered += used;
+    }
+    const at = this.#buffered - headLen;
+    const take = Math.min(chunk.length - used, big.size - this.#buffered);
+    if (!big.lost && big.body.length === 0 && take > 0) this.#lose();
+    if (!big.lost) {
+      const part = chunk.subarray(used, used + take);
+      const inPlace = part.buffer === big.body.buffer && part.byteOffset === big.body.byteOffset + at;
+      if (!inPlace) big.body.set(part, at);
+    }
     this.#buffered += take;
-    if (this.#buffered < big.length) return;
+    if (this.#buffered < big.size) return;
     this.#big = null;
     const start = this.#offset;
-    this.#offset += big.length;
+    this.#offset += big.size;
     this.#buffered = 0;
-    const rest = chunk.subarray(take);
+    const rest = chunk.subarray(used + take);
     if (rest.length > 0) {
       this.#chunks.push(rest);
       this.#buffered = rest.length;
     }
-    this.#handler.frame(big, this.#fdsBefore(start + big.length));
+    const fds = this.#fdsBefore(start + big.size);
+    if (big.head) this.#handler.frame(big.head, fds, big.body);
+    else this.#handler.frame(big.body, fds);
     this.#drain();
   }
 
@@ -155,7 +228,7 @@ export class FrameReader {
 
   #drain(): void {
     const { headerSize } = this.#spec;
-    while (!this.#stopped) {
+    while (!this.#stopped && this.#big === null) {
       if (this.#skip > 0) {
         const n = Math.min(this.#skip, this.#buffered);
         this.#discard(n);
@@ -183,24 +256,46 @@ export class FrameReader {
         this.#skipEnd = frameEnd;
         continue;
       }
+      const prefixLen = this.#spec.placePrefix ?? headerSize;
+      if (this.#spec.place && size >= (this.#spec.placeMinSize ?? 4096) && size > prefixLen) {
+        if (this.#buffered < prefixLen) return; // the prefix decides where the rest goes
+        const target = this.#spec.place(this.#peek(prefixLen), size);
+        if (this.#stopped) return;
+        if (target) {
+          if (target.length !== size - prefixLen) {
+            this.#stop(`place() gave ${target.length} bytes for a ${size - prefixLen}-byte payload`);
+            return;
+          }
+          this.#receiveInto(Buffer.allocUnsafe(prefixLen), target, size);
+          continue;
+        }
+      }
       if (this.#buffered < size) {
         // A large frame: gather it in a buffer of its own, which the socket can read into directly.
-        if (size >= (this.#spec.bigFrameSize ?? BIG_FRAME)) {
-          const big = Buffer.allocUnsafe(size);
-          let at = 0;
-          for (const c of this.#chunks) {
-            big.set(c, at);
-            at += c.length;
-          }
-          this.#chunks = [];
-          this.#big = big;
-        }
+        if (size >= (this.#spec.bigFrameSize ?? BIG_FRAME)) this.#receiveInto(null, Buffer.allocUnsafe(size), size);
         return;
       }
       const start = this.#offset;
       const frame = this.#take(size);
       const fds = this.#fdsBefore(start + size);
       this.#handler.frame(frame, fds);
+    }
+  }
+
+  /** Moves what is buffered into a large frame's buffers and receives the rest there (#fillBig). */
+  #receiveInto(head: Uint8Array | null, body: Uint8Array, size: number): void {
+    const chunks = this.#chunks;
+    this.#chunks = [];
+    this.#buffered = 0;
+    this.#big = { head, body, size, lost: false };
+    // Chunks past this frame go back to #chunks (in #fillBig, which delivers and drains on).
+    for (let i = 0; i < chunks.length; i++) {
+      if (this.#big === null) {
+        this.#chunks.push(chunks[i]!);
+        this.#buffered += chunks[i]!.length;
+      } else {
+        this.#fillBig(chunks[i]!);
+      }
     }
   }
 
@@ -231,6 +326,7 @@ export class FrameReader {
     if (first.length >= n) {
       const out = first.subarray(0, n);
       this.#advance(n);
+      this.#gaveView = true;
       return out;
     }
     const out = this.#peek(n);
