@@ -94,6 +94,11 @@ export class SharedMemory {
     return this.#view;
   }
 
+  /** Whether `view` is a view of this mapping (false once closed). */
+  contains(view: ArrayBufferView): boolean {
+    return this.#buffer !== null && view.buffer === this.#buffer;
+  }
+
   /** A bounds-checked Uint8Array over [offset, offset + length). */
   subarray(offset: number, length: number): Uint8Array {
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {

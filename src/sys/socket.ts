@@ -72,6 +72,8 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
   #queue: WriteEntry[] = [];
   #queued = 0;
   #needDrain = false;
+  /** cork() depth: writes wait in the queue while above 0. */
+  #corked = 0;
   #ending = false;
   #closed = false;
   readonly #highWaterMark: number;
@@ -144,7 +146,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     }
     if (fdNums && length === 0) throw sysError('EINVAL', 'sendmsg', 'fds need at least one byte to travel with');
 
-    if (this.#queue.length === 0) {
+    if (this.#queue.length === 0 && this.#corked === 0) {
       // Fast path: nothing queued, try to send now.
       const n = this.#send(bufs, fdNums);
       if (n === length) return true;
@@ -164,6 +166,27 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
       return false;
     }
     return true;
+  }
+
+  /**
+   * Holds writes back until the matching uncork(), which sends what was
+   * written meanwhile gathered into as few sendmsg calls as it can (writes
+   * carrying fds still travel alone). Nests.
+   */
+  cork(): void {
+    this.#corked++;
+  }
+
+  uncork(): void {
+    if (this.#corked === 0) return;
+    if (--this.#corked > 0 || this.#closed || this.#queue.length === 0) return;
+    this.#flush();
+    if (this.#closed) return;
+    this.#updatePoll();
+    if (this.#needDrain && this.#queued <= this.#highWaterMark) {
+      this.#needDrain = false;
+      process.nextTick(() => this.emit('drain'));
+    }
   }
 
   /** Stops reading (backpressure to the peer); resume() restarts. */

@@ -162,7 +162,15 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     } catch {
       // not fatal: the default buffer works, only slower for large messages
     }
-    socket.on('data', (chunk, fds) => this.#reader.push(chunk, fds));
+    socket.on('data', (chunk, fds) => {
+      // The replies to the commands of one read leave together.
+      socket.cork();
+      try {
+        this.#reader.push(chunk, fds);
+      } finally {
+        socket.uncork();
+      }
+    });
     socket.on('close', (err) => this.#shutdown(err ?? new ConnectionError('VFU_CLOSED', 'the peer closed the connection')));
     socket.on('drain', () => this.#setPaused('writes', false));
   }
@@ -206,6 +214,16 @@ export class Connection extends EventEmitter<ConnectionEvents> {
         this.#failPending(id, err as Error);
       }
     });
+  }
+
+  /** Runs `fn`, sending the messages it writes together (as few sendmsg calls as possible). */
+  batch<T>(fn: () => T): T {
+    this.socket.cork();
+    try {
+      return fn();
+    } finally {
+      this.socket.uncork();
+    }
   }
 
   /** Sends a command with No_reply set. */

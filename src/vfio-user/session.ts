@@ -34,6 +34,13 @@ import type { DeviceContext, DmaAccess, DmaWindow, IrqName } from './device.js';
 export interface DmaHandle {
   /** The mapping of the client's fd; null when DMA goes through messages. */
   shm: SharedMemory | null;
+  /**
+   * Transfers whose outgoing messages are views of this mapping (a device's
+   * dma.write of a view): while any is in flight, an unmap of the window
+   * defers the munmap, so queued messages never point at unmapped memory.
+   */
+  pins: number;
+  closeWhenUnpinned: boolean;
 }
 
 export interface SessionOptions {
@@ -272,7 +279,7 @@ export class Session {
     }
     let result;
     try {
-      result = this.dma.map({ iova: body.address, size: body.size, prot, offset: body.offset, handle: { shm } });
+      result = this.dma.map({ iova: body.address, size: body.size, prot, offset: body.offset, handle: { shm, pins: 0, closeWhenUnpinned: false } });
     } catch (err) {
       shm?.close();
       throw err;
@@ -288,7 +295,8 @@ export class Session {
     try {
       this.runtime.spec.dmaUnmapped?.(windowOf(region));
     } finally {
-      region.handle.shm?.close(); // every view into it becomes empty
+      if (region.handle.pins > 0) region.handle.closeWhenUnpinned = true;
+      else region.handle.shm?.close(); // every view into it becomes empty
     }
   }
 
@@ -537,7 +545,7 @@ export class Session {
         jobs.push(() => this.#dmaReadMessage(seg.region, address, count, dest));
       }
     }
-    await inFlight(jobs, chunk);
+    await inFlight(jobs, chunk, this.#dmaConn);
     return out;
   }
 
@@ -561,27 +569,34 @@ export class Session {
         });
       }
     }
+    // Messages queued on the socket may be views of `data`: if it is a view of a
+    // mapped window, that mapping stays until they are sent (see DmaHandle.pins).
+    const pinned = jobs.length > 0 ? this.dma.regions().filter((r) => r.handle.shm?.contains(data)) : [];
+    for (const r of pinned) r.handle.pins++;
     try {
-      await inFlight(jobs, chunk);
+      await inFlight(jobs, chunk, this.#dmaConn);
     } finally {
       // What reached the client may be part of it: all of it counts as dirty.
       for (const seg of segs) this.dma.markDirty(seg.iova, seg.length);
+      for (const r of pinned) {
+        if (--r.handle.pins === 0 && r.handle.closeWhenUnpinned) r.handle.shm?.close();
+      }
     }
   }
 }
 
 /** Bytes of DMA messages a transfer keeps in flight (the client serves them in order). */
-const DMA_WINDOW_BYTES = 4 << 20;
+const DMA_WINDOW_BYTES = 2 << 20;
 /** At most this many DMA requests in flight per transfer. */
 const DMA_WINDOW_MAX = 32;
 
 /**
- * Runs transfer steps with several in flight: at most DMA_WINDOW_BYTES of
+ * Runs transfer steps (each sends one request on `conn`) with several in flight: at most DMA_WINDOW_BYTES of
  * `chunk`-byte messages (at least 2, at most DMA_WINDOW_MAX). After the first
  * failure no step starts; the ones in flight are awaited (so nothing lands in
  * the destination after this returns), then the failure is thrown.
  */
-async function inFlight(jobs: (() => Promise<unknown>)[], chunk: number): Promise<void> {
+async function inFlight(jobs: (() => Promise<unknown>)[], chunk: number, conn: Connection): Promise<void> {
   const window = Math.max(2, Math.min(DMA_WINDOW_MAX, Math.floor(DMA_WINDOW_BYTES / Math.max(1, chunk))));
   const running: Promise<void>[] = [];
   let failed = false;
@@ -594,11 +609,16 @@ async function inFlight(jobs: (() => Promise<unknown>)[], chunk: number): Promis
     }
   };
   while (next < jobs.length || running.length > 0) {
-    while (!failed && next < jobs.length && running.length < window) {
-      running.push(jobs[next++]!().then(() => undefined, fail));
-    }
+    // The requests started together leave in one sendmsg.
+    conn.batch(() => {
+      while (!failed && next < jobs.length && running.length < window) {
+        running.push(jobs[next++]!().then(() => undefined, fail));
+      }
+    });
     if (running.length === 0) break;
     await running.shift();
+    // Refill by halves, so the next requests also leave together.
+    while (running.length > window >> 1) await running.shift();
   }
   if (failed) throw failure;
 }

@@ -97,6 +97,8 @@ export class FrameReader {
   #pendingFds = 0;
   /** A frame handed out during this push() was a view of a received chunk. */
   #gaveView = false;
+  /** Stream offset of a frame place() declined (it is not asked again). */
+  #declinedAt = -1;
 
   constructor(spec: FrameSpec, handler: FrameHandler) {
     this.#spec = spec;
@@ -142,6 +144,7 @@ export class FrameReader {
     }
     if (this.#big) {
       this.#fillBig(chunk);
+      if (this.#big === null) this.#drain();
       return;
     }
     this.#chunks.push(chunk);
@@ -178,7 +181,7 @@ export class FrameReader {
   #lose(): void {
     const big = this.#big!;
     big.lost = true;
-    big.body = big.body.subarray(0, 0);
+    big.body = new Uint8Array(0); // not subarray(): that throws on a detached array
   }
 
   #fillBig(chunk: Uint8Array): void {
@@ -189,6 +192,7 @@ export class FrameReader {
       used = Math.min(chunk.length, headLen - this.#buffered);
       big.head!.set(chunk.subarray(0, used), this.#buffered);
       this.#buffered += used;
+      if (this.#buffered < headLen) return;
     }
     const at = this.#buffered - headLen;
     const take = Math.min(chunk.length - used, big.size - this.#buffered);
@@ -212,7 +216,6 @@ export class FrameReader {
     const fds = this.#fdsBefore(start + big.size);
     if (big.head) this.#handler.frame(big.head, fds, big.body);
     else this.#handler.frame(big.body, fds);
-    this.#drain();
   }
 
   /** Stops framing and closes every fd not yet handed out. */
@@ -257,11 +260,12 @@ export class FrameReader {
         continue;
       }
       const prefixLen = this.#spec.placePrefix ?? headerSize;
-      if (this.#spec.place && size >= (this.#spec.placeMinSize ?? 4096) && size > prefixLen) {
+      if (this.#spec.place && size >= (this.#spec.placeMinSize ?? 4096) && size > prefixLen && this.#declinedAt !== this.#offset) {
         if (this.#buffered < prefixLen) return; // the prefix decides where the rest goes
         const target = this.#spec.place(this.#peek(prefixLen), size);
         if (this.#stopped) return;
-        if (target) {
+        if (!target) this.#declinedAt = this.#offset;
+        else {
           if (target.length !== size - prefixLen) {
             this.#stop(`place() gave ${target.length} bytes for a ${size - prefixLen}-byte payload`);
             return;
@@ -282,20 +286,22 @@ export class FrameReader {
     }
   }
 
-  /** Moves what is buffered into a large frame's buffers and receives the rest there (#fillBig). */
+  /**
+   * Moves what is buffered into a large frame's buffers and receives the rest
+   * there (#fillBig). If the frame completes, what follows it stays buffered
+   * for #drain.
+   */
   #receiveInto(head: Uint8Array | null, body: Uint8Array, size: number): void {
     const chunks = this.#chunks;
     this.#chunks = [];
     this.#buffered = 0;
     this.#big = { head, body, size, lost: false };
-    // Chunks past this frame go back to #chunks (in #fillBig, which delivers and drains on).
-    for (let i = 0; i < chunks.length; i++) {
-      if (this.#big === null) {
-        this.#chunks.push(chunks[i]!);
-        this.#buffered += chunks[i]!.length;
-      } else {
-        this.#fillBig(chunks[i]!);
-      }
+    let i = 0;
+    while (i < chunks.length && this.#big !== null && !this.#stopped) this.#fillBig(chunks[i++]!);
+    // #fillBig left the completed frame's tail in #chunks; the later chunks follow it.
+    for (; i < chunks.length; i++) {
+      this.#chunks.push(chunks[i]!);
+      this.#buffered += chunks[i]!.length;
     }
   }
 
