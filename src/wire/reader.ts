@@ -99,6 +99,8 @@ export class FrameReader {
   #gaveView = false;
   /** Stream offset of a frame place() declined (it is not asked again). */
   #declinedAt = -1;
+  /** The last frame was large and received in place: the next one likely is too. */
+  #afterBig = false;
 
   constructor(spec: FrameSpec, handler: FrameHandler) {
     this.#spec = spec;
@@ -159,7 +161,14 @@ export class FrameReader {
    */
   readTarget(): Uint8Array | null {
     const big = this.#big;
-    if (!big || this.#stopped || big.lost) return null;
+    if (!big) {
+      // After a large frame, read just the next frame's prefix first: if that
+      // frame is large too, its body then goes straight to its place instead
+      // of through the socket's pool and a copy.
+      if (!this.#afterBig || this.#buffered > 0 || this.#stopped) return null;
+      return Buffer.allocUnsafe(Math.max(this.#spec.placePrefix ?? 0, this.#spec.headerSize));
+    }
+    if (this.#stopped || big.lost) return null;
     const at = this.#buffered - (big.head ? big.head.length : 0);
     if (at < 0) return null;
     if (big.body.length === 0) {
@@ -205,6 +214,7 @@ export class FrameReader {
     this.#buffered += take;
     if (this.#buffered < big.size) return;
     this.#big = null;
+    this.#afterBig = big.size >= (this.#spec.bigFrameSize ?? BIG_FRAME);
     const start = this.#offset;
     this.#offset += big.size;
     this.#buffered = 0;
@@ -282,6 +292,7 @@ export class FrameReader {
       const start = this.#offset;
       const frame = this.#take(size);
       const fds = this.#fdsBefore(start + size);
+      this.#afterBig = false;
       this.#handler.frame(frame, fds);
     }
   }
