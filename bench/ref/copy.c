@@ -2,12 +2,17 @@
  * C reference for bench/vfio-user-client: how fast bytes move where the
  * vfio-user client moves them.
  *
- *   copy socket CHUNK TOTAL WARMUP
+ *   copy socket CHUNK TOTAL WARMUP [WINDOW]
  *     Two processes (socketpair + fork), blocking I/O, TOTAL bytes in
- *     CHUNK-byte pieces, twice:
+ *     CHUNK-byte pieces, twice (three times with WINDOW):
  *       stream: the parent write()s chunk after chunk, the child read()s each
  *               chunk in full; at the end the child answers with a 16-byte
- *               report. Raw socket throughput, one direction.
+ *               report. Raw socket throughput, one direction, from and into
+ *               one CHUNK-sized buffer (cache-hot).
+ *       window: the same stream, but the parent sends from and the child
+ *               receives into a WINDOW-byte memfd mapping (MAP_SHARED, touched
+ *               first), chunk after chunk through it: the same memory traffic
+ *               as message DMA between two WINDOW-sized DMA windows.
  *       rpc:    the parent sends a 16-byte request {seq, count}, the child
  *               answers with a 16-byte header and CHUNK bytes, the parent
  *               reads them in full before the next request: the shape of
@@ -127,18 +132,74 @@ static int check_chunk(const uint8_t *chunk, const uint8_t *pattern, size_t n, u
   return 1;
 }
 
-/* The stream's receiver: reads `chunks` chunks, then reports {bad, seen}. */
-static void stream_child(int sock, size_t chunk, uint64_t chunks, const uint8_t *pattern) {
-  uint8_t *buf = malloc(chunk);
+/* A touched MAP_SHARED memfd mapping of n bytes (what DMA windows are). */
+static uint8_t *window_map(size_t n) {
+  int fd = memfd_create("copy-window", MFD_CLOEXEC);
+  if (fd < 0) die("memfd_create");
+  if (ftruncate(fd, (off_t)n) < 0) die("ftruncate");
+  uint8_t *p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED) die("mmap");
+  close(fd);
+  memset(p, 0, n);
+  return p;
+}
+
+/*
+ * The stream's receiver: reads `chunks` chunks into a buffer of `window`
+ * bytes (chunk after chunk through it), then reports {bad, seen}.
+ */
+static void stream_child(int sock, size_t chunk, size_t window, uint64_t chunks, const uint8_t *pattern) {
+  uint8_t *buf = window > chunk ? window_map(window) : malloc(chunk);
   if (!buf) die("malloc");
   uint64_t bad = 0;
+  size_t at = 0;
   for (uint64_t seq = 0; seq < chunks; seq++) {
-    if (!read_all(sock, buf, chunk)) fail("stream ended early");
-    if (!check_chunk(buf, pattern, chunk, seq)) bad++;
+    if (!read_all(sock, buf + at, chunk)) fail("stream ended early");
+    if (!check_chunk(buf + at, pattern, chunk, seq)) bad++;
+    at = (at + chunk) % window;
   }
   uint64_t report[2] = {bad, chunks};
   write_all(sock, report, sizeof report);
-  free(buf);
+}
+
+/* One stream run (see the top): returns its ns and parent CPU us. */
+static void stream_run(size_t chunk, size_t window, uint64_t chunks, uint64_t wchunks, const uint8_t *pattern,
+                       double *ns, double *cpu) {
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) die("socketpair");
+  fflush(stdout);
+  pid_t pid = fork();
+  if (pid < 0) die("fork");
+  if (pid == 0) {
+    close(sv[0]);
+    stream_child(sv[1], chunk, window, wchunks + chunks, pattern);
+    _exit(0);
+  }
+  close(sv[1]);
+  uint8_t *src = window > chunk ? window_map(window) : malloc(chunk);
+  if (!src) die("malloc");
+  for (size_t at = 0; at < window; at += chunk) memcpy(src + at, pattern, chunk);
+  double t0 = 0, c0 = 0;
+  size_t at = 0;
+  for (uint64_t seq = 0; seq < wchunks + chunks; seq++) {
+    if (seq == wchunks) {
+      t0 = now_ns();
+      c0 = cpu_us();
+    }
+    stamp(src + at, chunk, seq);
+    write_all(sv[0], src + at, chunk);
+    at = (at + chunk) % window;
+  }
+  uint64_t report[2];
+  if (!read_all(sv[0], report, sizeof report)) fail("stream: no report");
+  *ns = now_ns() - t0;
+  *cpu = cpu_us() - c0;
+  int status;
+  if (waitpid(pid, &status, 0) < 0) die("waitpid");
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) fail("stream child failed");
+  if (report[0] != 0) fail("stream: chunks arrived wrong");
+  if (report[1] != wchunks + chunks) fail("stream: the child saw a different number of chunks");
+  close(sv[0]);
 }
 
 /* The rpc server: answers each {seq, count} with a header and count bytes; {~0, 0} ends. */
@@ -164,9 +225,9 @@ static void rpc_child(int sock, size_t chunk, const uint8_t *pattern) {
   free(buf);
 }
 
-static int socket_mode(size_t chunk, uint64_t total, uint64_t warmup) {
-  if (chunk < 16 || total % chunk != 0 || warmup % chunk != 0) {
-    fprintf(stderr, "copy socket: CHUNK >= 16, TOTAL and WARMUP multiples of CHUNK\n");
+static int socket_mode(size_t chunk, uint64_t total, uint64_t warmup, size_t window) {
+  if (chunk < 16 || total % chunk != 0 || warmup % chunk != 0 || (window != 0 && window % chunk != 0)) {
+    fprintf(stderr, "copy socket: CHUNK >= 16, TOTAL, WARMUP and WINDOW multiples of CHUNK\n");
     return 1;
   }
   uint64_t chunks = total / chunk, wchunks = warmup / chunk;
@@ -175,38 +236,14 @@ static int socket_mode(size_t chunk, uint64_t total, uint64_t warmup) {
   if (!pattern || !buf) die("malloc");
   fill_pattern(pattern, chunk, 7);
 
-  /* --- stream --- */
+  /* --- stream, and stream through windows --- */
+  double stream_ns, stream_cpu, window_ns = 0, window_cpu = 0;
+  stream_run(chunk, chunk, chunks, wchunks, pattern, &stream_ns, &stream_cpu);
+  if (window > chunk) stream_run(chunk, window, chunks, wchunks, pattern, &window_ns, &window_cpu);
   int sv[2];
-  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) die("socketpair");
-  fflush(stdout);
-  pid_t pid = fork();
-  if (pid < 0) die("fork");
-  if (pid == 0) {
-    close(sv[0]);
-    stream_child(sv[1], chunk, wchunks + chunks, pattern);
-    _exit(0);
-  }
-  close(sv[1]);
-  memcpy(buf, pattern, chunk);
-  double t0 = 0, c0 = 0;
-  for (uint64_t seq = 0; seq < wchunks + chunks; seq++) {
-    if (seq == wchunks) {
-      t0 = now_ns();
-      c0 = cpu_us();
-    }
-    stamp(buf, chunk, seq);
-    write_all(sv[0], buf, chunk);
-  }
-  uint64_t report[2];
-  if (!read_all(sv[0], report, sizeof report)) fail("stream: no report");
-  double stream_ns = now_ns() - t0;
-  double stream_cpu = cpu_us() - c0;
+  pid_t pid;
   int status;
-  if (waitpid(pid, &status, 0) < 0) die("waitpid");
-  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) fail("stream child failed");
-  if (report[0] != 0) fail("stream: chunks arrived wrong");
-  if (report[1] != wchunks + chunks) fail("stream: the child saw a different number of chunks");
-  close(sv[0]);
+  uint64_t report[2];
 
   /* --- rpc --- */
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) die("socketpair");
@@ -246,9 +283,10 @@ static int socket_mode(size_t chunk, uint64_t total, uint64_t warmup) {
 
   printf("RESULT {\"impl\":\"c-socket\",\"iters\":%llu,\"chunk\":%zu,\"bytes\":%llu,\"ns\":%.0f,"
          "\"us_per_rt\":%.3f,\"rt_per_s\":%.0f,\"stream_ns\":%.0f,\"rpc_ns\":%.0f,"
-         "\"stream_parent_cpu_us\":%.0f,\"rpc_parent_cpu_us\":%.0f}\n",
+         "\"stream_parent_cpu_us\":%.0f,\"rpc_parent_cpu_us\":%.0f,\"window\":%zu,\"window_ns\":%.0f,"
+         "\"window_parent_cpu_us\":%.0f}\n",
          (unsigned long long)chunks, chunk, (unsigned long long)total, stream_ns, stream_ns / (double)chunks / 1e3,
-         (double)chunks / (stream_ns / 1e9), stream_ns, rpc_ns, stream_cpu, rpc_cpu);
+         (double)chunks / (stream_ns / 1e9), stream_ns, rpc_ns, stream_cpu, rpc_cpu, window, window_ns, window_cpu);
   free(pattern);
   free(buf);
   return 0;
@@ -306,10 +344,11 @@ static int memcpy_mode(size_t block, size_t offset, uint64_t total) {
 }
 
 int main(int argc, char **argv) {
-  if (argc == 5 && strcmp(argv[1], "socket") == 0)
-    return socket_mode(strtoull(argv[2], NULL, 10), strtoull(argv[3], NULL, 10), strtoull(argv[4], NULL, 10));
+  if ((argc == 5 || argc == 6) && strcmp(argv[1], "socket") == 0)
+    return socket_mode(strtoull(argv[2], NULL, 10), strtoull(argv[3], NULL, 10), strtoull(argv[4], NULL, 10),
+                       argc == 6 ? strtoull(argv[5], NULL, 10) : 0);
   if (argc == 5 && strcmp(argv[1], "memcpy") == 0)
     return memcpy_mode(strtoull(argv[2], NULL, 10), strtoull(argv[3], NULL, 10), strtoull(argv[4], NULL, 10));
-  fprintf(stderr, "usage: %s socket CHUNK TOTAL WARMUP | memcpy BLOCK OFFSET TOTAL\n", argv[0]);
+  fprintf(stderr, "usage: %s socket CHUNK TOTAL WARMUP [WINDOW] | memcpy BLOCK OFFSET TOTAL\n", argv[0]);
   return 1;
 }

@@ -553,6 +553,7 @@ export class Session {
     const segs = this.dma.lookup(iova, data.length, DmaMapFlag.WRITE);
     const chunk = this.#chunk();
     const jobs: (() => Promise<unknown>)[] = [];
+    const pinned: DmaRegion<DmaHandle>[] = [];
     for (const seg of segs) {
       const src = data.subarray(seg.iova - iova, seg.iova - iova + seg.length);
       const shm = seg.region.handle.shm;
@@ -565,13 +566,15 @@ export class Session {
         const address = seg.iova + done;
         jobs.push(async () => {
           this.#stillMapped(seg.region);
+          // The source, if it is a mapped window, too: after DMA_UNMAP it is not read again.
+          for (const r of pinned) this.#stillMapped(r);
           await this.#dmaConn.request(Command.DMA_WRITE, { address, count: part.length, data: part });
         });
       }
     }
     // Messages queued on the socket may be views of `data`: if it is a view of a
     // mapped window, that mapping stays until they are sent (see DmaHandle.pins).
-    const pinned = jobs.length > 0 ? this.dma.regions().filter((r) => r.handle.shm?.contains(data)) : [];
+    pinned.push(...(jobs.length > 0 ? this.dma.regions().filter((r) => r.handle.shm?.contains(data)) : []));
     for (const r of pinned) r.handle.pins++;
     try {
       await inFlight(jobs, chunk, this.#dmaConn);
