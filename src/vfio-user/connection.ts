@@ -94,7 +94,9 @@ interface Pending {
   into: Uint8Array | undefined;
   resolve: (msg: ReplyMessage & { fds: Fd[] }) => void;
   reject: (err: Error) => void;
-  timer: NodeJS.Timeout;
+  /** performance.now() after which the request times out. */
+  deadline: number;
+  timeoutMs: number;
 }
 
 type ConnectionEvents = { close: [err: Error | undefined]; error: [err: Error] };
@@ -128,6 +130,12 @@ export class Connection extends EventEmitter<ConnectionEvents> {
   readonly #stale = new Set<number>();
   #nextId = 1;
   #closed = false;
+  /**
+   * One timer for all pending requests, due at the earliest deadline (a timer
+   * per request costs a Timeout and its list bookkeeping per message).
+   */
+  #timer: NodeJS.Timeout | null = null;
+  #timerAt = Infinity;
 
   constructor(socket: UnixSocket, options: ConnectionOptions) {
     super();
@@ -202,18 +210,41 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     const msg = encodeRequest(command, id, body);
     return new Promise((resolve, reject) => {
       const timeoutMs = options.timeoutMs ?? this.#timeoutMs;
-      const timer = setTimeout(() => {
-        this.#stale.add(id);
-        this.#failPending(id, new ConnectionError('VFU_TIMEOUT', `no reply to ${Command[command]} (id ${id}) in ${timeoutMs} ms`));
-      }, timeoutMs);
+      const deadline = performance.now() + timeoutMs;
       const into = options.into;
-      this.#pending.set(id, { command, into, resolve: resolve as (m: ReplyMessage & { fds: Fd[] }) => void, reject, timer });
+      this.#pending.set(id, { command, into, resolve: resolve as (m: ReplyMessage & { fds: Fd[] }) => void, reject, deadline, timeoutMs });
+      if (deadline < this.#timerAt) this.#armTimer(deadline);
       try {
         this.#write(msg, options.fds);
       } catch (err) {
         this.#failPending(id, err as Error);
       }
     });
+  }
+
+  #armTimer(at: number): void {
+    if (this.#timer) clearTimeout(this.#timer);
+    this.#timerAt = at;
+    // Not cleared when the last reply comes (that would cost a timer per request again):
+    // it fires, finds nothing due, and is not re-armed; close() clears it.
+    this.#timer = setTimeout(() => this.#expire(), Math.max(0, Math.ceil(at - performance.now())));
+  }
+
+  /** Fails the requests whose deadline passed; re-arms for the next one. */
+  #expire(): void {
+    this.#timer = null;
+    this.#timerAt = Infinity;
+    const now = performance.now();
+    let next = Infinity;
+    for (const [id, p] of [...this.#pending]) {
+      if (p.deadline <= now) {
+        this.#stale.add(id);
+        this.#failPending(id, new ConnectionError('VFU_TIMEOUT', `no reply to ${Command[p.command]} (id ${id}) in ${p.timeoutMs} ms`));
+      } else if (p.deadline < next) {
+        next = p.deadline;
+      }
+    }
+    if (next < Infinity && !this.#closed) this.#armTimer(next);
   }
 
   /** Runs `fn`, sending the messages it writes together (as few sendmsg calls as possible). */
@@ -338,7 +369,6 @@ export class Connection extends EventEmitter<ConnectionEvents> {
       return;
     }
     this.#pending.delete(msg.header.msgId);
-    clearTimeout(p.timer);
     if (msg.kind !== 'reply' || msg.command !== p.command) closeAll(fds);
     if (msg.kind === 'error') {
       p.reject(new ConnectionError('VFU_PEER_ERROR', `${Command[p.command]} failed: ${errnoName(msg.errno)}`, msg.errno));
@@ -347,7 +377,8 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     } else if (msg.command !== p.command) {
       p.reject(new ConnectionError('VFU_BAD_REPLY', `reply to ${Command[p.command]} says command ${msg.command}`));
     } else {
-      p.resolve({ ...msg, fds });
+      (msg as ReplyMessage & { fds: Fd[] }).fds = fds;
+      p.resolve(msg as ReplyMessage & { fds: Fd[] });
     }
   }
 
@@ -435,7 +466,6 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     const p = this.#pending.get(id);
     if (!p) return;
     this.#pending.delete(id);
-    clearTimeout(p.timer);
     // A reply still being received into the caller's memory stops landing there.
     if (p.into) this.#reader.dropPlacement(p.into);
     p.reject(err);
@@ -449,8 +479,9 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     this.#queue.length = 0;
     const pending = [...this.#pending.values()];
     this.#pending.clear();
+    if (this.#timer) clearTimeout(this.#timer);
+    this.#timer = null;
     for (const p of pending) {
-      clearTimeout(p.timer);
       p.reject(new ConnectionError('VFU_CLOSED', `connection closed before the reply to ${Command[p.command]}: ${err.message}`, 0, { cause: err }));
     }
     this.emit('close', err instanceof ConnectionError && err.code === 'VFU_CLOSED' ? undefined : err);
