@@ -948,3 +948,40 @@ test('thousands of placed frames in one chunk: handled in a loop, not by recursi
   assert.equal(h.reader.buffered, 0);
   assert.equal(h.reader.retainsLastChunk, false);
 });
+
+test('after a large frame the reader asks for just the next prefix, so a large next frame is read in place', () => {
+  const big = 300 * 1024; // >= bigFrameSize (256 KiB by default)
+  const A = mkFrame(big, 1);
+  const B = mkFrame(big, 2);
+  const C = mkFrame(20, 3);
+  const h = harness();
+  const feed = (src: Uint8Array, from: number): number => {
+    // Reads as a socket would: into readTarget() when there is one, else a 64 KiB chunk.
+    const t = h.reader.readTarget();
+    const n = Math.min(t ? t.length : 65536, src.length - from);
+    if (t) {
+      t.set(src.subarray(from, from + n));
+      h.reader.push(t.subarray(0, n));
+    } else {
+      h.reader.push(src.slice(from, from + n));
+    }
+    return n;
+  };
+  const stream = concat(A, B, C);
+  let at = 0;
+  const targets: number[] = [];
+  while (at < stream.length) {
+    const t = h.reader.readTarget();
+    targets.push(t ? t.length : -1);
+    at += feed(stream, at);
+  }
+  assert.deepEqual(h.fatal, []);
+  assert.equal(h.frames.length, 3);
+  // A: a pooled read, then the rest of its target; then an 8-byte prefix read for B and B's whole
+  // target; after B (large) again a prefix read, which brings C's header; then the pool.
+  assert.deepEqual(targets, [-1, big - 65536, HEADER, big - HEADER, HEADER, -1], `reads: ${targets.join(',')}`);
+  assert.ok(Buffer.from(h.frames[1]!.placed!).equals(Buffer.from(B.subarray(HEADER))));
+  assert.deepEqual(h.frames[2]!.bytes, [...C]);
+  // After a small frame, reads come from the pool again.
+  assert.equal(h.reader.readTarget(), null);
+});

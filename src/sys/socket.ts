@@ -310,7 +310,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
       this.destroy(new SysError('EIO', 'poll', -status, `poll failed with status ${status}`));
       return;
     }
-    if (events & POLL_WRITABLE) {
+    if (events & POLL_WRITABLE && this.#corked === 0) {
       this.#flush();
       if (this.#closed) return;
       if (this.#queue.length === 0 && this.#ending) {
@@ -372,7 +372,8 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
 
   #updatePoll(): void {
     if (this.#closed || !this.#poll) return;
-    const want = (this.#paused || this.#ending ? 0 : POLL_READABLE) | (this.#queue.length > 0 ? POLL_WRITABLE : 0);
+    // Corked writes wait for uncork(), not for the socket to become writable.
+    const want = (this.#paused || this.#ending ? 0 : POLL_READABLE) | (this.#queue.length > 0 && this.#corked === 0 ? POLL_WRITABLE : 0);
     if (want !== this.#events) {
       this.#events = want;
       native.pollStart(this.#poll, want);
