@@ -34,7 +34,7 @@
  *       the same memory traffic as the DMA between two windows), and as
  *       request/reply ("rpc", one 16-byte request, one chunk back, like
  *       DMA_READ). The timed DMA commands come after --dma-warmup untimed
- *       ones per direction (default: as many as make 8192 messages or 1 GiB,
+ *       ones per direction (default: as many as make 8192 messages or 4 GiB,
  *       whichever is less: V8 runs the per-message path unoptimized for the
  *       first thousands of messages, 4x slower at 64 KiB chunks);
  *   (c) mapped memory: the sample device's BAR2 sparse mmap areas as
@@ -475,7 +475,7 @@ interface Options {
   cmdLen: number;
   /**
    * Untimed DMA commands per direction first; -1 (default): enough for 8192
-   * messages or 1 GiB, whichever is less (V8 needs thousands of messages
+   * messages or 4 GiB, whichever is less (V8 needs thousands of messages
    * before the whole path runs optimized code; see docs/benchmarks.md).
    */
   dmaWarmup: number;
@@ -554,7 +554,7 @@ async function driver(argv: string[]): Promise<void> {
   console.log(`machine: nproc ${os.cpus().length} (${os.cpus()[0]?.model ?? 'unknown CPU'}), node ${process.version}, linux ${os.release()}`);
   console.log(
     `driver allowed CPUs: ${allowedCpus()}; ${o.rounds} rounds; parts ${o.only.join(',')}; rt: ${o.iters} reads after ${o.warmup}, ` +
-      `${o.batches} x ${o.batch} posted writes; dma: ${kib(o.dmaBytes)} per direction in ${kib(o.cmdLen)} commands after ${o.dmaWarmup >= 0 ? o.dmaWarmup : 'min(8192 messages, 1 GiB) of'} untimed, chunks ${o.chunks.map(kib).join(', ')}; ` +
+      `${o.batches} x ${o.batch} posted writes; dma: ${kib(o.dmaBytes)} per direction in ${kib(o.cmdLen)} commands after ${o.dmaWarmup >= 0 ? o.dmaWarmup : 'min(8192 messages, 4 GiB) of'} untimed, chunks ${o.chunks.map(kib).join(', ')}; ` +
       `mapped: ${kib(o.mappedBytes)} per loop`,
   );
   console.log(`uptime before: ${uptime()}`);
@@ -599,7 +599,7 @@ async function driver(argv: string[]): Promise<void> {
           // WARMUP = one command's bytes; WINDOW = the command length (the DMA windows' size).
           const c = await runContender(copyBin, ['socket', String(chunk), String(o.dmaBytes), String(o.cmdLen), String(o.cmdLen)], { cpus });
           if (c.impl !== 'c-socket' || c['bytes'] !== o.dmaBytes || c['window'] !== o.cmdLen) throw new Error(`copy socket reported ${JSON.stringify(c)}`);
-          const warm = o.dmaWarmup >= 0 ? o.dmaWarmup : Math.ceil(Math.min(8192 * chunk, 1 << 30) / o.cmdLen);
+          const warm = o.dmaWarmup >= 0 ? o.dmaWarmup : Math.ceil(Math.min(8192 * chunk, 4 * 2 ** 30) / o.cmdLen);
           const v = await runContender(process.execPath, [THIS_FILE, '--run', 'dma', String(chunk), String(o.cmdLen), String(cmds), String(warm)], {
             cpus,
           });
