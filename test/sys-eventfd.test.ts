@@ -33,13 +33,17 @@ test('subscribe sees each signal until unsubscribed', async () => {
   const e = EventFd.create();
   const seen: number[] = [];
   const stop = e.subscribe((n) => seen.push(n));
+  // Wait for each signal to be seen (not a fixed time: a loaded machine may take longer).
+  const until = async (n: number): Promise<void> => {
+    for (let waited = 0; seen.length < n && waited < 5000; waited += 5) await tick(5);
+  };
   e.signal(1);
-  await tick(5);
+  await until(1);
   e.signal(2);
-  await tick(5);
+  await until(2);
   stop();
   e.signal(4);
-  await tick(5);
+  await tick(20);
   assert.deepEqual(seen, [1, 2]);
   assert.equal(e.read(), 4);
   e.close();

@@ -53,3 +53,23 @@ test('cork nests; uncork without cork is harmless; drain comes after an uncork t
   const r = await got;
   assert.deepEqual([...r.bytes], [...Buffer.alloc(10, 1), ...Buffer.alloc(10, 2)]);
 });
+
+test('end() while corked closes as soon as uncork() has sent the queue', async (t) => {
+  const [a, b] = socketPair();
+  t.after(() => {
+    a.destroy();
+    b.destroy();
+  });
+  const got = receive(b, 5);
+  const ended = new Promise<number>((resolve) => {
+    const t0 = performance.now();
+    b.once('end', () => resolve(performance.now() - t0));
+  });
+  a.cork();
+  a.write(Buffer.from('bytes'));
+  a.end();
+  a.uncork();
+  assert.equal((await got).bytes.toString(), 'bytes');
+  const ms = await ended;
+  assert.ok(ms < 1000, `the peer saw the end after ${ms.toFixed(0)} ms (end()'s fallback timer is 2000)`);
+});

@@ -61,3 +61,24 @@ test('a request made while the timer is armed for a later deadline gets its own,
   assert.ok(l.err instanceof ConnectionError && l.err.code === 'VFU_CLOSED', 'close fails the rest');
   theirs.destroy();
 });
+
+test('a handler reply that does not encode gets an errno reply; the connection goes on', async (t) => {
+  const [a, b] = socketPair();
+  const server = new Connection(a, {
+    limits: codecLimits(1 << 20),
+    // REGION_WRITE needs a reply body; returning nothing is a handler bug.
+    onRequest: (msg) => (msg.command === Command.REGION_WRITE ? undefined : { body: undefined }),
+  });
+  const errors: Error[] = [];
+  server.on('error', (e) => errors.push(e));
+  const client = new Connection(b, { limits: codecLimits(1 << 20), onRequest: () => undefined });
+  t.after(() => {
+    client.close();
+    server.close();
+  });
+  const data = new Uint8Array([1, 2, 3, 4]);
+  await assert.rejects(client.request(Command.REGION_WRITE, { offset: 0, region: 0, count: 4, data }), (e: unknown) => e instanceof ConnectionError && e.code === 'VFU_PEER_ERROR');
+  assert.equal(errors.length, 1, 'reported on the connection');
+  await client.request(Command.DEVICE_RESET, undefined); // still served
+  assert.equal(server.closed, false);
+});

@@ -502,9 +502,9 @@ function unmapOrder(lines: readonly string[]): string {
   return lines.map((l) => (/ -> #\d+ DMA_WRITE \(command/.test(l) ? 'W' : / -> #\d+ DMA_UNMAP \(reply/.test(l) ? 'U' : '')).join('');
 }
 
-test('sample copy fd -> message while the client unmaps the source fd window: the connection survives; no DMA_WRITE from the window after the DMA_UNMAP reply', async (t) => {
+for (const twinSocket of [false, true]) test(`sample copy fd -> message while the client unmaps the source fd window${twinSocket ? ' (twin socket)' : ''}: the connection survives; no DMA_WRITE from the window after the DMA_UNMAP reply`, async (t) => {
   const lines: string[] = [];
-  const env = await sampleEnv(t, { xfer: 64 * KiB, trace: (l) => lines.push(l) });
+  const env = await sampleEnv(t, { xfer: 64 * KiB, twinSocket, trace: (l) => lines.push(l) });
   const F = 0x1000_0000;
   const M = 0x2000_0000;
   const fdMem = memory(t, 4 * MiB);
@@ -534,6 +534,11 @@ test('sample copy fd -> message while the client unmaps the source fd window: th
   assert.ok(order.includes('U'), 'the DMA_UNMAP was answered');
   const after = order.slice(order.indexOf('U')).split('W').length - 1;
   assert.equal(after, 0, `DMA_WRITEs sent after the DMA_UNMAP reply: ${after} (${order})`);
+  // Every DMA_WRITE was answered (so had been sent whole) before the DMA_UNMAP reply: with a twin
+  // socket the two sockets are not ordered, so queued is not enough.
+  const u = lines.findIndex((l) => / -> #\d+ DMA_UNMAP \(reply/.test(l));
+  const lateReplies = lines.slice(u).filter((l) => /<- #\d+ DMA_WRITE \(reply/.test(l)).length;
+  assert.equal(lateReplies, 0, `DMA_WRITE replies after the DMA_UNMAP reply: ${lateReplies}`);
 });
 
 test('sample copy fd -> message, the source fd window unmapped once 32 DMA_WRITEs were received: no short write; none after the DMA_UNMAP reply', async (t) => {
@@ -596,6 +601,11 @@ test('sample copy fd -> message, the source fd window unmapped once 32 DMA_WRITE
   const order = unmapOrder(lines);
   const after = order.slice(order.indexOf('U')).split('W').length - 1;
   assert.equal(after, 0, `DMA_WRITEs sent after the DMA_UNMAP reply: ${after} (${order})`);
+  // Every DMA_WRITE was answered (so had been sent whole) before the DMA_UNMAP reply: with a twin
+  // socket the two sockets are not ordered, so queued is not enough.
+  const u = lines.findIndex((l) => / -> #\d+ DMA_UNMAP \(reply/.test(l));
+  const lateReplies = lines.slice(u).filter((l) => /<- #\d+ DMA_WRITE \(reply/.test(l)).length;
+  assert.equal(lateReplies, 0, `DMA_WRITE replies after the DMA_UNMAP reply: ${lateReplies}`);
 });
 
 // --- 5. DMA_WRITE received in place by the client ---
@@ -733,4 +743,34 @@ test('a DMA_READ reply that arrives after the timeout: readInto rejects VFU_TIME
   same(dest2, memoryOf(iova + 0x2000, dest2.length), 'the next readInto');
   same(dest, snapshot, 'the late half did not land in dest');
   assert.equal([...server.sessions][0]!.conn.pendingCount, 0);
+});
+
+test('a large DMA_WRITE with a malformed header (reserved flag bit, error field) is refused before any byte lands in client memory', async (t) => {
+  const [ours, theirs] = socketPair();
+  const fake = new Connection(ours, {
+    limits: codecLimits(MiB),
+    onRequest: (msg) => (msg.command === Command.VERSION ? { body: { major: 0, minor: 2, json: '{"capabilities":{}}' } } : undefined),
+  });
+  const client = await VfioUserClient.over(theirs);
+  t.after(() => {
+    client.close();
+    fake.close();
+  });
+  const w = memory(t, MiB);
+  pattern(w.bytes, 91);
+  const before = w.bytes.slice();
+  await client.dmaMap({ iova: 0x100000, size: MiB, memory: w, passFd: false });
+  const data = pattern(new Uint8Array(64 * KiB), 92);
+  // Hand-built frames: header {id, cmd 12 DMA_WRITE, size, flags, error}, u64 address, u64 count, data.
+  const frame = (id: number, flags: number, errorNo: number): Uint8Array =>
+    new Bytes().u16(id).u16(Command.DMA_WRITE).u32(32 + data.length).u32(flags).u32(errorNo).u64(0x100000).u64(data.length).bytes(data).build();
+  fake.socket.write(frame(0x7001, 0x40, 0)); // a reserved flag bit
+  fake.socket.write(frame(0x7002, 0, 5)); // an error number in a command
+  await tick(50);
+  same(w.bytes, before, 'client memory untouched by refused writes');
+  assert.equal(client.closed, false);
+  // A well-formed one still lands.
+  const ok = await fake.request(Command.DMA_WRITE, { address: 0x100000, count: data.length, data });
+  assert.equal(ok.body?.count, data.length);
+  same(w.bytes.subarray(0, data.length), data, 'the good write');
 });

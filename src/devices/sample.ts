@@ -263,7 +263,15 @@ export function sampleDevice(options: SampleOptions = {}): SampleDevice {
     if (len === 0) return;
     // A mapped end needs no buffer: the other end's DMA messages go straight to or from it.
     const into = c.dma.view(dst, len, { write: true });
-    if (into) return c.dma.readInto(src, into);
+    if (into) {
+      try {
+        return await c.dma.readInto(src, into);
+      } finally {
+        // The view marked the pages dirty when taken; the data landed since (a dirty
+        // report may have cleared them meanwhile).
+        c.dma.markDirty(dst, len);
+      }
+    }
     const from = c.dma.view(src, len);
     if (from) return c.dma.write(dst, from);
     for (let done = 0; done < len; done += COPY_CHUNK) {

@@ -145,6 +145,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
       throw sysError('EINVAL', 'sendmsg', `${fdNums.length} fds in one message; at most ${native.SCM_MAX_FD}`);
     }
     if (fdNums && length === 0) throw sysError('EINVAL', 'sendmsg', 'fds need at least one byte to travel with');
+    if (length === 0) return this.#queued <= this.#highWaterMark; // nothing to send (and no empty queue entry)
 
     if (this.#queue.length === 0 && this.#corked === 0) {
       // Fast path: nothing queued, try to send now.
@@ -182,10 +183,36 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     if (--this.#corked > 0 || this.#closed || this.#queue.length === 0) return;
     this.#flush();
     if (this.#closed) return;
+    if (this.#ending && this.#queue.length === 0) {
+      this.destroy(); // end() was waiting for these writes
+      return;
+    }
     this.#updatePoll();
     if (this.#needDrain && this.#queued <= this.#highWaterMark) {
       this.#needDrain = false;
       process.nextTick(() => this.emit('drain'));
+    }
+  }
+
+  /**
+   * Replaces the buffers of writes not yet sent with copies, so changing the
+   * memory they were views of no longer changes what is sent. For a caller
+   * about to modify memory that queued writes may refer to (write() keeps
+   * views, not copies).
+   */
+  copyQueued(): void {
+    for (const e of this.#queue) {
+      if (e.bufs.length === 0) continue;
+      let have = 0;
+      for (const b of e.bufs) have += b.byteLength;
+      if (have !== e.length) continue; // a detached view: #flush reports it
+      const copy = Buffer.allocUnsafe(e.length);
+      let at = 0;
+      for (const b of e.bufs) {
+        copy.set(b, at);
+        at += b.byteLength;
+      }
+      e.bufs = [copy];
     }
   }
 

@@ -16,7 +16,7 @@ import { connectUnix, UnixSocket, type Fd, type SharedMemory } from '../sys/inde
 import { DmaMapTable } from '../vfio/dma.js';
 import { VfioError, Errno as VErrno } from '../vfio/errors.js';
 import { DmaMapFlag } from '../vfio/uapi.js';
-import { Command, DEFAULT_MAX_DATA_XFER_SIZE, QEMU_MAX_MSG_FDS, VFIO_USER_MAJOR, VFIO_USER_MINOR, WRITE_MULTI_DATA, QEMU_WRITE_MULTI_MAX } from './constants.js';
+import { Command, HeaderFlags, DEFAULT_MAX_DATA_XFER_SIZE, QEMU_MAX_MSG_FDS, VFIO_USER_MAJOR, VFIO_USER_MINOR, WRITE_MULTI_DATA, QEMU_WRITE_MULTI_MAX } from './constants.js';
 import { buildCapabilitiesJson, checkVersionReply, validateServerCapabilities, type Capabilities } from './caps.js';
 import { codecLimits, type CodecCommand, type RequestBodies, type RegionAccessData } from './messages.js';
 import { Connection, ConnectionError, type HandlerReply, type ReplyWithFds } from './connection.js';
@@ -335,7 +335,9 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
     }
     if (msg.command === Command.DMA_WRITE) {
       const { address, count, data } = msg.body;
-      for (const seg of this.dma.lookup(address, count, DmaMapFlag.WRITE)) {
+      const segs = this.dma.lookup(address, count, DmaMapFlag.WRITE);
+      this.#snapshotReplies();
+      for (const seg of segs) {
         const w = seg.region.handle;
         const dest = w.memory.subarray(w.offset + seg.regionOffset, seg.length);
         const src = data.subarray(seg.iova - address, seg.iova - address + seg.length);
@@ -354,6 +356,9 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
   #placeDmaWrite(prefix: Uint8Array, size: number): Uint8Array | null {
     const v = new DataView(prefix.buffer, prefix.byteOffset, prefix.length);
     if (v.getUint16(2, true) !== Command.DMA_WRITE) return null;
+    // Only a well-formed command (no reserved flag bits, no error field) is placed: a request
+    // that will be refused must not have written our memory first.
+    if ((v.getUint32(8, true) & ~HeaderFlags.NO_REPLY) !== 0 || v.getUint32(12, true) !== 0) return null;
     const address = Number(v.getBigUint64(16, true));
     const count = Number(v.getBigUint64(24, true));
     if (count !== size - prefix.length || count > this.#options.maxDataXferSize) return null;
@@ -361,10 +366,22 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
       const segs = this.dma.lookup(address, count, DmaMapFlag.WRITE);
       if (segs.length !== 1) return null;
       const w = segs[0]!.region.handle;
-      return w.memory.subarray(w.offset + segs[0]!.regionOffset, count);
+      const target = w.memory.subarray(w.offset + segs[0]!.regionOffset, count);
+      this.#snapshotReplies();
+      return target;
     } catch {
       return null; // outside our windows, or the memory was closed: refused by #serve
     }
+  }
+
+  /**
+   * DMA_READ replies are views of our memory, sent when the socket takes them:
+   * before a DMA_WRITE changes that memory, replies still queued are copied,
+   * so an earlier read never returns a later write's data.
+   */
+  #snapshotReplies(): void {
+    this.conn.socket.copyQueued();
+    this.#twin?.socket.copyQueued();
   }
 
   close(): void {

@@ -358,6 +358,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     } catch (err) {
       closeAll(fds);
       const h = decodeHeaderQuick(frame);
+      this.#stale.delete(h.msgId); // a late reply to a timed-out request: its id may be used again
       this.#failPending(h.msgId, new ConnectionError('VFU_BAD_REPLY', (err as Error).message, Errno.EINVAL, { cause: err }));
       return;
     }
@@ -434,7 +435,16 @@ export class Connection extends EventEmitter<ConnectionEvents> {
         const head = encodeHeader({ msgId, cmd: msg.command, msgSize: size, flags: MessageType.REPLY, errorNo: 0 });
         this.#writeParts([head, ...parts], r.fds);
       } else {
-        const encoded = encodeReply(msg.command, msgId, r.body as never);
+        let encoded;
+        try {
+          encoded = encodeReply(msg.command, msgId, r.body as never);
+        } catch (encodeErr) {
+          // A handler's reply that does not encode (a bug of the handler's): an errno reply, not a crash.
+          this.#write(encodeErrorReply(msgId, msg.command, errnoOf(encodeErr)));
+          if (this.listenerCount('error') > 0) this.emit('error', encodeErr as Error);
+          this.#next();
+          return;
+        }
         this.#write(encoded, r.fds);
       }
     }

@@ -93,7 +93,9 @@ export interface DmaAccess {
    * Reads guest memory into `dest` (dest.length bytes from iova): no buffer
    * of the library's in between; DMA_READ replies are received straight into
    * it. If it fails, dest's content is unspecified. `dest` may be a view of
-   * another DMA window (from view()), which makes a copy between windows.
+   * another DMA window (from view()), which makes a copy between windows;
+   * call markDirty on that range once it has completed (the bytes land while
+   * the transfer runs, after view() marked the pages).
    */
   readInto(iova: number, dest: Uint8Array): Promise<void>;
   /** Writes guest memory (marked dirty while logging is on). */

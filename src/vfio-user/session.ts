@@ -41,6 +41,8 @@ export interface DmaHandle {
    */
   pins: number;
   closeWhenUnpinned: boolean;
+  /** A DMA_UNMAP of the window waits for this (its reply goes out once no transfer reads the window). */
+  onUnpinned?: () => void;
 }
 
 export interface SessionOptions {
@@ -228,6 +230,7 @@ export class Session {
           onRequest: () => {
             throw einval('TWIN_COMMAND', 'the twin socket carries only DMA replies to the server');
           },
+          ...(this.#options.trace ? { trace: (dir, h, detail) => this.#options.trace!(`[twin] ${traceLine(dir, h, detail)}`) } : {}),
         });
         replyFds.push(theirs);
         twinSocket = { supported: true, fdIndex: 0 };
@@ -300,7 +303,13 @@ export class Session {
     }
   }
 
-  #dmaUnmap(body: { argsz: number; flags: number; address: number; size: number; bitmap?: { pgsize: number; size: number } }): HandlerReply {
+  #dmaUnmap(body: {
+    argsz: number;
+    flags: number;
+    address: number;
+    size: number;
+    bitmap?: { pgsize: number; size: number };
+  }): HandlerReply | Promise<HandlerReply> {
     let bitmap: { pgsize: number; size: number; data: Uint8Array } | undefined;
     if (body.flags & DmaUnmapFlag.GET_DIRTY_BITMAP && body.bitmap) {
       const region = this.dma.find(body.address);
@@ -313,8 +322,16 @@ export class Session {
       if (data.length > body.bitmap.size) throw einval('DMA_UNMAP_BITMAP', `bitmap needs ${data.length} bytes`);
       bitmap = { pgsize: body.bitmap.pgsize, size: data.length, data };
     }
+    // A window a transfer is still sending from (DMA_WRITEs that are views of it, queued on a
+    // socket) is answered once that transfer has stopped: after the reply, it is not read again.
+    const affected = body.flags & DmaUnmapFlag.ALL ? this.dma.regions() : [this.dma.find(body.address)];
+    const waits: Promise<void>[] = [];
+    for (const r of affected) {
+      if (r && r.handle.pins > 0) waits.push(new Promise<void>((resolve) => (r.handle.onUnpinned = resolve)));
+    }
     this.dma.unmap(body.address, body.size, body.flags & DmaUnmapFlag.ALL);
-    return { body: { argsz: body.argsz, flags: body.flags, address: body.address, size: body.size, ...(bitmap ? { bitmap } : {}) } };
+    const reply = { body: { argsz: body.argsz, flags: body.flags, address: body.address, size: body.size, ...(bitmap ? { bitmap } : {}) } };
+    return waits.length === 0 ? reply : Promise.all(waits).then(() => reply);
   }
 
   // --- info ---
@@ -582,7 +599,10 @@ export class Session {
       // What reached the client may be part of it: all of it counts as dirty.
       for (const seg of segs) this.dma.markDirty(seg.iova, seg.length);
       for (const r of pinned) {
-        if (--r.handle.pins === 0 && r.handle.closeWhenUnpinned) r.handle.shm?.close();
+        if (--r.handle.pins === 0 && r.handle.closeWhenUnpinned) {
+          r.handle.shm?.close();
+          r.handle.onUnpinned?.();
+        }
       }
     }
   }

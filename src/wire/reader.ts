@@ -165,7 +165,7 @@ export class FrameReader {
       // After a large frame, read just the next frame's prefix first: if that
       // frame is large too, its body then goes straight to its place instead
       // of through the socket's pool and a copy.
-      if (!this.#afterBig || this.#buffered > 0 || this.#stopped) return null;
+      if (!this.#afterBig || this.#buffered > 0 || this.#skip > 0 || this.#stopped) return null;
       return Buffer.allocUnsafe(Math.max(this.#spec.placePrefix ?? 0, this.#spec.headerSize));
     }
     if (this.#stopped || big.lost) return null;
@@ -267,6 +267,7 @@ export class FrameReader {
         if (this.#stopped) return;
         this.#skip = size;
         this.#skipEnd = frameEnd;
+        this.#afterBig = false;
         continue;
       }
       const prefixLen = this.#spec.placePrefix ?? headerSize;
