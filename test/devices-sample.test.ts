@@ -12,7 +12,7 @@ import { VfioUserServer } from '../src/vfio-user/server.js';
 import { sampleDevice, SAMPLE_ID, type SampleDevice } from '../src/devices/sample.js';
 import { RawVfioUserClient, Bytes, type RawMessage } from '../src/testing/index.js';
 import { SharedMemory, EventFd, UnixSocket, type Fd } from '../src/sys/index.js';
-import { openFdCount, tick } from './helpers/sys.js';
+import { openFdCount, openFdsBackTo, tick, until } from './helpers/sys.js';
 
 const EINVAL = 22;
 const ENOENT = 2;
@@ -113,7 +113,7 @@ async function setIrqEventFds(client: RawVfioUserClient, index: number, count: n
 }
 
 /** The eventfd's count at its next signal, or a rejection after `ms`. */
-function signalled(e: EventFd, ms = 3000): Promise<number> {
+function signalled(e: EventFd, ms = 5000): Promise<number> {
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`eventfd not signalled within ${ms} ms`)), ms);
     e.wait().then(
@@ -637,7 +637,7 @@ test('a whole session leaves no fd behind once everything is closed', async () =
   server.close();
   await tick(30);
   dev.dispose();
-  await tick(10);
+  await openFdsBackTo(before, 'fds left after the session');
   assert.equal(openFdCount(), before);
 });
 
@@ -714,7 +714,7 @@ test('the device state survives a reconnect; the windows of the first client are
   await writeReg(first, R.SCRATCH, 0x5eed);
   await regionWrite(first, 2, 0x40, [1, 2, 3]);
   first.close();
-  for (let i = 0; i < 100 && dev.attached; i++) await tick(5);
+  await until(() => !dev.attached, 5000, 'the server detaches the device once the first client left');
   assert.equal(dev.attached, false);
   assert.deepEqual(dev.unmapped.map((w) => w.iova), [0x10000]);
   assert.equal(dev.windows.length, 0);

@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { socketPair, SharedMemory, EventFd, SysError, connectUnix, UnixServer } from '../src/sys/index.js';
-import { receive, closed, openFdCount } from './helpers/sys.js';
+import { receive, closed, openFdCount, openFdsBackTo } from './helpers/sys.js';
 
 test('no fd leaks over a thousand open/send/receive/close cycles, errors included', async () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdk-leak-'));
@@ -37,7 +37,7 @@ test('no fd leaks over a thousand open/send/receive/close cycles, errors include
       c.destroy();
     }
   }
-  await new Promise((r) => setTimeout(r, 20));
+  await openFdsBackTo(before, 'fds left after the cycles'); // the server closes its ends when it sees them close
   assert.equal(openFdCount(), before);
   server.close();
 });

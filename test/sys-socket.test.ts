@@ -7,7 +7,7 @@ import { once } from 'node:events';
 import {
   socketPair, socketPairFds, UnixSocket, UnixServer, connectUnix, EventFd, SysError, Fd, nativeAddon as native,
 } from '../src/sys/index.js';
-import { receive, closed, tick } from './helpers/sys.js';
+import { receive, closed, until } from './helpers/sys.js';
 
 const isSys = (code: string) => (err: unknown) => err instanceof SysError && err.code === code;
 const tmp = (name: string): string => path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'vdk-')), name);
@@ -226,12 +226,14 @@ test('connect errors are typed', async () => {
 test('many connections to one server are independent', async () => {
   const p = tmp('many.sock');
   const server = UnixServer.listen(p);
+  let serverClosed = 0;
   server.on('connection', (s) => {
     s.on('data', (c) => s.write(Buffer.from(c)));
+    s.on('close', () => serverClosed++);
   });
   const clients = await Promise.all(Array.from({ length: 20 }, () => connectUnix(p)));
   clients[3]!.destroy();
-  await tick(5);
+  await until(() => serverClosed === 1, 5000, 'the server side of the destroyed client closes');
   const replies = await Promise.all(
     clients.map(async (c, i) => {
       if (i === 3) return 'gone';

@@ -11,7 +11,7 @@ import { VfioUserClient } from '../src/vfio-user/client.js';
 import { VfioUserDevice } from '../src/vfio-user/client-device.js';
 import { UnixServer, EventFd } from '../src/sys/index.js';
 import { Bytes } from '../src/testing/index.js';
-import { openFdCount, tick } from './helpers/sys.js';
+import { openFdCount, openFdsBackTo } from './helpers/sys.js';
 
 function rng(seed: number): () => number {
   let x = seed >>> 0 || 1;
@@ -103,6 +103,6 @@ test('random replies: every client call settles with a value or an error; no cra
   assert.ok(connections > 10 && settled > 200, `connections ${connections}, calls ${settled}`);
   server.close();
   spare.close();
-  await tick(50);
+  await openFdsBackTo(before, 'fds left after the fuzz');
   assert.equal(openFdCount(), before);
 });

@@ -38,7 +38,10 @@ test('each pending request times out at its own deadline (one timer for all of t
     assert.ok(r.ms >= ms - 1, `${name} timed out after ${r.ms.toFixed(1)} ms, before its ${ms} ms`);
     assert.ok(r.ms < ms + 1000, `${name} timed out only after ${r.ms.toFixed(1)} ms`);
   }
-  assert.ok(s.ms < m.ms && m.ms < l.ms, 'in deadline order');
+  // In deadline order, unless the event loop was stalled past the next deadline when the timer fired:
+  // then one pass fails both (in request order), which is right too.
+  if (s.ms < 250) assert.ok(s.ms < m.ms, `short (${s.ms.toFixed(1)} ms) before mid (${m.ms.toFixed(1)} ms)`);
+  if (m.ms < 400) assert.ok(m.ms < l.ms, `mid (${m.ms.toFixed(1)} ms) before long (${l.ms.toFixed(1)} ms)`);
   assert.equal(conn.pendingCount, 0);
   conn.close();
   theirs.destroy();
@@ -54,7 +57,7 @@ test('a request made while the timer is armed for a later deadline gets its own,
   const long = settleTime(conn.request(Command.DEVICE_RESET, undefined, { timeoutMs: 5000 }), t0);
   const short = await settleTime(conn.request(Command.DEVICE_RESET, undefined, { timeoutMs: 80 }), t0);
   assert.ok(short.err instanceof ConnectionError && short.err.code === 'VFU_TIMEOUT');
-  assert.ok(short.ms < 1000, `the 80 ms request took ${short.ms.toFixed(1)} ms`);
+  assert.ok(short.ms < 80 + 1000, `the 80 ms request took ${short.ms.toFixed(1)} ms`);
   assert.equal(conn.pendingCount, 1, 'the long one is still pending');
   conn.close();
   const l = await long;

@@ -12,7 +12,7 @@ import { VfioUserServer } from '../src/vfio-user/server.js';
 import { sampleDevice } from '../src/devices/sample.js';
 import { RawVfioUserClient, Bytes, type RawMessage } from '../src/testing/index.js';
 import { EventFd, SharedMemory } from '../src/sys/index.js';
-import { openFdCount, tick } from './helpers/sys.js';
+import { openFdCount, openFdsBackTo, tick } from './helpers/sys.js';
 
 /** xorshift32: a fixed seed makes every run the same. */
 function rng(seed: number): () => number {
@@ -93,6 +93,6 @@ test('2000 random messages: every one answered or refused, the server stays up, 
   for (const d of devices) d.dispose();
   mem.close();
   efd.close();
-  await tick(20);
+  await openFdsBackTo(before, `fds leaked (reconnects: ${reconnects})`);
   assert.equal(openFdCount(), before, `fds leaked (reconnects: ${reconnects})`);
 });

@@ -11,7 +11,7 @@ import { gpioDevice } from '../src/devices/gpio.js';
 import { RawVfioUserClient, Bytes } from '../src/testing/index.js';
 import { EventFd, Fd } from '../src/sys/index.js';
 import type { DeviceContext } from '../src/vfio-user/device.js';
-import { openFdCount, tick } from './helpers/sys.js';
+import { openFdCount, openFdsBackTo, tick } from './helpers/sys.js';
 
 const sock = (name: string): string => path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'rob-')), name);
 const GET_INFO = new Bytes().u32(16).u32(0).u32(0).u32(0).build();
@@ -65,7 +65,7 @@ test('fds piling up for a message that never completes close the connection', as
   await c.whenClosed(5000);
   e.close();
   server.close();
-  await tick(50);
+  await openFdsBackTo(before, 'fds left after the connection was closed');
   assert.equal(openFdCount(), before);
 });
 
@@ -100,11 +100,12 @@ test('client: region reads are chunked by the smaller of the two limits; bad pos
 });
 
 test('a client that never sends VERSION is dropped after the deadline, freeing a shared device', async () => {
-  const server = VfioUserServer.listen(sock('t.sock'), { device: gpioDevice(), versionTimeoutMs: 200 });
+  // 1 s, not less: the second client's VERSION must be refused before the deadline drops the silent one.
+  const server = VfioUserServer.listen(sock('t.sock'), { device: gpioDevice(), versionTimeoutMs: 1000 });
   const silent = await RawVfioUserClient.connect(server.path);
   const second = await RawVfioUserClient.connect(server.path);
   assert.equal((await second.version()).errno, 16, 'busy while the silent one holds it');
-  await silent.whenClosed(3000);
+  await silent.whenClosed(5000);
   const third = await RawVfioUserClient.connect(server.path);
   assert.equal((await third.version()).isError, false);
   third.close();

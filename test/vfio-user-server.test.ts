@@ -12,7 +12,7 @@ import { gpioDevice } from '../src/devices/gpio.js';
 import { RawVfioUserClient, FLAG_NO_REPLY, Bytes } from '../src/testing/index.js';
 import { SharedMemory, EventFd } from '../src/sys/index.js';
 import type { DeviceContext, VfioUserDeviceSpec } from '../src/vfio-user/device.js';
-import { openFdCount, tick } from './helpers/sys.js';
+import { openFdCount, openFdsBackTo, tick, until } from './helpers/sys.js';
 
 const EINVAL = 22;
 const b = (): Bytes => new Bytes();
@@ -240,7 +240,7 @@ test('a shared device serves one client at a time: a second gets EBUSY', async (
   // After the first leaves, the next may drive the device, whose state was kept.
   await client.call(REGION_READ, regionRead(2, 0, 1));
   client.close();
-  await tick(20);
+  await until(() => server.sessions.size === 0, 5000, 'the server notices the first client left');
   const third = await RawVfioUserClient.connect(server.path);
   await third.version();
   const r3 = await third.call(REGION_READ, regionRead(2, 0, 1));
@@ -272,7 +272,7 @@ test('fds sent with commands that do not use them are closed; none leak', async 
   client.close();
   server.close();
   e.close();
-  await tick(20);
+  await openFdsBackTo(before, 'fds left after the session');
   assert.equal(openFdCount(), before);
 });
 

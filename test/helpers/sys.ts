@@ -49,3 +49,30 @@ export async function closed(sock: UnixSocket): Promise<Error | undefined> {
 export function tick(ms = 0): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
+
+/**
+ * Waits until `cond()` is true, checking every few ms; throws after `timeoutMs`.
+ * For effects that happen "soon" (an event, a close, a counter reaching N): a fixed
+ * sleep is a guess that a loaded machine can miss, this waits as long as needed.
+ * `what` describes the condition in the error (a function is called at the timeout,
+ * so it can show the value it saw); by default the condition's source text.
+ */
+export async function until(cond: () => boolean, timeoutMs = 5000, what?: string | (() => string)): Promise<void> {
+  const t0 = performance.now();
+  for (;;) {
+    if (cond()) return;
+    if (performance.now() - t0 >= timeoutMs) {
+      const desc = typeof what === 'function' ? what() : (what ?? cond.toString());
+      throw new Error(`condition not met within ${timeoutMs} ms: ${desc}`);
+    }
+    await tick(5);
+  }
+}
+
+/**
+ * Waits until this process has `n` open fds again (fds close asynchronously when a
+ * peer or server notices a close), or throws after `timeoutMs` with the count it saw.
+ */
+export function openFdsBackTo(n: number, what = 'open fds', timeoutMs = 5000): Promise<void> {
+  return until(() => openFdCount() === n, timeoutMs, () => `${what}: ${openFdCount()} open, ${n} expected`);
+}
