@@ -159,6 +159,29 @@ export class VfioUserDevice {
     return out;
   }
 
+  /**
+   * Reads a region into `dest` (dest.length bytes from offset): from the
+   * mapping when the range lies in a mapped area, else by REGION_READs chunked
+   * by max_data_xfer_size whose data the socket receives straight into `dest`.
+   * No buffer of its own, unlike read(). A short reply is an error.
+   */
+  async readInto(index: number, offset: number, dest: Uint8Array): Promise<void> {
+    const length = dest.length;
+    const m = this.#mappedArea(index, offset, length);
+    if (m) {
+      dest.set(m.memory.bytes.subarray(m.at, m.at + length));
+      return;
+    }
+    const chunk = this.client.maxXfer;
+    for (let done = 0; done < length; done += chunk) {
+      const n = Math.min(chunk, length - done);
+      const part = dest.subarray(done, done + n);
+      const got = await this.client.regionRead(index, offset + done, n, part);
+      if (got.length !== n) throw bad('REGION_READ_SHORT', `REGION_READ at ${offset + done}: ${got.length} of ${n} bytes`);
+      if (got !== part) part.set(got); // a small reply arrives whole, not placed
+    }
+  }
+
   /** Writes a region: to the mapping, or by REGION_WRITEs (posted if asked and allowed). */
   async write(index: number, offset: number, data: Uint8Array, options: { posted?: boolean } = {}): Promise<void> {
     const m = this.#mappedArea(index, offset, data.length);

@@ -188,7 +188,7 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
   async request<C extends CodecCommand>(
     command: C,
     body: RequestBodies[C],
-    options: { fds?: readonly (Fd | number)[]; timeoutMs?: number; takeFds?: boolean } = {},
+    options: { fds?: readonly (Fd | number)[]; timeoutMs?: number; takeFds?: boolean; into?: Uint8Array } = {},
   ): Promise<ReplyWithFds<C>> {
     this.#flushMulti();
     const r = await this.conn.request(command, body, options);
@@ -224,9 +224,15 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
   // --- regions ---
 
   /** REGION_READ of at most max_data_xfer_size bytes. */
-  async regionRead(index: number, offset: number, count: number): Promise<Uint8Array> {
+  /**
+   * REGION_READ of `count` bytes. With `into` (exactly `count` bytes), a large
+   * reply's data is received straight into it and the result is `into`
+   * itself; a short reply is returned as is (compare lengths).
+   */
+  async regionRead(index: number, offset: number, count: number, into?: Uint8Array): Promise<Uint8Array> {
     if (count > this.maxXfer) throw new VfioError('XFER_TOO_BIG', VErrno.EINVAL, `count ${count} > server max_data_xfer_size ${this.maxXfer}`);
-    const r = await this.request(Command.REGION_READ, { offset, region: index, count });
+    if (into && into.length !== count) throw new VfioError('READ_INTO_SIZE', VErrno.EINVAL, `into has ${into.length} bytes, count is ${count}`);
+    const r = await this.request(Command.REGION_READ, { offset, region: index, count }, into ? { into } : {});
     const body = r.body;
     if (!body) {
       if (count === 0) return new Uint8Array(0);

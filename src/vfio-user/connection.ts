@@ -21,6 +21,7 @@ import { closeAll } from '../sys/index.js';
 import { Command, HEADER_SIZE, HeaderFlags, MessageType } from './constants.js';
 import { Errno, errnoName } from './errno.js';
 import {
+  canPlace,
   decodeMessage,
   encodeErrorReply,
   encodeHeader,
@@ -327,9 +328,9 @@ export class Connection extends EventEmitter<ConnectionEvents> {
       if (flags & HeaderFlags.ERROR) return null;
       const p = this.#pending.get(prefix[0]! | (prefix[1]! << 8));
       if (!p?.into || p.into.length !== size - PLACE_PREFIX || p.command !== (prefix[2]! | (prefix[3]! << 8))) return null;
-      return p.into;
+      return canPlace(p.command, true) ? p.into : null;
     }
-    if (type === MessageType.COMMAND && this.#placeRequest && !this.#busy && this.#queue.length === 0) {
+    if (type === MessageType.COMMAND && this.#placeRequest && !this.#busy && this.#queue.length === 0 && canPlace(prefix[2]! | (prefix[3]! << 8), false)) {
       const target = this.#placeRequest(prefix, size);
       return target && target.length === size - PLACE_PREFIX ? target : null;
     }

@@ -234,5 +234,7 @@ export function orEmpty<T>(codec: BodyCodec<T>): BodyCodec<T | null> {
       if (value !== null) codec.write(value, buf, offset);
     },
     tail: (value) => (value === null ? undefined : codec.tail(value)),
+    // A placed body is never empty (it has a payload), so it is the wrapped codec's.
+    ...(codec.decodePlaced ? { decodePlaced: codec.decodePlaced.bind(codec) } : {}),
   };
 }

@@ -294,6 +294,13 @@ export function decodeMessage(frame: Uint8Array, limits: CodecLimits = DEFAULT_L
   }
 }
 
+/** Whether a message of this command and direction can be received placed (its body is fixed fields + data). */
+export function canPlace(cmd: number, reply: boolean): boolean {
+  if (!isCommand(cmd)) return false;
+  const codec = (reply ? replyCodecs : requestCodecs)[cmd as CodecCommand] as BodyCodec<unknown> | undefined;
+  return codec?.decodePlaced !== undefined;
+}
+
 function decodePlacedMessage(header: Header, frame: Uint8Array, placed: Uint8Array, limits: CodecLimits): Message {
   if (frame.length + placed.length !== header.msgSize) {
     throw new ProtocolError('VFU_SHORT', `frame: ${frame.length} + ${placed.length} placed bytes, msg_size ${header.msgSize}`, {
