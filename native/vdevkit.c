@@ -495,9 +495,12 @@ static napi_value vdk_sendmsg(napi_env env, napi_callback_info info) {
  * Room for fdsOut.length - 1 fds is offered to the kernel. If more arrived
  * (MSG_CTRUNC) the ones that fit are closed here and ENOBUFS is thrown: the
  * stream has lost fds and can no longer be trusted.
+ * recvmsg(fd, buf, offset, length, fdsOut, tail, tailOffset, tailLength):
+ * a scatter read, the bytes past `length` landing in tail[tailOffset..]
+ * (a placed payload's rest, then the next message's prefix, in one call).
  */
 static napi_value vdk_recvmsg(napi_env env, napi_callback_info info) {
-  GET_ARGS(5);
+  GET_ARGS(8);
   int fd = arg_fd(env, argv[0]);
   if (fd < 0) return NULL;
   uint8_t *buf;
@@ -526,11 +529,29 @@ static napi_value vdk_recvmsg(napi_env env, napi_callback_info info) {
     char buf[CMSG_SPACE(sizeof(int) * VDK_SCM_MAX_FD)];
     struct cmsghdr align;
   } control;
-  struct iovec iov = {buf + offset, length};
+  struct iovec iov[2] = {{buf + offset, length}, {NULL, 0}};
+  size_t niov = 1;
+  napi_valuetype tt = napi_undefined;
+  if (argc > 5) napi_typeof(env, argv[5], &tt);
+  if (tt != napi_undefined && tt != napi_null) {
+    uint8_t *tail;
+    size_t taillen;
+    uint32_t toff = 0, tlen = 0;
+    if (arg_bytes(env, argv[5], &tail, &taillen) < 0) return NULL;
+    CHECK_NAPI(napi_get_value_uint32(env, argv[6], &toff));
+    CHECK_NAPI(napi_get_value_uint32(env, argv[7], &tlen));
+    if ((size_t)toff > taillen || (size_t)tlen > taillen - toff)
+      return range_error(env, "tail offset/length outside the tail buffer");
+    if (tlen > 0) {
+      iov[1].iov_base = tail + toff;
+      iov[1].iov_len = tlen;
+      niov = 2;
+    }
+  }
   struct msghdr msg;
   memset(&msg, 0, sizeof msg);
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
+  msg.msg_iov = iov;
+  msg.msg_iovlen = niov;
   if (maxfds > 0) {
     msg.msg_control = control.buf;
     msg.msg_controllen = CMSG_SPACE(sizeof(int) * maxfds);

@@ -28,7 +28,17 @@ export interface NativeAddon {
   /** Bytes sent, or -1 when the socket buffer is full. */
   sendmsg(fd: number, data: Uint8Array | readonly Uint8Array[], fds: readonly number[] | null): number;
   /** Bytes read (0 = end of stream), or -1 when nothing is available. fdsOut[0] = fd count. */
-  recvmsg(fd: number, buf: Uint8Array, offset: number, length: number, fdsOut: Int32Array): number;
+  /** With a tail: a scatter read, bytes past `length` landing in tail[tailOffset, tailOffset + tailLength). */
+  recvmsg(
+    fd: number,
+    buf: Uint8Array,
+    offset: number,
+    length: number,
+    fdsOut: Int32Array,
+    tail?: Uint8Array,
+    tailOffset?: number,
+    tailLength?: number,
+  ): number;
   pollNew(fd: number, cb: (status: number, events: number) => void): PollHandle;
   pollStart(handle: PollHandle, events: number): void;
   pollClose(handle: PollHandle): void;

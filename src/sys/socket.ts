@@ -29,6 +29,14 @@ export interface UnixSocketOptions {
    */
   readTarget?: () => Uint8Array | null;
   /**
+   * Asked when readTarget gave a buffer: how many bytes after it the same
+   * recvmsg may take into the socket's pool (a scatter read), e.g. the next
+   * message's prefix, so that message's payload can be placed too without a
+   * read of its own. Those bytes arrive as a second 'data' chunk. 0 or unset:
+   * the read stops at the end of the target.
+   */
+  readTail?: () => number;
+  /**
    * Asked after each 'data' read into the socket's pool: false when no
    * listener kept a reference to the chunk's memory, so the next read may
    * reuse it (fresh pool memory costs page faults). Without it, never reused.
@@ -42,6 +50,8 @@ interface WriteEntry {
   length: number;
   /** Owned duplicates of the fds to send with the first byte; null if none. */
   fds: Fd[] | null;
+  /** bufs is a copy made by copyQueued(): nothing else refers to it. */
+  copied?: boolean;
 }
 
 const MAX_GATHER = 64;
@@ -80,6 +90,8 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
   readonly #readSize: number;
   /** See UnixSocketOptions.readTarget. */
   readTarget: (() => Uint8Array | null) | null;
+  /** See UnixSocketOptions.readTail. */
+  readTail: (() => number) | null;
   /** See UnixSocketOptions.chunkRetained. */
   chunkRetained: (() => boolean) | null;
   readonly #fdsOut: Int32Array;
@@ -92,6 +104,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     this.#highWaterMark = options.highWaterMark ?? 1024 * 1024;
     this.#readSize = Math.min(options.readSize ?? 256 * 1024, POOL_SIZE);
     this.readTarget = options.readTarget ?? null;
+    this.readTail = options.readTail ?? null;
     this.chunkRetained = options.chunkRetained ?? null;
     const maxFds = Math.min(options.maxRecvFds ?? native.SCM_MAX_FD, native.SCM_MAX_FD);
     this.#fdsOut = new Int32Array(1 + Math.max(0, maxFds));
@@ -202,7 +215,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
    */
   copyQueued(): void {
     for (const e of this.#queue) {
-      if (e.bufs.length === 0) continue;
+      if (e.bufs.length === 0 || e.copied) continue;
       let have = 0;
       for (const b of e.bufs) have += b.byteLength;
       if (have !== e.length) continue; // a detached view: #flush reports it
@@ -213,6 +226,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
         at += b.byteLength;
       }
       e.bufs = [copy];
+      e.copied = true;
     }
   }
 
@@ -349,7 +363,16 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
         this.emit('drain');
       }
     }
-    if (events & POLL_READABLE) this.#read();
+    if (events & POLL_READABLE) {
+      // What the 'data' listeners write in answer to one wake-up's reads leaves
+      // together, in as few sendmsg calls as possible (one wake-up of the peer).
+      this.cork();
+      try {
+        this.#read();
+      } finally {
+        this.uncork();
+      }
+    }
     if (!this.#closed) this.#updatePoll();
   }
 
@@ -359,14 +382,19 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     for (let i = 0; i < 16 && !this.#paused && !this.#closed; i++) {
       let target = this.readTarget?.() ?? null;
       if (target && target.length === 0) target = null; // never a zero-length read: it would look like EOF
-      if (!target && POOL_SIZE - this.#poolOffset < this.#readSize) {
+      // A target's read may run on into the pool (readTail): the next message's prefix.
+      const tail = target ? Math.min(Math.max(0, this.readTail?.() ?? 0), this.#readSize) : 0;
+      const want = target ? tail : this.#readSize;
+      if (want > 0 && POOL_SIZE - this.#poolOffset < want) {
         this.#pool = Buffer.allocUnsafe(POOL_SIZE);
         this.#poolOffset = 0;
       }
       let n: number;
       try {
         n = target
-          ? native.recvmsg(this.#fd.value, target, 0, target.length, fdsOut)
+          ? tail > 0
+            ? native.recvmsg(this.#fd.value, target, 0, target.length, fdsOut, this.#pool, this.#poolOffset, tail)
+            : native.recvmsg(this.#fd.value, target, 0, target.length, fdsOut)
           : native.recvmsg(this.#fd.value, this.#pool, this.#poolOffset, this.#readSize, fdsOut);
       } catch (err) {
         this.destroy(err as Error);
@@ -378,23 +406,32 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
         this.destroy();
         return;
       }
-      let chunk: Buffer;
-      const at = this.#poolOffset;
-      if (target) {
-        chunk = Buffer.from(target.buffer, target.byteOffset, n);
-      } else {
-        chunk = this.#pool.subarray(at, at + n);
-        this.#poolOffset += (n + 7) & ~7;
-      }
       const nfds = fdsOut[0]!;
       const fds: Fd[] = [];
       for (let k = 0; k < nfds; k++) fds.push(new Fd(fdsOut[1 + k]!));
-      if (this.listenerCount('data') > 0) this.emit('data', chunk, fds);
-      else closeAll(fds);
-      // Nobody kept the chunk: its pool memory (hot in cache, already faulted in) takes the next read.
-      if (!target && chunk.buffer === this.#pool.buffer && this.chunkRetained?.() === false) this.#poolOffset = at;
-      if (n < (target ? target.length : this.#readSize)) return;
+      const at = this.#poolOffset;
+      // Bytes that went to the pool: all of them, or a target read's tail.
+      const inPool = target ? Math.max(0, n - target.length) : n;
+      if (target) {
+        const first = Buffer.from(target.buffer, target.byteOffset, n - inPool);
+        // The fds belong to the last byte read: with the tail's chunk if there is one.
+        this.#deliver(first, inPool > 0 ? [] : fds);
+        if (inPool > 0 && this.#closed) closeAll(fds);
+      }
+      if (inPool > 0 && !this.#closed) {
+        const chunk = this.#pool.subarray(at, at + inPool);
+        this.#poolOffset += (inPool + 7) & ~7;
+        this.#deliver(chunk, fds);
+        // Nobody kept the chunk: its pool memory (hot in cache, already faulted in) takes the next read.
+        if (chunk.buffer === this.#pool.buffer && this.chunkRetained?.() === false) this.#poolOffset = at;
+      }
+      if (n < (target ? target.length + tail : this.#readSize)) return;
     }
+  }
+
+  #deliver(chunk: Buffer, fds: Fd[]): void {
+    if (this.listenerCount('data') > 0) this.emit('data', chunk, fds);
+    else closeAll(fds);
   }
 
   #updatePoll(): void {

@@ -179,6 +179,17 @@ export class FrameReader {
   }
 
   /**
+   * With readTarget(): how many bytes past the target the same read may
+   * take (the next frame's prefix, so its payload can be placed without a
+   * read of its own), or 0.
+   */
+  readTail(): number {
+    const big = this.#big;
+    if (!big || this.#stopped || big.lost) return 0;
+    return Math.max(this.#spec.placePrefix ?? 0, this.#spec.headerSize);
+  }
+
+  /**
    * Stops receiving into `target` if the frame being placed there is not
    * complete yet: the rest of its bytes are discarded and the frame is
    * delivered with an empty destination. For a caller that gave up on it.
