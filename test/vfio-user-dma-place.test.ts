@@ -15,7 +15,7 @@ import path from 'node:path';
 import { VfioUserServer } from '../src/vfio-user/server.js';
 import { VfioUserClient } from '../src/vfio-user/client.js';
 import { VfioUserDevice } from '../src/vfio-user/client-device.js';
-import { Connection, ConnectionError } from '../src/vfio-user/connection.js';
+import { Connection, ConnectionError, type ReplySink } from '../src/vfio-user/connection.js';
 import { Command } from '../src/vfio-user/constants.js';
 import { codecLimits } from '../src/vfio-user/messages.js';
 import { sampleDevice, SampleReg, SampleStatus, type SampleDevice } from '../src/devices/sample.js';
@@ -157,16 +157,22 @@ interface RequestStats {
   failed: number;
 }
 
-/** Counts the requests a connection sends (what the session's DMA does), wrapping its request(). */
+/**
+ * Counts the requests a connection sends (what the session's DMA does), wrapping its request()
+ * (single messages) and requestRaw() (chunked transfers, replies through a ReplySink).
+ */
 function spyRequests(conn: Connection, command: Command): RequestStats {
   const stats: RequestStats = { sent: 0, inFlight: 0, maxInFlight: 0, placed: 0, failed: 0 };
+  const started = (): void => {
+    stats.sent++;
+    stats.inFlight++;
+    stats.maxInFlight = Math.max(stats.maxInFlight, stats.inFlight);
+  };
   type Req = (c: number, body: unknown, options?: { into?: Uint8Array }) => Promise<{ body: { data?: Uint8Array } | null }>;
   const orig = conn.request.bind(conn) as unknown as Req;
   const spy: Req = (c, body, options = {}) => {
     if (c !== command) return orig(c, body, options);
-    stats.sent++;
-    stats.inFlight++;
-    stats.maxInFlight = Math.max(stats.maxInFlight, stats.inFlight);
+    started();
     return orig(c, body, options).then(
       (r) => {
         stats.inFlight--;
@@ -181,6 +187,24 @@ function spyRequests(conn: Connection, command: Command): RequestStats {
     );
   };
   (conn as unknown as { request: Req }).request = spy;
+  const origRaw = conn.requestRaw.bind(conn);
+  conn.requestRaw = (c, head, data, into, sink, cookie) => {
+    if (c !== command) return origRaw(c, head, data, into, sink, cookie);
+    started();
+    const counting: ReplySink = {
+      reply(frame, placed, k) {
+        stats.inFlight--;
+        if (into && placed === into) stats.placed++;
+        sink.reply(frame, placed, k);
+      },
+      fail(err, k) {
+        stats.inFlight--;
+        stats.failed++;
+        sink.fail(err, k);
+      },
+    };
+    origRaw(c, head, data, into, counting, cookie);
+  };
   return stats;
 }
 

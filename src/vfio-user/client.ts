@@ -16,10 +16,11 @@ import { connectUnix, UnixSocket, type Fd, type SharedMemory } from '../sys/inde
 import { DmaMapTable } from '../vfio/dma.js';
 import { VfioError, Errno as VErrno } from '../vfio/errors.js';
 import { DmaMapFlag } from '../vfio/uapi.js';
-import { Command, HeaderFlags, DEFAULT_MAX_DATA_XFER_SIZE, QEMU_MAX_MSG_FDS, VFIO_USER_MAJOR, VFIO_USER_MINOR, WRITE_MULTI_DATA, QEMU_WRITE_MULTI_MAX } from './constants.js';
+import { Command, HEADER_SIZE, HeaderFlags, MessageType, DEFAULT_MAX_DATA_XFER_SIZE, QEMU_MAX_MSG_FDS, VFIO_USER_MAJOR, VFIO_USER_MINOR, WRITE_MULTI_DATA, QEMU_WRITE_MULTI_MAX } from './constants.js';
 import { buildCapabilitiesJson, checkVersionReply, validateServerCapabilities, type Capabilities } from './caps.js';
 import { codecLimits, type CodecCommand, type RequestBodies, type RegionAccessData } from './messages.js';
-import { Connection, ConnectionError, type HandlerReply, type ReplyWithFds } from './connection.js';
+import { Connection, ConnectionError, PLACE_PREFIX, type HandlerReply, type ReplyWithFds } from './connection.js';
+import { readU64 } from './dma-transfer.js';
 
 export interface VfioUserClientOptions {
   /** Reply timeout, ms (default 5000, QEMU's x-msg-timeout). */
@@ -121,7 +122,10 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
     // A large DMA_WRITE's data is received straight into our memory when it lies in one window.
     const placeRequest = (prefix: Uint8Array, size: number): Uint8Array | null => (client ? client.#placeDmaWrite(prefix, size) : null);
     const limits = codecLimits(opts.maxDataXferSize);
-    const conn = new Connection(socket, { limits, timeoutMs: opts.timeoutMs, onRequest, placeRequest });
+    // DMA_READ / DMA_WRITE within one window are answered without decoding them into messages.
+    const fastRequest = (frame: Uint8Array, placed: Uint8Array | undefined): Uint8Array[] | null =>
+      client ? client.#fastServe(frame, placed) : null;
+    const conn = new Connection(socket, { limits, timeoutMs: opts.timeoutMs, onRequest, placeRequest, fastRequest });
     const proposed = { major: VFIO_USER_MAJOR, minor: VFIO_USER_MINOR };
     const json = buildCapabilitiesJson({
       maxMsgFds: opts.maxMsgFds,
@@ -146,7 +150,7 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
       if (caps.twinSocket?.supported) {
         const fd = reply.fds[caps.twinSocket.fdIndex ?? 0]!;
         const twinSock = new UnixSocket(fd.dup());
-        twin = new Connection(twinSock, { limits, timeoutMs: opts.timeoutMs, onRequest, placeRequest });
+        twin = new Connection(twinSock, { limits, timeoutMs: opts.timeoutMs, onRequest, placeRequest, fastRequest });
       }
       for (const f of reply.fds) f.close();
       client = new VfioUserClient(conn, twin, reply.body, caps, opts);
@@ -355,19 +359,55 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
   }
 
   /**
+   * Connection fastRequest: a well-formed DMA_READ or (placed) DMA_WRITE
+   * within one window we may access, answered straight from the frame's
+   * bytes: the same checks and reply as #serve, without a decoded message.
+   * Anything else (or any doubt) is null: #serve decides and answers errors.
+   */
+  #fastServe(frame: Uint8Array, placed: Uint8Array | undefined): Uint8Array[] | null {
+    if (frame.length < PLACE_PREFIX) return null;
+    const cmd = frame[2]! | (frame[3]! << 8);
+    if (cmd !== Command.DMA_READ && cmd !== Command.DMA_WRITE) return null;
+    // flags 0 (a command that wants a reply) and the error field 0.
+    for (let i = 8; i < HEADER_SIZE; i++) if (frame[i] !== 0) return null;
+    const size = (frame[4]! | (frame[5]! << 8) | (frame[6]! << 16) | (frame[7]! << 24)) >>> 0;
+    const address = readU64(frame, HEADER_SIZE);
+    const count = readU64(frame, HEADER_SIZE + 8);
+    if (address < 0 || count <= 0 || count > this.#options.maxDataXferSize) return null;
+    let data: Uint8Array | undefined;
+    if (cmd === Command.DMA_READ) {
+      if (placed !== undefined || frame.length !== PLACE_PREFIX || size !== PLACE_PREFIX) return null;
+      const seg = this.dma.translate(address, count, DmaMapFlag.READ); // throws outside one window: null
+      const w = seg.region.handle;
+      data = w.memory.subarray(w.offset + seg.regionOffset, count); // gathered at sendmsg, not copied
+    } else if (placed === undefined || placed.length !== count || frame.length !== PLACE_PREFIX || size !== PLACE_PREFIX + count) {
+      return null; // only a DMA_WRITE received in place (#placeDmaWrite checked its window)
+    }
+    const head = Buffer.allocUnsafe(PLACE_PREFIX);
+    head[0] = frame[0]!;
+    head[1] = frame[1]!;
+    head.writeUInt16LE(cmd, 2);
+    head.writeUInt32LE(PLACE_PREFIX + (data ? count : 0), 4);
+    head.writeUInt32LE(MessageType.REPLY, 8);
+    head.writeUInt32LE(0, 12);
+    head.set(frame.subarray(HEADER_SIZE, PLACE_PREFIX), HEADER_SIZE); // address and count, as asked
+    return data ? [head, data] : [head];
+  }
+
+  /**
    * Connection placeRequest: for a DMA_WRITE whose range lies in one window
    * we may write, that memory (its data is received there); else null, and
    * the request is received and checked as usual (and refused if bad).
    */
   #placeDmaWrite(prefix: Uint8Array, size: number): Uint8Array | null {
-    const v = new DataView(prefix.buffer, prefix.byteOffset, prefix.length);
-    if (v.getUint16(2, true) !== Command.DMA_WRITE) return null;
+    if ((prefix[2]! | (prefix[3]! << 8)) !== Command.DMA_WRITE) return null;
     // Only a well-formed command (no reserved flag bits, no error field) is placed: a request
     // that will be refused must not have written our memory first.
-    if ((v.getUint32(8, true) & ~HeaderFlags.NO_REPLY) !== 0 || v.getUint32(12, true) !== 0) return null;
-    const address = Number(v.getBigUint64(16, true));
-    const count = Number(v.getBigUint64(24, true));
-    if (count !== size - prefix.length || count > this.#options.maxDataXferSize) return null;
+    if ((prefix[8]! & ~HeaderFlags.NO_REPLY) !== 0 || (prefix[9]! | prefix[10]! | prefix[11]!) !== 0) return null;
+    if ((prefix[12]! | prefix[13]! | prefix[14]! | prefix[15]!) !== 0) return null;
+    const address = readU64(prefix, HEADER_SIZE);
+    const count = readU64(prefix, HEADER_SIZE + 8);
+    if (address < 0 || count !== size - prefix.length || count > this.#options.maxDataXferSize) return null;
     try {
       const segs = this.dma.lookup(address, count, DmaMapFlag.WRITE);
       if (segs.length !== 1) return null;

@@ -86,13 +86,43 @@ export interface ConnectionOptions {
    * its data.
    */
   placeRequest?: (prefix: Uint8Array, size: number) => Uint8Array | null;
+  /**
+   * A command answered without decoding it into a message: given the frame
+   * (and its placed data, as for placeRequest), the reply's bytes, or null
+   * to take the usual path (decode, onRequest, encode). For hot commands
+   * (DMA_READ / DMA_WRITE served by a client); it must accept only what
+   * decodeMessage would, and leave anything else to the usual path, which
+   * answers errors. Not called for commands that carry fds, nor when tracing.
+   */
+  fastRequest?: (frame: Uint8Array, placed: Uint8Array | undefined) => Uint8Array[] | null;
 }
 
 /** A reply with the fds that came with it (owned by the caller). */
 export type ReplyWithFds<C extends CodecCommand> = ReplyMessage & { body: ReplyBodies[C]; fds: Fd[] };
 
+/**
+ * Receives the replies of requests sent with Connection.requestRaw: one
+ * object for a whole transfer instead of a promise per message. Called from
+ * inside the socket's read handler, so requests sent from reply() leave
+ * together with the other writes of that read.
+ */
+export interface ReplySink {
+  /**
+   * A reply whose header was checked (a reply to this command, no Error,
+   * msg_size = frame + placed bytes). `frame` is the whole message, or its
+   * first PLACE_PREFIX bytes when the rest was received into `placed` (the
+   * request's `into`). The body is the sink's to check.
+   */
+  reply(frame: Uint8Array, placed: Uint8Array | undefined, cookie: number): void;
+  /** The request failed: an error reply, a malformed reply, a timeout or the connection closing. */
+  fail(err: Error, cookie: number): void;
+}
+
 interface Pending {
   command: number;
+  /** requestRaw's sink (then resolve/reject are unused) and the caller's number for the request. */
+  sink: ReplySink | null;
+  cookie: number;
   /** Where the reply's data is to be received (request option `into`). */
   into: Uint8Array | undefined;
   resolve: (msg: ReplyMessage & { fds: Fd[] }) => void;
@@ -122,6 +152,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
   readonly #trace: ConnectionOptions['trace'];
   readonly #onBadRequest: ConnectionOptions['onBadRequest'];
   readonly #placeRequest: ConnectionOptions['placeRequest'];
+  readonly #fastRequest: ConnectionOptions['fastRequest'];
   readonly #pending = new Map<number, Pending>();
   /** Commands waiting for the one in progress. */
   readonly #queue: { frame: Uint8Array; fds: Fd[]; placed: Uint8Array | undefined }[] = [];
@@ -149,6 +180,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     this.#trace = options.trace;
     this.#onBadRequest = options.onBadRequest;
     this.#placeRequest = options.placeRequest;
+    this.#fastRequest = options.fastRequest;
     this.#reader = new FrameReader(
       {
         headerSize: HEADER_SIZE,
@@ -169,7 +201,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     socket.readTail = () => this.#reader.readTail();
     socket.chunkRetained = () => this.#reader.retainsLastChunk;
     // Room in the kernel for two largest messages, and at least for a DMA transfer's requests in
-    // flight (session.ts DMA_WINDOW_BYTES): a sender that fills the buffer sleeps until the peer
+    // flight (dma-transfer.ts DMA_WINDOW_BYTES): a sender that fills the buffer sleeps until the peer
     // reads, and each such sleep is a wake-up of both ends (best effort: the kernel caps it at
     // net.core.wmem_max). Measured, 64 KiB message DMA: 4 MiB against 2 x 64 KiB, unpinned,
     // 1.7-2.2 GB/s against 1.0-1.3; pinned, DMA_READ +10-25%.
@@ -220,7 +252,16 @@ export class Connection extends EventEmitter<ConnectionEvents> {
       const timeoutMs = options.timeoutMs ?? this.#timeoutMs;
       const deadline = performance.now() + timeoutMs;
       const into = options.into;
-      this.#pending.set(id, { command, into, resolve: resolve as (m: ReplyMessage & { fds: Fd[] }) => void, reject, deadline, timeoutMs });
+      this.#pending.set(id, {
+        command,
+        sink: null,
+        cookie: 0,
+        into,
+        resolve: resolve as (m: ReplyMessage & { fds: Fd[] }) => void,
+        reject,
+        deadline,
+        timeoutMs,
+      });
       if (deadline < this.#timerAt) this.#armTimer(deadline);
       try {
         this.#write(msg, options.fds);
@@ -228,6 +269,30 @@ export class Connection extends EventEmitter<ConnectionEvents> {
         this.#failPending(id, err as Error);
       }
     });
+  }
+
+  /**
+   * Sends a request already encoded by the caller, for streams of many
+   * requests (DMA chunks): `head` is the message's first bytes with the id
+   * left for this method to fill in (bytes 0-1), `data` an optional payload
+   * sent after it (gathered, not copied). The reply goes to `sink` with
+   * `cookie`, not to a promise; `into` is where a large reply's data is
+   * received (as request()'s option). Throws if the connection is closed.
+   */
+  requestRaw(command: number, head: Uint8Array, data: Uint8Array | null, into: Uint8Array | undefined, sink: ReplySink, cookie: number): void {
+    if (this.#closed) throw new ConnectionError('VFU_CLOSED', 'connection is closed');
+    const id = this.#allocId();
+    head[0] = id & 0xff;
+    head[1] = id >>> 8;
+    const timeoutMs = this.#timeoutMs;
+    const deadline = performance.now() + timeoutMs;
+    this.#pending.set(id, { command, sink, cookie, into, resolve: noop, reject: noop, deadline, timeoutMs });
+    if (deadline < this.#timerAt) this.#armTimer(deadline);
+    try {
+      this.#writeParts(data ? [head, data] : [head]);
+    } catch (err) {
+      this.#failPending(id, err as Error);
+    }
   }
 
   #armTimer(at: number): void {
@@ -360,6 +425,12 @@ export class Connection extends EventEmitter<ConnectionEvents> {
 
   /** Replies may carry fds (VERSION's twin socket, region info): handed over with the message. */
   #onReply(frame: Uint8Array, fds: Fd[], placed: Uint8Array | undefined): void {
+    const sinkPending = frame.length >= HEADER_SIZE ? this.#pending.get(frame[0]! | (frame[1]! << 8)) : undefined;
+    if (sinkPending?.sink) {
+      if (this.#trace) this.#trace('in', decodeHeaderQuick(frame), placed ? { placed: placed.length } : undefined);
+      this.#onSinkReply(sinkPending, frame, fds, placed);
+      return;
+    }
     let msg;
     try {
       msg = decodeMessage(frame, this.limits, placed);
@@ -391,7 +462,49 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     }
   }
 
+  /**
+   * A reply to requestRaw: the header is checked here as decodeMessage would
+   * (flags, command, msg_size), the body by the sink. No message object.
+   */
+  #onSinkReply(p: Pending, frame: Uint8Array, fds: Fd[], placed: Uint8Array | undefined): void {
+    const id = frame[0]! | (frame[1]! << 8);
+    closeAll(fds); // requestRaw's commands (DMA) take no fds
+    const cmd = frame[2]! | (frame[3]! << 8);
+    const size = frame[4]! | (frame[5]! << 8) | (frame[6]! << 16) | (frame[7]! * 2 ** 24);
+    const flags = (frame[8]! | (frame[9]! << 8) | (frame[10]! << 16) | (frame[11]! << 24)) >>> 0;
+    let why: string | undefined;
+    if ((flags & ~(HeaderFlags.TYPE_MASK | HeaderFlags.ERROR)) !== 0 || (flags & HeaderFlags.TYPE_MASK) !== MessageType.REPLY) {
+      why = `header flags 0x${flags.toString(16)} in a reply`;
+    } else if (cmd !== p.command) {
+      why = `reply to ${Command[p.command]} says command ${cmd}`;
+    } else if (size !== frame.length + (placed ? placed.length : 0)) {
+      why = `msg_size ${size}, ${frame.length + (placed ? placed.length : 0)} bytes received`;
+    }
+    this.#pending.delete(id);
+    if (why !== undefined) {
+      this.#stale.delete(id);
+      p.sink!.fail(new ConnectionError('VFU_BAD_REPLY', why, Errno.EINVAL), p.cookie);
+    } else if (flags & HeaderFlags.ERROR) {
+      const errno = (frame[12]! | (frame[13]! << 8) | (frame[14]! << 16) | (frame[15]! << 24)) >>> 0;
+      p.sink!.fail(new ConnectionError('VFU_PEER_ERROR', `${Command[p.command]} failed: ${errnoName(errno)}`, errno), p.cookie);
+    } else {
+      p.sink!.reply(frame, placed, p.cookie);
+    }
+  }
+
   #dispatch(frame: Uint8Array, fds: Fd[], placed: Uint8Array | undefined): void {
+    if (this.#fastRequest && fds.length === 0 && !this.#trace) {
+      let parts: Uint8Array[] | null;
+      try {
+        parts = this.#fastRequest(frame, placed);
+      } catch {
+        parts = null; // the usual path decides, and answers the error
+      }
+      if (parts) {
+        this.#writeParts(parts);
+        return;
+      }
+    }
     let msg: RequestMessage;
     try {
       const decoded = decodeMessage(frame, this.limits, placed);
@@ -486,7 +599,8 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     this.#pending.delete(id);
     // A reply still being received into the caller's memory stops landing there.
     if (p.into) this.#reader.dropPlacement(p.into);
-    p.reject(err);
+    if (p.sink) p.sink.fail(err, p.cookie);
+    else p.reject(err);
   }
 
   #shutdown(err: Error): void {
@@ -500,11 +614,15 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     if (this.#timer) clearTimeout(this.#timer);
     this.#timer = null;
     for (const p of pending) {
-      p.reject(new ConnectionError('VFU_CLOSED', `connection closed before the reply to ${Command[p.command]}: ${err.message}`, 0, { cause: err }));
+      const e = new ConnectionError('VFU_CLOSED', `connection closed before the reply to ${Command[p.command]}: ${err.message}`, 0, { cause: err });
+      if (p.sink) p.sink.fail(e, p.cookie);
+      else p.reject(e);
     }
     this.emit('close', err instanceof ConnectionError && err.code === 'VFU_CLOSED' ? undefined : err);
   }
 }
+
+function noop(): void {}
 
 /** The header fields, read without validation (for errors about a message we could not decode). */
 export function decodeHeaderQuick(b: Uint8Array): Header {

@@ -27,6 +27,7 @@ import {
   type RequestMessage,
 } from './messages.js';
 import { Connection, type HandlerReply } from './connection.js';
+import { runDmaTransfer, type DmaChunk } from './dma-transfer.js';
 import type { DeviceRuntime } from './runtime.js';
 import type { DeviceContext, DmaAccess, DmaWindow, IrqName } from './device.js';
 
@@ -547,7 +548,8 @@ export class Session {
     }
     const out = into ?? Buffer.allocUnsafe(length); // every byte is written below
     const chunk = this.#chunk();
-    const jobs: (() => Promise<unknown>)[] = [];
+    const chunks: DmaChunk[] = [];
+    const regions: DmaRegion<DmaHandle>[] = [];
     for (const seg of segs) {
       const at = seg.iova - iova;
       const shm = seg.region.handle.shm;
@@ -557,19 +559,19 @@ export class Session {
       }
       for (let done = 0; done < seg.length; done += chunk) {
         const count = Math.min(chunk, seg.length - done);
-        const address = seg.iova + done;
-        const dest = out.subarray(at + done, at + done + count);
-        jobs.push(() => this.#dmaReadMessage(seg.region, address, count, dest));
+        chunks.push({ address: seg.iova + done, bytes: out.subarray(at + done, at + done + count) });
+        regions.push(seg.region);
       }
     }
-    await inFlight(jobs, chunk, this.#dmaConn);
+    await runDmaTransfer(this.#dmaConn, Command.DMA_READ, chunks, chunk, (i) => this.#stillMapped(regions[i]!));
     return out;
   }
 
   async #dmaWrite(iova: number, data: Uint8Array): Promise<void> {
     const segs = this.dma.lookup(iova, data.length, DmaMapFlag.WRITE);
     const chunk = this.#chunk();
-    const jobs: (() => Promise<unknown>)[] = [];
+    const chunks: DmaChunk[] = [];
+    const regions: DmaRegion<DmaHandle>[] = [];
     const pinned: DmaRegion<DmaHandle>[] = [];
     for (const seg of segs) {
       const src = data.subarray(seg.iova - iova, seg.iova - iova + seg.length);
@@ -579,22 +581,21 @@ export class Session {
         continue;
       }
       for (let done = 0; done < seg.length; done += chunk) {
-        const part = src.subarray(done, Math.min(done + chunk, seg.length));
-        const address = seg.iova + done;
-        jobs.push(async () => {
-          this.#stillMapped(seg.region);
-          // The source, if it is a mapped window, too: after DMA_UNMAP it is not read again.
-          for (const r of pinned) this.#stillMapped(r);
-          await this.#dmaConn.request(Command.DMA_WRITE, { address, count: part.length, data: part });
-        });
+        chunks.push({ address: seg.iova + done, bytes: src.subarray(done, Math.min(done + chunk, seg.length)) });
+        regions.push(seg.region);
       }
     }
+    const beforeSend = (i: number): void => {
+      this.#stillMapped(regions[i]!);
+      // The source, if it is a mapped window, too: after DMA_UNMAP it is not read again.
+      for (const r of pinned) this.#stillMapped(r);
+    };
     // Messages queued on the socket may be views of `data`: if it is a view of a
     // mapped window, that mapping stays until they are sent (see DmaHandle.pins).
-    pinned.push(...(jobs.length > 0 ? this.dma.regions().filter((r) => r.handle.shm?.contains(data)) : []));
+    pinned.push(...(chunks.length > 0 ? this.dma.regions().filter((r) => r.handle.shm?.contains(data)) : []));
     for (const r of pinned) r.handle.pins++;
     try {
-      await inFlight(jobs, chunk, this.#dmaConn);
+      await runDmaTransfer(this.#dmaConn, Command.DMA_WRITE, chunks, chunk, beforeSend);
     } finally {
       // What reached the client may be part of it: all of it counts as dirty.
       for (const seg of segs) this.dma.markDirty(seg.iova, seg.length);
@@ -606,44 +607,6 @@ export class Session {
       }
     }
   }
-}
-
-/** Bytes of DMA messages a transfer keeps in flight (the client serves them in order). */
-const DMA_WINDOW_BYTES = 2 << 20;
-/** At most this many DMA requests in flight per transfer. */
-const DMA_WINDOW_MAX = 32;
-
-/**
- * Runs transfer steps (each sends one request on `conn`) with several in flight: at most DMA_WINDOW_BYTES of
- * `chunk`-byte messages (at least 2, at most DMA_WINDOW_MAX). After the first
- * failure no step starts; the ones in flight are awaited (so nothing lands in
- * the destination after this returns), then the failure is thrown.
- */
-async function inFlight(jobs: (() => Promise<unknown>)[], chunk: number, conn: Connection): Promise<void> {
-  const window = Math.max(2, Math.min(DMA_WINDOW_MAX, Math.floor(DMA_WINDOW_BYTES / Math.max(1, chunk))));
-  const running: Promise<void>[] = [];
-  let failed = false;
-  let failure: unknown;
-  let next = 0;
-  const fail = (err: unknown): void => {
-    if (!failed) {
-      failed = true;
-      failure = err;
-    }
-  };
-  while (next < jobs.length || running.length > 0) {
-    // The requests started together leave in one sendmsg.
-    conn.batch(() => {
-      while (!failed && next < jobs.length && running.length < window) {
-        running.push(jobs[next++]!().then(() => undefined, fail));
-      }
-    });
-    if (running.length === 0) break;
-    await running.shift();
-    // Refill by halves, so the next requests also leave together.
-    while (running.length > window >> 1) await running.shift();
-  }
-  if (failed) throw failure;
 }
 
 function windowOf(r: DmaRegion<DmaHandle>): DmaWindow {
