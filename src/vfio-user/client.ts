@@ -20,7 +20,7 @@ import { Command, HEADER_SIZE, HeaderFlags, MessageType, DEFAULT_MAX_DATA_XFER_S
 import { buildCapabilitiesJson, checkVersionReply, validateServerCapabilities, type Capabilities } from './caps.js';
 import { codecLimits, type CodecCommand, type RequestBodies, type RegionAccessData } from './messages.js';
 import { Connection, ConnectionError, PLACE_PREFIX, type HandlerReply, type ReplyWithFds } from './connection.js';
-import { readU64 } from './dma-transfer.js';
+import { putU32, readU64 } from './dma-transfer.js';
 
 export interface VfioUserClientOptions {
   /** Reply timeout, ms (default 5000, QEMU's x-msg-timeout). */
@@ -383,14 +383,13 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
     } else if (placed === undefined || placed.length !== count || frame.length !== PLACE_PREFIX || size !== PLACE_PREFIX + count) {
       return null; // only a DMA_WRITE received in place (#placeDmaWrite checked its window)
     }
+    // Off-heap (Buffer's pool): an on-heap Uint8Array would be copied out when sendmsg asks for its memory.
     const head = Buffer.allocUnsafe(PLACE_PREFIX);
-    head[0] = frame[0]!;
-    head[1] = frame[1]!;
-    head.writeUInt16LE(cmd, 2);
-    head.writeUInt32LE(PLACE_PREFIX + (data ? count : 0), 4);
-    head.writeUInt32LE(MessageType.REPLY, 8);
-    head.writeUInt32LE(0, 12);
-    head.set(frame.subarray(HEADER_SIZE, PLACE_PREFIX), HEADER_SIZE); // address and count, as asked
+    for (let i = 0; i < 4; i++) head[i] = frame[i]!; // id, command
+    putU32(head, 4, PLACE_PREFIX + (data ? count : 0));
+    putU32(head, 8, MessageType.REPLY);
+    putU32(head, 12, 0);
+    for (let i = HEADER_SIZE; i < PLACE_PREFIX; i++) head[i] = frame[i]!; // address and count, as asked
     return data ? [head, data] : [head];
   }
 

@@ -104,12 +104,14 @@ class DmaTransfer implements ReplySink {
       this.#fail(err);
       return;
     }
-    const head = Buffer.allocUnsafe(PLACE_PREFIX);
     // Header (the id is filled in by requestRaw), then struct vfio_user_dma_region_access.
-    head.writeUInt16LE(this.#command, 2);
-    head.writeUInt32LE(PLACE_PREFIX + (read ? 0 : count), 4);
-    head.writeUInt32LE(0, 8); // flags: a command
-    head.writeUInt32LE(0, 12); // error: reserved in commands
+    // Off-heap (Buffer's pool): an on-heap Uint8Array would be copied out when sendmsg asks for its memory.
+    const head = Buffer.allocUnsafe(PLACE_PREFIX);
+    head[2] = this.#command;
+    head[3] = 0;
+    putU32(head, 4, PLACE_PREFIX + (read ? 0 : count));
+    putU32(head, 8, 0); // flags: a command
+    putU32(head, 12, 0); // error: reserved in commands
     writeU64(head, HEADER_SIZE, chunk.address);
     writeU64(head, HEADER_SIZE + 8, count);
     this.#inFlight++;
@@ -183,7 +185,15 @@ export function readU64(b: Uint8Array, at: number): number {
 }
 
 /** Writes a safe non-negative integer as a little-endian u64. */
-export function writeU64(b: Buffer, at: number, v: number): void {
-  b.writeUInt32LE(v % 2 ** 32, at);
-  b.writeUInt32LE(Math.floor(v / 2 ** 32), at + 4);
+export function writeU64(b: Uint8Array, at: number, v: number): void {
+  putU32(b, at, v % 2 ** 32);
+  putU32(b, at + 4, Math.floor(v / 2 ** 32));
+}
+
+/** Writes a u32, little-endian (plain stores: no argument checks on the hot path). */
+export function putU32(b: Uint8Array, at: number, v: number): void {
+  b[at] = v & 0xff;
+  b[at + 1] = (v >>> 8) & 0xff;
+  b[at + 2] = (v >>> 16) & 0xff;
+  b[at + 3] = (v >>> 24) & 0xff;
 }

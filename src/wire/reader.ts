@@ -217,10 +217,10 @@ export class FrameReader {
     const at = this.#buffered - headLen;
     const take = Math.min(chunk.length - used, big.size - this.#buffered);
     if (!big.lost && big.body.length === 0 && take > 0) this.#lose();
-    if (!big.lost) {
-      const part = chunk.subarray(used, used + take);
-      const inPlace = part.buffer === big.body.buffer && part.byteOffset === big.body.byteOffset + at;
-      if (!inPlace) big.body.set(part, at);
+    if (!big.lost && take > 0) {
+      // Bytes the socket read straight into the body (readTarget) are already in place.
+      const inPlace = chunk.buffer === big.body.buffer && chunk.byteOffset + used === big.body.byteOffset + at;
+      if (!inPlace) big.body.set(used === 0 && take === chunk.length ? chunk : chunk.subarray(used, used + take), at);
     }
     this.#buffered += take;
     if (this.#buffered < big.size) return;
