@@ -50,8 +50,8 @@ interface WriteEntry {
   length: number;
   /** Owned duplicates of the fds to send with the first byte; null if none. */
   fds: Fd[] | null;
-  /** bufs is a copy made by copyQueued(): nothing else refers to it. */
-  copied?: boolean;
+  /** Nothing but this entry refers to bufs (write()'s `owned`, or a copy made by copyQueued()). */
+  owned: boolean;
 }
 
 const MAX_GATHER = 64;
@@ -81,6 +81,8 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
   #paused = false;
   #queue: WriteEntry[] = [];
   #queued = 0;
+  /** Queued entries whose buffers may be views of someone else's memory (copyQueued copies those). */
+  #viewEntries = 0;
   #needDrain = false;
   /** cork() depth: writes wait in the queue while above 0. */
   #corked = 0;
@@ -146,9 +148,10 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
    * Queues bytes (one buffer or several gathered) with optional fds attached
    * to their first byte. The fds stay owned by the caller: if they cannot be
    * sent at once they are duplicated. Returns false when the queue is above
-   * the high-water mark (wait for 'drain').
+   * the high-water mark (wait for 'drain'). `owned`: nothing else refers to
+   * these buffers (freshly encoded), so copyQueued() need not copy them.
    */
-  write(data: Uint8Array | readonly Uint8Array[], fds?: readonly (Fd | number)[] | null): boolean {
+  write(data: Uint8Array | readonly Uint8Array[], fds?: readonly (Fd | number)[] | null, owned = false): boolean {
     if (this.#closed || this.#ending) throw sysError('EPIPE', 'write', 'socket is closed');
     const bufs = (Array.isArray(data) ? [...data] : [data]) as Uint8Array[];
     let length = 0;
@@ -165,15 +168,15 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
       const n = this.#send(bufs, fdNums);
       if (n === length) return true;
       if (n < 0) {
-        this.#enqueue(bufs, length, fdNums ? fdNums.map((f) => new Fd(native.dup(f))) : null);
+        this.#enqueue(bufs, length, fdNums ? fdNums.map((f) => new Fd(native.dup(f))) : null, owned);
       } else {
         // Partial: the fds went with the first byte.
-        this.#enqueue(bufs, length, null);
+        this.#enqueue(bufs, length, null, owned);
         this.#consume(this.#queue[0]!, n);
       }
       this.#updatePoll();
     } else {
-      this.#enqueue(bufs, length, fdNums ? fdNums.map((f) => new Fd(native.dup(f))) : null);
+      this.#enqueue(bufs, length, fdNums ? fdNums.map((f) => new Fd(native.dup(f))) : null, owned);
     }
     if (this.#queued > this.#highWaterMark) {
       this.#needDrain = true;
@@ -214,8 +217,9 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
    * views, not copies).
    */
   copyQueued(): void {
+    if (this.#viewEntries === 0) return;
     for (const e of this.#queue) {
-      if (e.bufs.length === 0 || e.copied) continue;
+      if (e.bufs.length === 0 || e.owned) continue;
       let have = 0;
       for (const b of e.bufs) have += b.byteLength;
       if (have !== e.length) continue; // a detached view: #flush reports it
@@ -226,7 +230,8 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
         at += b.byteLength;
       }
       e.bufs = [copy];
-      e.copied = true;
+      e.owned = true;
+      this.#viewEntries--;
     }
   }
 
@@ -263,6 +268,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     for (const e of this.#queue) if (e.fds) closeAll(e.fds);
     this.#queue = [];
     this.#queued = 0;
+    this.#viewEntries = 0;
     this.#fd.close();
     if (err && this.listenerCount('error') > 0) this.emit('error', err);
     this.emit('close', err);
@@ -282,8 +288,9 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     }
   }
 
-  #enqueue(bufs: Uint8Array[], length: number, fds: Fd[] | null): void {
-    this.#queue.push({ bufs, length, fds });
+  #enqueue(bufs: Uint8Array[], length: number, fds: Fd[] | null, owned: boolean): void {
+    this.#queue.push({ bufs, length, fds, owned });
+    if (!owned) this.#viewEntries++;
     this.#queued += length;
   }
 
@@ -339,7 +346,10 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
         const take = Math.min(left, e.length);
         this.#consume(e, take);
         left -= take;
-        if (e.length === 0) this.#queue.shift();
+        if (e.length === 0) {
+          this.#queue.shift();
+          if (!e.owned) this.#viewEntries--;
+        }
       }
       if (n < total) return;
     }

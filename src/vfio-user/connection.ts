@@ -93,6 +93,8 @@ export interface ConnectionOptions {
    * (DMA_READ / DMA_WRITE served by a client); it must accept only what
    * decodeMessage would, and leave anything else to the usual path, which
    * answers errors. Not called for commands that carry fds, nor when tracing.
+   * A reply of one part must be a fresh buffer (nothing else refers to it);
+   * further parts may be views of the caller's memory.
    */
   fastRequest?: (frame: Uint8Array, placed: Uint8Array | undefined) => Uint8Array[] | null;
 }
@@ -289,7 +291,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     this.#pending.set(id, { command, sink, cookie, into, resolve: noop, reject: noop, deadline, timeoutMs });
     if (deadline < this.#timerAt) this.#armTimer(deadline);
     try {
-      this.#writeParts(data ? [head, data] : [head]);
+      this.#writeParts(data ? [head, data] : [head], undefined, data === null);
     } catch (err) {
       this.#failPending(id, err as Error);
     }
@@ -357,7 +359,8 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     if (!this.socket.writable) return; // closing: nothing more goes out
     if (this.#trace) this.#traceOut(Array.isArray(msg) ? msg : [msg]);
     // A peer that does not read its replies stops being read from (backpressure), until 'drain'.
-    if (!this.socket.write(msg as Uint8Array | Uint8Array[], fds)) this.#setPaused('writes', true);
+    // A single buffer is a fresh encoding (nothing else refers to it); a pair gathers the caller's data.
+    if (!this.socket.write(msg as Uint8Array | Uint8Array[], fds, !Array.isArray(msg))) this.#setPaused('writes', true);
   }
 
   #setPaused(why: 'queue' | 'writes', on: boolean): void {
@@ -501,7 +504,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
         parts = null; // the usual path decides, and answers the error
       }
       if (parts) {
-        this.#writeParts(parts);
+        this.#writeParts(parts, undefined, parts.length === 1);
         return;
       }
     }
@@ -572,10 +575,11 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     this.#next();
   }
 
-  #writeParts(parts: Uint8Array[], fds?: readonly (Fd | number)[]): void {
+  /** `owned`: the parts are fresh buffers nothing else refers to (see UnixSocket.write). */
+  #writeParts(parts: Uint8Array[], fds?: readonly (Fd | number)[], owned = false): void {
     if (!this.socket.writable) return;
     if (this.#trace) this.#traceOut(parts);
-    if (!this.socket.write(parts, fds)) this.#setPaused('writes', true);
+    if (!this.socket.write(parts, fds, owned)) this.#setPaused('writes', true);
   }
 
   /** Runs queued commands in order; a loop, not recursion, however many are queued. */
