@@ -126,7 +126,7 @@ async function clientAgainstRawServer(t: TestContext, clientMaxXfer = 64 * KiB) 
 
 const errorReply = (id: number, cmd: number, errno: number): number[] => [...msg(id, cmd, 0x21, new Uint8Array(0), errno)];
 
-test('client fast path: DMA_READ inside one window is answered byte for byte from our memory', async (t) => {
+test('client fast path: DMA_READ inside one window is answered byte for byte from our memory', { timeout: 20_000 }, async (t) => {
   const env = await clientAgainstRawServer(t);
   const r = await env.ask(msg(0x77, Command.DMA_READ, 0, access(0x100010, 4096)));
   const want = Buffer.concat([msg(0x77, Command.DMA_READ, 1, access(0x100010, 4096), 0, 32 + 4096).subarray(0, 32), env.a.bytes.subarray(0x10, 0x10 + 4096)]);
@@ -137,14 +137,14 @@ test('client fast path: DMA_READ inside one window is answered byte for byte fro
   assert.equal(r2.readUInt32LE(4), 48);
 });
 
-test('client: a DMA_READ spanning two windows is served by the usual path, gathered from both', async (t) => {
+test('client: a DMA_READ spanning two windows is served by the usual path, gathered from both', { timeout: 20_000 }, async (t) => {
   const env = await clientAgainstRawServer(t);
   const r = await env.ask(msg(5, Command.DMA_READ, 0, access(0x10ff00, 512)));
   assert.equal(r.readUInt32LE(8), 1, 'a reply');
   assert.deepEqual([...r.subarray(32)], [...env.a.bytes.subarray(0xff00), ...env.b.bytes.subarray(0, 256)]);
 });
 
-test('client: DMA_READs the fast path refuses get the usual path’s errno replies', async (t) => {
+test('client: DMA_READs the fast path refuses get the usual path’s errno replies', { timeout: 20_000 }, async (t) => {
   const env = await clientAgainstRawServer(t);
   // Outside every window: ENOENT.
   assert.deepEqual([...(await env.ask(msg(1, Command.DMA_READ, 0, access(0x300000, 64))))], errorReply(1, Command.DMA_READ, ENOENT));
@@ -170,7 +170,7 @@ test('client: DMA_READs the fast path refuses get the usual path’s errno repli
   assert.deepEqual([...r10.subarray(32)], [...env.a.bytes.subarray(0, 16)]);
 });
 
-test('client fast path: a placed DMA_WRITE lands in our memory and gets a 32-byte reply', async (t) => {
+test('client fast path: a placed DMA_WRITE lands in our memory and gets a 32-byte reply', { timeout: 20_000 }, async (t) => {
   const env = await clientAgainstRawServer(t);
   const data = Buffer.alloc(8 * KiB);
   for (let i = 0; i < data.length; i++) data[i] = (i * 11 + 9) & 0xff;
@@ -183,7 +183,7 @@ test('client fast path: a placed DMA_WRITE lands in our memory and gets a 32-byt
   assert.deepEqual([...env.b.bytes.subarray(0, 3)], [1, 2, 3]);
 });
 
-test('client: refused DMA_WRITEs leave our memory untouched', async (t) => {
+test('client: refused DMA_WRITEs leave our memory untouched', { timeout: 20_000 }, async (t) => {
   const env = await clientAgainstRawServer(t);
   const data = Buffer.alloc(8 * KiB, 0xee);
   const before = Buffer.from(env.ro.bytes);
@@ -232,7 +232,7 @@ const fill = (n: number, seed: number): Buffer => {
   return b;
 };
 
-test('runDmaTransfer DMA_READ: requests with the spec layout, all in flight, replies received into their chunks', async (t) => {
+test('runDmaTransfer DMA_READ: requests with the spec layout, all in flight, replies received into their chunks', { timeout: 20_000 }, async (t) => {
   const { conn, peer, frames } = transferPair(t);
   const dest = Buffer.alloc(5 * 8 * KiB + 100);
   const chunks = [0, 1, 2, 3, 4].map((i) => ({ address: 0x40000 + i * 8 * KiB, bytes: dest.subarray(i * 8 * KiB, (i + 1) * 8 * KiB) }));
@@ -248,7 +248,7 @@ test('runDmaTransfer DMA_READ: requests with the spec layout, all in flight, rep
   assert.equal(conn.pendingCount, 0);
 });
 
-test('runDmaTransfer: a window of 2 MiB in flight, refilled by halves', async (t) => {
+test('runDmaTransfer: a window of 2 MiB in flight, refilled by halves', { timeout: 20_000 }, async (t) => {
   const { conn, peer, frames } = transferPair(t);
   const chunk = 64 * KiB;
   const dest = Buffer.alloc(80 * chunk);
@@ -275,7 +275,7 @@ test('runDmaTransfer: a window of 2 MiB in flight, refilled by halves', async (t
   assert.ok(chunks.every((c) => c.bytes.every((x) => x === (c.address / chunk) % 256)));
 });
 
-test('runDmaTransfer: a bad reply fails the transfer after the chunks in flight settle; no request after it', async (t) => {
+test('runDmaTransfer: a bad reply fails the transfer after the chunks in flight settle; no request after it', { timeout: 20_000 }, async (t) => {
   const { conn, peer, frames } = transferPair(t);
   const dest = Buffer.alloc(4 * 8 * KiB);
   const chunks = [0, 1, 2, 3].map((i) => ({ address: i * 8 * KiB, bytes: dest.subarray(i * 8 * KiB, (i + 1) * 8 * KiB) }));
@@ -294,7 +294,7 @@ test('runDmaTransfer: a bad reply fails the transfer after the chunks in flight 
   assert.equal(frames.list.length, 4);
 });
 
-test('runDmaTransfer: error replies, replies to another command, and short data fail it with clear errors', async (t) => {
+test('runDmaTransfer: error replies, replies to another command, and short data fail it with clear errors', { timeout: 20_000 }, async (t) => {
   const { conn, peer, frames } = transferPair(t);
   const one = async (answer: (id: number, address: number) => Buffer): Promise<unknown> => {
     const before = frames.list.length;
@@ -320,7 +320,7 @@ test('runDmaTransfer: error replies, replies to another command, and short data 
   assert.equal(fine, null);
 });
 
-test('runDmaTransfer DMA_WRITE: the data follows each header; reply bodies of 0, 12 and 16 bytes accepted, 8 refused', async (t) => {
+test('runDmaTransfer DMA_WRITE: the data follows each header; reply bodies of 0, 12 and 16 bytes accepted, 8 refused', { timeout: 20_000 }, async (t) => {
   const { conn, peer, frames } = transferPair(t);
   const src = fill(3 * 8 * KiB, 3);
   const chunks = [0, 1, 2].map((i) => ({ address: 0x8000 + i * 8 * KiB, bytes: src.subarray(i * 8 * KiB, (i + 1) * 8 * KiB) }));
@@ -340,7 +340,7 @@ test('runDmaTransfer DMA_WRITE: the data follows each header; reply bodies of 0,
   await assert.rejects(bad, (e: unknown) => e instanceof ConnectionError && e.code === 'VFU_BAD_REPLY' && /8 bytes/.test(e.message));
 });
 
-test('runDmaTransfer: beforeSend throwing stops new chunks; the sent ones settle first', async (t) => {
+test('runDmaTransfer: beforeSend throwing stops new chunks; the sent ones settle first', { timeout: 20_000 }, async (t) => {
   const { conn, peer, frames } = transferPair(t);
   const chunks = [0, 1, 2, 3].map((i) => ({ address: i * 16, bytes: Buffer.alloc(16) }));
   const gone = new Error('window unmapped');
@@ -359,7 +359,7 @@ test('runDmaTransfer: beforeSend throwing stops new chunks; the sent ones settle
   assert.equal(conn.pendingCount, 0);
 });
 
-test('runDmaTransfer: a silent peer times out, a closing one fails every chunk; a closed connection rejects at once', async (t) => {
+test('runDmaTransfer: a silent peer times out, a closing one fails every chunk; a closed connection rejects at once', { timeout: 20_000 }, async (t) => {
   const quiet = transferPair(t, 100);
   const p1 = runDmaTransfer(quiet.conn, Command.DMA_READ, [{ address: 0, bytes: Buffer.alloc(8) }], 8);
   await assert.rejects(p1, (e: unknown) => e instanceof ConnectionError && e.code === 'VFU_TIMEOUT');
@@ -375,4 +375,106 @@ test('runDmaTransfer: a silent peer times out, a closing one fails every chunk; 
   );
   // Nothing to do: resolves without a request.
   await runDmaTransfer(dying.conn, Command.DMA_READ, [], 8);
+});
+
+/* ------------------------------------------------------------------ */
+/* Review findings (each failed before its fix)                        */
+
+test('runDmaTransfer: a destination that goes away mid-transfer fails the transfer; the process does not crash', { timeout: 20_000 }, async (t) => {
+  const { conn, peer, frames } = transferPair(t);
+  let uncaught: unknown = null;
+  const onUncaught = (e: unknown): void => {
+    uncaught = e;
+  };
+  process.on('uncaughtException', onUncaught);
+  t.after(() => process.off('uncaughtException', onUncaught));
+  for (const variant of ['count 0', 'full data']) {
+    const mem = SharedMemory.create(4096);
+    const before = frames.list.length;
+    const p = runDmaTransfer(conn, Command.DMA_READ, [{ address: 0x5000, bytes: mem.bytes.subarray(0, 64) }], 64);
+    await frames.count(before + 1);
+    const r = parseDmaRequest(frames.list[before]!, Command.DMA_READ);
+    mem.close(); // the view is detached now (length 0), as after a DMA_UNMAP of that window
+    const reply =
+      variant === 'count 0'
+        ? msg(r.id, Command.DMA_READ, 1, access(r.address, 0))
+        : msg(r.id, Command.DMA_READ, 1, Buffer.concat([access(r.address, 64), Buffer.alloc(64, 1)]));
+    peer.write(reply);
+    await assert.rejects(p, (e: unknown) => e instanceof ConnectionError && e.code === 'VFU_BAD_REPLY', variant);
+  }
+  assert.equal(uncaught, null);
+  assert.equal(conn.pendingCount, 0);
+});
+
+test('runDmaTransfer DMA_WRITE: a reply whose u64 fields are out of range is refused, as the codec refuses it', { timeout: 20_000 }, async (t) => {
+  const { conn, peer, frames } = transferPair(t);
+  for (const body of [Buffer.alloc(16, 0xff), new Bytes().u64(0xffff_ffff_ffff_ffffn).u32(1).build(), new Bytes().u64(0).u64(2n ** 60n).build()]) {
+    const before = frames.list.length;
+    const p = runDmaTransfer(conn, Command.DMA_WRITE, [{ address: 0, bytes: Buffer.alloc(4) }], 4);
+    await frames.count(before + 1);
+    peer.write(msg(frames.list[before]!.readUInt16LE(0), Command.DMA_WRITE, 1, body));
+    await assert.rejects(p, (e: unknown) => e instanceof ConnectionError && e.code === 'VFU_BAD_REPLY' && /out of range/.test(e.message));
+  }
+});
+
+test('client: DMA requests whose address + count passes 2^53 - 1 are refused, and nothing is written', { timeout: 20_000 }, async (t) => {
+  const env = await clientAgainstRawServer(t);
+  const top = SharedMemory.create(8 * KiB);
+  t.after(() => top.close());
+  const base = 2 ** 53 - 8 * KiB; // a window ending exactly at 2^53, which DMA_MAP allows
+  await env.client.dmaMap({ iova: base, size: top.size, memory: top, passFd: false });
+  env.skip(); // the DMA_MAP request the raw server answered
+  const read = await env.ask(msg(0x42, Command.DMA_READ, 0, access(base + 4 * KiB, 4 * KiB)));
+  assert.equal(read.readUInt32LE(8), 0x21, 'an error reply');
+  assert.equal(read.readUInt32LE(4), 16);
+  const data = Buffer.alloc(4 * KiB, 0xab);
+  const write = await env.ask(msg(0x43, Command.DMA_WRITE, 0, Buffer.concat([access(base + 4 * KiB, data.length), data])));
+  assert.equal(write.readUInt32LE(8), 0x21, 'an error reply');
+  assert.ok(top.bytes.every((x) => x === 0), 'the window was not written');
+  // Inside it, below 2^53 - 1, both work.
+  const ok = await env.ask(msg(0x44, Command.DMA_READ, 0, access(base, 4 * KiB)));
+  assert.equal(ok.readUInt32LE(8), 1);
+});
+
+test('client: a DMA_WRITE whose window is unmapped while its data streams in gets ENOENT, not success', { timeout: 20_000 }, async (t) => {
+  const env = await clientAgainstRawServer(t);
+  const data = Buffer.alloc(8 * KiB, 0x3c);
+  const whole = msg(0x51, Command.DMA_WRITE, 0, Buffer.concat([access(0x101000, data.length), data]));
+  env.peer.write(whole.subarray(0, 132)); // the prefix and some data: placed into the window
+  await new Promise((r) => setTimeout(r, 30));
+  env.client.dma.unmap(0x100000, 64 * KiB); // as a DMA_UNMAP reply on the main socket would, with a twin socket
+  env.peer.write(whole.subarray(132));
+  await env.frames.count(env.at() + 1);
+  const r = env.frames.list[env.at()]!;
+  env.skip();
+  assert.deepEqual([...r], errorReply(0x51, Command.DMA_WRITE, ENOENT));
+});
+
+test('client: a server that sends DMA_READs and does not read the replies cannot make our queue grow without bound', { timeout: 20_000 }, async (t) => {
+  const env = await clientAgainstRawServer(t);
+  const n = 600; // 600 x 64 KiB = 37.5 MiB of replies
+  env.peer.pause(); // not reading
+  const reqs = Buffer.concat(Array.from({ length: n }, (_, i) => msg(0x1000 + i, Command.DMA_READ, 0, access(0x100000, 64 * KiB))));
+  env.peer.write(reqs);
+  let most = 0;
+  const sock = env.client.conn.socket;
+  const started = Date.now();
+  while (Date.now() - started < 300) {
+    most = Math.max(most, sock.writableLength);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  assert.ok(most > 0, 'replies are waiting');
+  assert.ok(most <= (16 << 20) + 64 * KiB + 32, `at most 16 MiB and one reply queued, saw ${most}`);
+  // A DMA_WRITE meanwhile makes the client copy what is queued: bounded by the same limit.
+  env.peer.write(msg(0x2000, Command.DMA_WRITE, 0, Buffer.concat([access(0x110000, 4), Buffer.from([9, 9, 9, 9])])));
+  env.peer.resume();
+  await env.frames.count(env.at() + n + 1);
+  const replies = env.frames.list.slice(env.at(), env.at() + n + 1);
+  assert.deepEqual(
+    replies.map((m) => m.readUInt16LE(0)),
+    [...Array.from({ length: n }, (_, i) => 0x1000 + i), 0x2000],
+    'every reply, in order',
+  );
+  assert.ok(replies.slice(0, n).every((m) => m.readUInt32LE(8) === 1 && m.length === 32 + 64 * KiB));
+  assert.deepEqual([...env.b.bytes.subarray(0, 4)], [9, 9, 9, 9]);
 });

@@ -139,6 +139,11 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     return !this.#closed && !this.#ending;
   }
 
+  /** Queued bytes above which write() returns false and 'drain' follows. */
+  get writableHighWaterMark(): number {
+    return this.#highWaterMark;
+  }
+
   /** Bytes accepted by write() and not yet handed to the kernel. */
   get writableLength(): number {
     return this.#queued;

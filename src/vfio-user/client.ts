@@ -373,15 +373,21 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
     const size = (frame[4]! | (frame[5]! << 8) | (frame[6]! << 16) | (frame[7]! << 24)) >>> 0;
     const address = readU64(frame, HEADER_SIZE);
     const count = readU64(frame, HEADER_SIZE + 8);
-    if (address < 0 || count <= 0 || count > this.#options.maxDataXferSize) return null;
+    if (address < 0 || count <= 0 || count > this.#options.maxDataXferSize || address + count > Number.MAX_SAFE_INTEGER) return null;
     let data: Uint8Array | undefined;
     if (cmd === Command.DMA_READ) {
       if (placed !== undefined || frame.length !== PLACE_PREFIX || size !== PLACE_PREFIX) return null;
       const seg = this.dma.translate(address, count, DmaMapFlag.READ); // throws outside one window: null
       const w = seg.region.handle;
       data = w.memory.subarray(w.offset + seg.regionOffset, count); // gathered at sendmsg, not copied
-    } else if (placed === undefined || placed.length !== count || frame.length !== PLACE_PREFIX || size !== PLACE_PREFIX + count) {
-      return null; // only a DMA_WRITE received in place (#placeDmaWrite checked its window)
+    } else {
+      // Only a DMA_WRITE received in place, and only if that memory is still the window's: it may
+      // have been unmapped while the data streamed in (a twin socket is not ordered with the main one).
+      if (placed === undefined || placed.length !== count || frame.length !== PLACE_PREFIX || size !== PLACE_PREFIX + count) return null;
+      const seg = this.dma.translate(address, count, DmaMapFlag.WRITE); // throws if unmapped: null
+      const w = seg.region.handle;
+      const now = w.memory.subarray(w.offset + seg.regionOffset, count);
+      if (now.buffer !== placed.buffer || now.byteOffset !== placed.byteOffset) return null;
     }
     // Off-heap (Buffer's pool): an on-heap Uint8Array would be copied out when sendmsg asks for its memory.
     const head = Buffer.allocUnsafe(PLACE_PREFIX);
@@ -407,6 +413,7 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
     const address = readU64(prefix, HEADER_SIZE);
     const count = readU64(prefix, HEADER_SIZE + 8);
     if (address < 0 || count !== size - prefix.length || count > this.#options.maxDataXferSize) return null;
+    if (address + count > Number.MAX_SAFE_INTEGER) return null; // decodeMessage refuses it: write nothing
     try {
       const segs = this.dma.lookup(address, count, DmaMapFlag.WRITE);
       if (segs.length !== 1) return null;

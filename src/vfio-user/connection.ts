@@ -39,6 +39,13 @@ import {
 
 /** Smallest send buffer asked for (SO_SNDBUF). */
 const SEND_BUFFER_MIN = 4 << 20;
+/**
+ * Bytes waiting on the socket above which incoming commands wait (at least 4
+ * largest messages): a peer that sends requests and does not read the replies
+ * cannot make us queue without bound. Replies are often views of memory (a
+ * client's DMA_READ replies) that may have to be copied later.
+ */
+const REPLY_QUEUE_LIMIT = 16 << 20;
 /** Commands queued behind a slow one before the socket stops being read. */
 const MAX_QUEUED = 1024;
 /**
@@ -222,7 +229,10 @@ export class Connection extends EventEmitter<ConnectionEvents> {
       }
     });
     socket.on('close', (err) => this.#shutdown(err ?? new ConnectionError('VFU_CLOSED', 'the peer closed the connection')));
-    socket.on('drain', () => this.#setPaused('writes', false));
+    socket.on('drain', () => {
+      this.#setPaused('writes', false);
+      this.#next(); // commands held back while our replies were not being read
+    });
   }
 
   get closed(): boolean {
@@ -405,7 +415,14 @@ export class Connection extends EventEmitter<ConnectionEvents> {
       if (!p?.into || p.into.length !== size - PLACE_PREFIX || p.command !== (prefix[2]! | (prefix[3]! << 8))) return null;
       return canPlace(p.command, true) ? p.into : null;
     }
-    if (type === MessageType.COMMAND && this.#placeRequest && !this.#busy && this.#queue.length === 0 && canPlace(prefix[2]! | (prefix[3]! << 8), false)) {
+    if (
+      type === MessageType.COMMAND &&
+      this.#placeRequest &&
+      !this.#busy &&
+      this.#queue.length === 0 &&
+      !this.#repliesBacklogged() &&
+      canPlace(prefix[2]! | (prefix[3]! << 8), false)
+    ) {
       const target = this.#placeRequest(prefix, size);
       return target && target.length === size - PLACE_PREFIX ? target : null;
     }
@@ -418,7 +435,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
       this.#onReply(frame, fds, placed);
       return;
     }
-    if (this.#busy) {
+    if (this.#busy || this.#queue.length > 0 || this.#repliesBacklogged()) {
       this.#queue.push({ frame, fds, placed });
       if (this.#queue.length >= MAX_QUEUED) this.#setPaused('queue', true);
       return;
@@ -491,7 +508,12 @@ export class Connection extends EventEmitter<ConnectionEvents> {
       const errno = (frame[12]! | (frame[13]! << 8) | (frame[14]! << 16) | (frame[15]! << 24)) >>> 0;
       p.sink!.fail(new ConnectionError('VFU_PEER_ERROR', `${Command[p.command]} failed: ${errnoName(errno)}`, errno), p.cookie);
     } else {
-      p.sink!.reply(frame, placed, p.cookie);
+      try {
+        p.sink!.reply(frame, placed, p.cookie);
+      } catch (err) {
+        // A sink must not throw (this is the socket's read handler); if one does, report it.
+        if (this.listenerCount('error') > 0) this.emit('error', err as Error);
+      }
     }
   }
 
@@ -587,7 +609,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     if (this.#draining) return;
     this.#draining = true;
     try {
-      while (!this.#busy && !this.#closed && this.#queue.length > 0) {
+      while (!this.#busy && !this.#closed && this.#queue.length > 0 && !this.#repliesBacklogged()) {
         const { frame, fds, placed } = this.#queue.shift()!;
         this.#dispatch(frame, fds, placed);
       }
@@ -595,6 +617,13 @@ export class Connection extends EventEmitter<ConnectionEvents> {
       this.#draining = false;
     }
     if (this.#queue.length < MAX_QUEUED / 2) this.#setPaused('queue', false);
+  }
+
+  /** Our replies waiting on the socket are above REPLY_QUEUE_LIMIT: commands wait for 'drain'. */
+  #repliesBacklogged(): boolean {
+    // Never below the socket's high-water mark: above it write() returned false, so 'drain' will come.
+    const limit = Math.max(REPLY_QUEUE_LIMIT, 4 * this.limits.maxMsgSize, this.socket.writableHighWaterMark);
+    return this.socket.writableLength > limit;
   }
 
   #failPending(id: number, err: Error): void {

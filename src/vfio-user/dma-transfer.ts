@@ -53,6 +53,8 @@ class DmaTransfer implements ReplySink {
   readonly #conn: Connection;
   readonly #command: Command.DMA_READ | Command.DMA_WRITE;
   readonly #chunks: readonly DmaChunk[];
+  /** Each chunk's count as sent (its bytes may be a view of memory that goes away meanwhile). */
+  readonly #counts: number[] = [];
   readonly #window: number;
   readonly #beforeSend: ((index: number) => void) | undefined;
   readonly #resolve: () => void;
@@ -106,6 +108,7 @@ class DmaTransfer implements ReplySink {
     }
     // Header (the id is filled in by requestRaw), then struct vfio_user_dma_region_access.
     // Off-heap (Buffer's pool): an on-heap Uint8Array would be copied out when sendmsg asks for its memory.
+    this.#counts[index] = count;
     const head = Buffer.allocUnsafe(PLACE_PREFIX);
     head[2] = this.#command;
     head[3] = 0;
@@ -126,8 +129,15 @@ class DmaTransfer implements ReplySink {
 
   reply(frame: Uint8Array, placed: Uint8Array | undefined, index: number): void {
     this.#inFlight--;
-    const chunk = this.#chunks[index]!;
-    const why = this.#command === Command.DMA_READ ? checkReadReply(frame, placed, chunk) : checkWriteReply(frame, placed);
+    let why: string | undefined;
+    try {
+      why =
+        this.#command === Command.DMA_READ
+          ? checkReadReply(frame, placed, this.#chunks[index]!, this.#counts[index]!)
+          : checkWriteReply(frame, placed);
+    } catch (err) {
+      why = (err as Error).message; // never out of here: this runs inside the socket's read handler
+    }
     if (why !== undefined) this.#fail(new ConnectionError('VFU_BAD_REPLY', `${Command[this.#command]} reply: ${why}`, Errno.EIO));
     else if (this.#inFlight <= this.#window >> 1) this.#fill(); // refill by halves: the next requests leave together
     this.#settleIfDone();
@@ -154,9 +164,11 @@ class DmaTransfer implements ReplySink {
   }
 }
 
-/** Checks a DMA_READ reply against its chunk; copies its data if it was not received in place. */
-function checkReadReply(frame: Uint8Array, placed: Uint8Array | undefined, chunk: DmaChunk): string | undefined {
-  const count = chunk.bytes.length;
+/**
+ * Checks a DMA_READ reply against its chunk (`count` as requested); copies its
+ * data if it was not received in place.
+ */
+function checkReadReply(frame: Uint8Array, placed: Uint8Array | undefined, chunk: DmaChunk, count: number): string | undefined {
   if (frame.length < PLACE_PREFIX) return `${frame.length} bytes, less than header and address/count`;
   if (readU64(frame, HEADER_SIZE) !== chunk.address || readU64(frame, HEADER_SIZE + 8) !== count) {
     return 'address or count differs from the request';
@@ -167,6 +179,8 @@ function checkReadReply(frame: Uint8Array, placed: Uint8Array | undefined, chunk
     return undefined;
   }
   if (frame.length !== PLACE_PREFIX + count) return `${frame.length - PLACE_PREFIX} data bytes for a count of ${count}`;
+  // The destination may be a view of a window unmapped meanwhile (detached: length 0).
+  if (chunk.bytes.length !== count) return 'the destination went away during the transfer';
   chunk.bytes.set(frame.subarray(PLACE_PREFIX)); // a small reply arrives whole, not placed
   return undefined;
 }
@@ -174,7 +188,11 @@ function checkReadReply(frame: Uint8Array, placed: Uint8Array | undefined, chunk
 function checkWriteReply(frame: Uint8Array, placed: Uint8Array | undefined): string | undefined {
   if (placed !== undefined) return 'a payload where none was expected';
   const body = frame.length - HEADER_SIZE;
-  return DMA_WRITE_REPLY_SIZES.includes(body) ? undefined : `a body of ${body} bytes`;
+  if (!DMA_WRITE_REPLY_SIZES.includes(body)) return `a body of ${body} bytes`;
+  // The codec's rule for u64 fields: below 2^53 (the address, and a 16-byte body's count).
+  if (body >= 12 && readU64(frame, HEADER_SIZE) < 0) return 'address out of range';
+  if (body === 16 && readU64(frame, HEADER_SIZE + 8) < 0) return 'count out of range';
+  return undefined;
 }
 
 /** A little-endian u64 as a Number, or -1 if it is not a safe integer (never equal to a valid address or count). */
