@@ -384,10 +384,10 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
       // Only a DMA_WRITE received in place, and only if that memory is still the window's: it may
       // have been unmapped while the data streamed in (a twin socket is not ordered with the main one).
       if (placed === undefined || placed.length !== count || frame.length !== PLACE_PREFIX || size !== PLACE_PREFIX + count) return null;
-      const seg = this.dma.translate(address, count, DmaMapFlag.WRITE); // throws if unmapped: null
-      const w = seg.region.handle;
-      const now = w.memory.subarray(w.offset + seg.regionOffset, count);
-      if (now.buffer !== placed.buffer || now.byteOffset !== placed.byteOffset) return null;
+      const r = this.dma.find(address);
+      if (r === undefined || (r.prot & DmaMapFlag.WRITE) === 0 || address + count > r.iova + r.size) return null;
+      const bytes = r.handle.memory.bytes; // throws once the memory is closed: null
+      if (placed.buffer !== bytes.buffer || placed.byteOffset !== bytes.byteOffset + r.handle.offset + (address - r.iova)) return null;
     }
     // Off-heap (Buffer's pool): an on-heap Uint8Array would be copied out when sendmsg asks for its memory.
     const head = Buffer.allocUnsafe(PLACE_PREFIX);
@@ -415,10 +415,9 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
     if (address < 0 || count !== size - prefix.length || count > this.#options.maxDataXferSize) return null;
     if (address + count > Number.MAX_SAFE_INTEGER) return null; // decodeMessage refuses it: write nothing
     try {
-      const segs = this.dma.lookup(address, count, DmaMapFlag.WRITE);
-      if (segs.length !== 1) return null;
-      const w = segs[0]!.region.handle;
-      const target = w.memory.subarray(w.offset + segs[0]!.regionOffset, count);
+      const seg = this.dma.translate(address, count, DmaMapFlag.WRITE); // throws unless inside one window
+      const w = seg.region.handle;
+      const target = w.memory.subarray(w.offset + seg.regionOffset, count);
       this.#snapshotReplies();
       return target;
     } catch {
