@@ -16,7 +16,7 @@ import { Connection, ConnectionError } from '../src/vfio-user/connection.js';
 import { runDmaTransfer } from '../src/vfio-user/dma-transfer.js';
 import { codecLimits } from '../src/vfio-user/messages.js';
 import { Command } from '../src/vfio-user/constants.js';
-import { SharedMemory, UnixServer, socketPair, type UnixSocket } from '../src/sys/index.js';
+import { SharedMemory, UnixServer, UnixSocket, socketPair, socketPairFds } from '../src/sys/index.js';
 import { Bytes } from '../src/testing/index.js';
 import { until } from './helpers/sys.js';
 
@@ -477,4 +477,98 @@ test('client: a server that sends DMA_READs and does not read the replies cannot
   );
   assert.ok(replies.slice(0, n).every((m) => m.readUInt32LE(8) === 1 && m.length === 32 + 64 * KiB));
   assert.deepEqual([...env.b.bytes.subarray(0, 4)], [9, 9, 9, 9]);
+});
+
+/* ------------------------------------------------------------------ */
+/* With a twin socket (second review)                                  */
+
+/** A raw server that offers a twin socket; the test drives the twin's peer end. */
+async function clientWithTwin(t: TestContext) {
+  const MiB = 1 << 20;
+  const server = UnixServer.listen(sock('twin.sock'));
+  let twin: UnixSocket | null = null;
+  let twinFrames: Frames | null = null;
+  server.on('connection', (s) => {
+    const frames = new Frames(s);
+    let handled = 0;
+    s.on('data', () => {
+      for (; handled < frames.list.length; handled++) {
+        const m = frames.list[handled]!;
+        const id = m.readUInt16LE(0);
+        const cmd = m.readUInt16LE(2);
+        if ((m.readUInt32LE(8) & 0xf) !== 0) continue;
+        if (cmd === Command.VERSION) {
+          const [mine, theirs] = socketPairFds();
+          twin = new UnixSocket(mine);
+          twinFrames = new Frames(twin);
+          const json = `{"capabilities":{"max_data_xfer_size":${MiB},"twin_socket":{"supported":true,"fd_index":0}}}`;
+          s.write(new Bytes().u16(id).u16(1).u32(16 + 4 + json.length + 1).u32(1).u32(0).u16(0).u16(0).ascii(json).u8(0).build(), [theirs]);
+          theirs.close();
+        } else if (cmd === Command.DMA_MAP) {
+          s.write(msg(id, cmd, 1, new Uint8Array(0)));
+        } else if (cmd === Command.DMA_UNMAP) {
+          s.write(msg(id, cmd, 1, m.subarray(16))); // its reply echoes the request's body
+        }
+      }
+    });
+  });
+  const client = await VfioUserClient.connect(server.path, { maxDataXferSize: MiB, twinSocket: true });
+  const mem = SharedMemory.create(MiB);
+  mem.bytes.fill(0xaa);
+  await client.dmaMap({ iova: 0x100000, size: MiB, memory: mem, passFd: false });
+  t.after(() => {
+    client.close();
+    server.close();
+    mem.close();
+    twin?.destroy();
+  });
+  return { client, mem, twin: twin! as UnixSocket, twinFrames: twinFrames! as Frames };
+}
+
+test('twin socket: a DMA_WRITE streaming in when its window is unmapped stops landing there and is refused', { timeout: 20_000 }, async (t) => {
+  const { client, mem, twin, twinFrames } = await clientWithTwin(t);
+  const data = Buffer.alloc(512 * KiB, 0xbb);
+  const whole = msg(7, Command.DMA_WRITE, 0, Buffer.concat([access(0x100000, data.length), data]));
+  twin.write(whole.subarray(0, 32 + 64 * KiB));
+  await until(() => mem.bytes[64 * KiB - 1] === 0xbb, 5000, () => 'the first 64 KiB placed');
+  await client.dmaUnmap(0x100000, 1 << 20); // acknowledged on the main socket, ahead of the twin's data
+  mem.bytes[100 * KiB] = 0x11; // the application's memory again
+  twin.write(whole.subarray(32 + 64 * KiB));
+  await twinFrames.count(1);
+  const r = twinFrames.list[0]!;
+  assert.equal(r.readUInt32LE(8), 0x21, 'an error reply');
+  assert.equal(mem.bytes[100 * KiB], 0x11, 'nothing landed after the unmap');
+  assert.equal(mem.bytes[511 * KiB], 0xaa);
+});
+
+test('twin socket: DMA_READ replies still queued when their window is unmapped carry the data from before', { timeout: 20_000 }, async (t) => {
+  const { client, mem, twin, twinFrames } = await clientWithTwin(t);
+  twin.pause(); // the server does not read its replies for now
+  const n = 24;
+  for (let i = 0; i < n; i++) twin.write(msg(i, Command.DMA_READ, 0, access(0x100000, 1 << 20)));
+  await until(() => client.conn.pendingCount === 0 && twin.writableLength === 0);
+  await new Promise((r) => setTimeout(r, 50));
+  await client.dmaUnmap(0x100000, 1 << 20);
+  mem.bytes.fill(0x11); // reused after dmaUnmap resolved
+  twin.resume();
+  await twinFrames.count(n);
+  // Served before the unmap: the data as it was then. Served after it (commands wait while 16 MiB
+  // of replies are unread): ENOENT. Never bytes written after dmaUnmap() resolved.
+  const served = twinFrames.list.filter((m) => m.readUInt32LE(8) === 1);
+  const refused = twinFrames.list.filter((m) => m.readUInt32LE(8) === 0x21);
+  assert.equal(served.length + refused.length, n);
+  assert.ok(served.length > 0);
+  assert.ok(refused.every((m) => m.readUInt32LE(12) === ENOENT));
+  const stale = served.filter((m) => m.length !== 32 + (1 << 20) || m.subarray(32).some((x) => x !== 0xaa));
+  assert.equal(stale.length, 0, `${stale.length} of ${served.length} replies carry bytes written after the unmap`);
+});
+
+test('twin socket: when the twin closes, the client closes (its DMA channel is gone) and says why', { timeout: 20_000 }, async (t) => {
+  const { client, twin } = await clientWithTwin(t);
+  const closed = new Promise<Error | undefined>((r) => client.once('close', r));
+  twin.destroy();
+  const err = await closed;
+  assert.ok(client.conn.closed);
+  assert.ok(err === undefined || /twin/.test(err.message), String(err));
+  await assert.rejects(client.regionRead(0, 0, 4), (e: unknown) => e instanceof ConnectionError && e.code === 'VFU_CLOSED');
 });

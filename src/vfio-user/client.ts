@@ -75,6 +75,9 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
   #nowait: Promise<unknown>[] = [];
   #multi: RegionAccessData[] | null = null;
   #multiScheduled = false;
+  #closing = false;
+  /** Per connection, the DMA_WRITE being received into one of our windows (at most one each). */
+  readonly #placing = new Map<Connection, { target: Uint8Array; address: number; count: number }>();
 
   private constructor(
     conn: Connection,
@@ -94,6 +97,22 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
     conn.on('close', (err) => {
       this.#twin?.close();
       this.emit('close', err);
+    });
+    // Without its twin the server cannot do DMA: the client goes down with it.
+    twin?.on('close', (err) => {
+      if (!this.#closing) this.conn.close(err ?? new ConnectionError('VFU_CLOSED', 'the twin socket closed'));
+    });
+    this.dma.onUnmap((r) => {
+      // A DMA_WRITE still streaming into the window stops landing there (with a twin socket the
+      // DMA_UNMAP reply can overtake it), and replies still queued that are views of our memory
+      // are copied: after dmaUnmap() resolves the memory is the application's again.
+      for (const [c, p] of this.#placing) {
+        if (p.address < r.iova + r.size && r.iova < p.address + p.count) {
+          c.dropPlacement(p.target);
+          this.#placing.delete(c);
+        }
+      }
+      this.#snapshotReplies();
     });
   }
 
@@ -120,12 +139,23 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
       return client.#serve(msg);
     };
     // A large DMA_WRITE's data is received straight into our memory when it lies in one window.
-    const placeRequest = (prefix: Uint8Array, size: number): Uint8Array | null => (client ? client.#placeDmaWrite(prefix, size) : null);
+    const placeOn =
+      (which: () => Connection | null) =>
+      (prefix: Uint8Array, size: number): Uint8Array | null => {
+        const c = which();
+        return client && c ? client.#placeDmaWrite(prefix, size, c) : null;
+      };
     const limits = codecLimits(opts.maxDataXferSize);
     // DMA_READ / DMA_WRITE within one window are answered without decoding them into messages.
     const fastRequest = (frame: Uint8Array, placed: Uint8Array | undefined): Uint8Array[] | null =>
       client ? client.#fastServe(frame, placed) : null;
-    const conn = new Connection(socket, { limits, timeoutMs: opts.timeoutMs, onRequest, placeRequest, fastRequest });
+    const conn: Connection = new Connection(socket, {
+      limits,
+      timeoutMs: opts.timeoutMs,
+      onRequest,
+      placeRequest: placeOn(() => conn),
+      fastRequest,
+    });
     const proposed = { major: VFIO_USER_MAJOR, minor: VFIO_USER_MINOR };
     const json = buildCapabilitiesJson({
       maxMsgFds: opts.maxMsgFds,
@@ -150,7 +180,14 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
       if (caps.twinSocket?.supported) {
         const fd = reply.fds[caps.twinSocket.fdIndex ?? 0]!;
         const twinSock = new UnixSocket(fd.dup());
-        twin = new Connection(twinSock, { limits, timeoutMs: opts.timeoutMs, onRequest, placeRequest, fastRequest });
+        const twinConn: Connection = new Connection(twinSock, {
+          limits,
+          timeoutMs: opts.timeoutMs,
+          onRequest,
+          placeRequest: placeOn(() => twinConn),
+          fastRequest,
+        });
+        twin = twinConn;
       }
       for (const f of reply.fds) f.close();
       client = new VfioUserClient(conn, twin, reply.body, caps, opts);
@@ -383,7 +420,11 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
     } else {
       // Only a DMA_WRITE received in place, and only if that memory is still the window's: it may
       // have been unmapped while the data streamed in (a twin socket is not ordered with the main one).
-      if (placed === undefined || placed.length !== count || frame.length !== PLACE_PREFIX || size !== PLACE_PREFIX + count) return null;
+      if (placed === undefined || frame.length !== PLACE_PREFIX || size !== PLACE_PREFIX + count) return null;
+      // Its placement was dropped (the window was unmapped, or its memory closed, while the data
+      // streamed in): the rest was discarded, and the window is gone: ENOENT, as #serve says.
+      if (placed.length === 0) return [errorReply(frame, VErrno.ENOENT)];
+      if (placed.length !== count) return null;
       const r = this.dma.find(address);
       if (r === undefined || (r.prot & DmaMapFlag.WRITE) === 0 || address + count > r.iova + r.size) return null;
       const bytes = r.handle.memory.bytes; // throws once the memory is closed: null
@@ -404,7 +445,7 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
    * we may write, that memory (its data is received there); else null, and
    * the request is received and checked as usual (and refused if bad).
    */
-  #placeDmaWrite(prefix: Uint8Array, size: number): Uint8Array | null {
+  #placeDmaWrite(prefix: Uint8Array, size: number, conn: Connection): Uint8Array | null {
     if ((prefix[2]! | (prefix[3]! << 8)) !== Command.DMA_WRITE) return null;
     // Only a well-formed command (no reserved flag bits, no error field) is placed: a request
     // that will be refused must not have written our memory first.
@@ -419,6 +460,7 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
       const w = seg.region.handle;
       const target = w.memory.subarray(w.offset + seg.regionOffset, count);
       this.#snapshotReplies();
+      this.#placing.set(conn, { target, address, count });
       return target;
     } catch {
       return null; // outside our windows, or the memory was closed: refused by #serve
@@ -436,8 +478,19 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
   }
 
   close(): void {
+    this.#closing = true;
     this.#flushMulti();
     this.#twin?.close();
     this.conn.close();
   }
+}
+
+/** A header-only error reply to the command in `frame` (its id and command, REPLY | ERROR, errno). */
+function errorReply(frame: Uint8Array, errno: number): Uint8Array {
+  const head = Buffer.allocUnsafe(HEADER_SIZE);
+  for (let i = 0; i < 4; i++) head[i] = frame[i]!;
+  putU32(head, 4, HEADER_SIZE);
+  putU32(head, 8, MessageType.REPLY | HeaderFlags.ERROR);
+  putU32(head, 12, errno);
+  return head;
 }

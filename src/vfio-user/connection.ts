@@ -332,6 +332,16 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     if (next < Infinity && !this.#closed) this.#armTimer(next);
   }
 
+  /**
+   * Stops receiving into `target` if a message's payload is being placed
+   * there (placeRequest, or a request's `into`): the rest of it is discarded
+   * and the message is handled with its data missing (refused). For memory
+   * that stops being ours to write, e.g. a DMA window just unmapped.
+   */
+  dropPlacement(target: Uint8Array): void {
+    this.#reader.dropPlacement(target);
+  }
+
   /** Runs `fn`, sending the messages it writes together (as few sendmsg calls as possible). */
   batch<T>(fn: () => T): T {
     this.socket.cork();
