@@ -16,7 +16,7 @@ import { Connection, ConnectionError } from '../src/vfio-user/connection.js';
 import { runDmaTransfer } from '../src/vfio-user/dma-transfer.js';
 import { codecLimits } from '../src/vfio-user/messages.js';
 import { Command } from '../src/vfio-user/constants.js';
-import { SharedMemory, UnixServer, UnixSocket, socketPair, socketPairFds } from '../src/sys/index.js';
+import { EventFd, SharedMemory, UnixServer, UnixSocket, socketPair, socketPairFds } from '../src/sys/index.js';
 import { Bytes } from '../src/testing/index.js';
 import { until } from './helpers/sys.js';
 
@@ -571,4 +571,29 @@ test('twin socket: when the twin closes, the client closes (its DMA channel is g
   assert.ok(client.conn.closed);
   assert.ok(err === undefined || /twin/.test(err.message), String(err));
   await assert.rejects(client.regionRead(0, 0, 4), (e: unknown) => e instanceof ConnectionError && e.code === 'VFU_CLOSED');
+});
+
+test('a handler reply the socket refuses (more fds than one message carries) becomes an errno reply, not a crash', { timeout: 20_000 }, async (t) => {
+  const [ours, theirs] = socketPair();
+  const e = EventFd.create();
+  const errors: Error[] = [];
+  const conn = new Connection(ours, {
+    limits: codecLimits(64 * KiB),
+    // Async, so a throw would surface as an unhandled rejection; 300 fds cannot go in one sendmsg.
+    onRequest: async () => ({ body: null, fds: Array.from({ length: 300 }, () => e.fd) }),
+  });
+  conn.on('error', (err) => errors.push(err));
+  const frames = new Frames(theirs);
+  t.after(() => {
+    conn.close();
+    theirs.destroy();
+    e.close();
+  });
+  theirs.write(msg(0x33, Command.DEVICE_RESET, 0, new Uint8Array(0)));
+  theirs.write(msg(0x34, Command.DEVICE_RESET, 0, new Uint8Array(0)));
+  await frames.count(2);
+  assert.deepEqual([...frames.list[0]!], errorReply(0x33, Command.DEVICE_RESET, EINVAL));
+  assert.deepEqual([...frames.list[1]!], errorReply(0x34, Command.DEVICE_RESET, EINVAL), 'the connection goes on');
+  assert.equal(errors.length, 2);
+  assert.ok(!conn.closed);
 });

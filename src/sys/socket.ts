@@ -173,7 +173,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
       const n = this.#send(bufs, fdNums);
       if (n === length) return true;
       if (n < 0) {
-        this.#enqueue(bufs, length, fdNums ? fdNums.map((f) => new Fd(native.dup(f))) : null, owned);
+        this.#enqueue(bufs, length, fdNums ? dupAll(fdNums) : null, owned);
       } else {
         // Partial: the fds went with the first byte.
         this.#enqueue(bufs, length, null, owned);
@@ -181,7 +181,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
       }
       this.#updatePoll();
     } else {
-      this.#enqueue(bufs, length, fdNums ? fdNums.map((f) => new Fd(native.dup(f))) : null, owned);
+      this.#enqueue(bufs, length, fdNums ? dupAll(fdNums) : null, owned);
     }
     if (this.#queued > this.#highWaterMark) {
       this.#needDrain = true;
@@ -603,4 +603,16 @@ function removeStaleSocket(path: string): void {
   }
   native.close(probe);
   throw sysError('EADDRINUSE', 'listen', `${path} is in use by a listening process`);
+}
+
+/** Duplicates of `fds` for a queued write; if one cannot be made (EMFILE), none is kept. */
+function dupAll(fds: readonly number[]): Fd[] {
+  const out: Fd[] = [];
+  try {
+    for (const f of fds) out.push(new Fd(native.dup(f)));
+  } catch (err) {
+    closeAll(out);
+    throw err;
+  }
+  return out;
 }

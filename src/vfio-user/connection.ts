@@ -583,28 +583,31 @@ export class Connection extends EventEmitter<ConnectionEvents> {
       if (!noReply) this.#write(encodeErrorReply(msgId, msg.command, errnoOf(err)));
       if (err instanceof Error && !('errno' in err) && this.listenerCount('error') > 0) this.emit('error', err);
     } else if (!noReply) {
-      const r = reply ?? {};
-      if (r.raw !== undefined) {
-        const parts = Array.isArray(r.raw) ? r.raw : [r.raw];
-        let size = HEADER_SIZE;
-        for (const p of parts) size += p.length;
-        const head = encodeHeader({ msgId, cmd: msg.command, msgSize: size, flags: MessageType.REPLY, errorNo: 0 });
-        this.#writeParts([head, ...parts], r.fds);
-      } else {
-        let encoded;
-        try {
-          encoded = encodeReply(msg.command, msgId, r.body as never);
-        } catch (encodeErr) {
-          // A handler's reply that does not encode (a bug of the handler's): an errno reply, not a crash.
-          this.#write(encodeErrorReply(msgId, msg.command, errnoOf(encodeErr)));
-          if (this.listenerCount('error') > 0) this.emit('error', encodeErr as Error);
-          this.#next();
-          return;
-        }
-        this.#write(encoded, r.fds);
+      try {
+        this.#writeReply(msg, reply ?? {});
+      } catch (writeErr) {
+        // A reply that does not encode (a bug of the handler's) or that the socket refuses (too
+        // many fds, or no fd left to duplicate them with): the command fails with an errno reply
+        // instead, and nothing is thrown into the read loop or a promise chain.
+        this.#write(encodeErrorReply(msgId, msg.command, errnoOf(writeErr)));
+        if (this.listenerCount('error') > 0) this.emit('error', writeErr as Error);
       }
     }
     this.#next();
+  }
+
+  /** Encodes and queues a handler's reply; throws if it does not encode or the socket refuses it. */
+  #writeReply(msg: RequestMessage, r: Exclude<HandlerReply, void>): void {
+    const { msgId } = msg.header;
+    if (r.raw !== undefined) {
+      const parts = Array.isArray(r.raw) ? r.raw : [r.raw];
+      let size = HEADER_SIZE;
+      for (const p of parts) size += p.length;
+      const head = encodeHeader({ msgId, cmd: msg.command, msgSize: size, flags: MessageType.REPLY, errorNo: 0 });
+      this.#writeParts([head, ...parts], r.fds);
+    } else {
+      this.#write(encodeReply(msg.command, msgId, r.body as never), r.fds);
+    }
   }
 
   /** `owned`: the parts are fresh buffers nothing else refers to (see UnixSocket.write). */
