@@ -2,7 +2,7 @@
  * Review: after a large frame, FrameReader.readTarget() hands the socket a
  * fresh 32-byte buffer whenever nothing is buffered; that includes the whole
  * time an oversized frame's body is being skipped, so the skip proceeds 32
- * bytes per recvmsg (16 per poll wake-up).
+ * bytes per recvmsg (a bounded number per poll wake-up).
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';

@@ -55,6 +55,8 @@ interface WriteEntry {
 }
 
 const MAX_GATHER = 64;
+/** recvmsg calls per poll wake-up at most (the poll fires again if more is waiting). */
+const READS_PER_WAKEUP = 64;
 const POOL_SIZE = 1024 * 1024;
 
 type SocketEvents = {
@@ -393,8 +395,10 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
 
   #read(): void {
     const fdsOut = this.#fdsOut;
-    // A bounded number of reads per wake-up keeps other sockets served.
-    for (let i = 0; i < 16 && !this.#paused && !this.#closed; i++) {
+    // A bounded number of reads per wake-up keeps other sockets served. 64, not 16: a stream of
+    // placed 64 KiB messages takes one read each, and each extra loop turn costs a wake-up's work
+    // (measured, 64 KiB message DMA pinned: +3-25% in 6 alternating pairs).
+    for (let i = 0; i < READS_PER_WAKEUP && !this.#paused && !this.#closed; i++) {
       let target = this.readTarget?.() ?? null;
       if (target && target.length === 0) target = null; // never a zero-length read: it would look like EOF
       // A target's read may run on into the pool (readTail): the next message's prefix.
