@@ -4,6 +4,7 @@ import { socketPair } from '../src/sys/index.js';
 import { Connection, ConnectionError } from '../src/vfio-user/connection.js';
 import { Command } from '../src/vfio-user/constants.js';
 import { codecLimits } from '../src/vfio-user/messages.js';
+import { until } from './helpers/sys.js';
 
 const silentPeer = () => {
   const [ours, theirs] = socketPair();
@@ -84,4 +85,21 @@ test('a handler reply that does not encode gets an errno reply; the connection g
   assert.equal(errors.length, 1, 'reported on the connection');
   await client.request(Command.DEVICE_RESET, undefined); // still served
   assert.equal(server.closed, false);
+});
+
+test('pending requests fail saying who closed: our close() versus the peer going away', async (t) => {
+  const a = silentPeer();
+  const b = silentPeer();
+  t.after(() => {
+    a.theirs.destroy();
+    b.conn.close();
+  });
+  const mine = a.conn.request(Command.DEVICE_RESET, undefined);
+  const theirs = b.conn.request(Command.DEVICE_RESET, undefined);
+  const mineSettled = mine.then(() => null, (e: unknown) => e);
+  a.conn.close();
+  await until(() => b.seen.length > 0); // the peer read the request, then goes away
+  b.theirs.destroy();
+  await assert.rejects(mineSettled.then((e) => Promise.reject(e)), (e: unknown) => e instanceof ConnectionError && e.code === 'VFU_CLOSED' && !/peer/.test(e.message) && /connection closed/.test(e.message));
+  await assert.rejects(theirs, (e: unknown) => e instanceof ConnectionError && e.code === 'VFU_CLOSED' && /peer closed/.test(e.message));
 });

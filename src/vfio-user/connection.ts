@@ -173,6 +173,8 @@ export class Connection extends EventEmitter<ConnectionEvents> {
   readonly #stale = new Set<number>();
   #nextId = 1;
   #closed = false;
+  /** Why close() was called, for the pending requests it fails. */
+  #localClose: Error | null = null;
   /**
    * One timer for all pending requests, due at the earliest deadline (a timer
    * per request costs a Timeout and its list bookkeeping per message).
@@ -228,7 +230,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
         socket.uncork();
       }
     });
-    socket.on('close', (err) => this.#shutdown(err ?? new ConnectionError('VFU_CLOSED', 'the peer closed the connection')));
+    socket.on('close', (err) => this.#shutdown(err ?? this.#localClose ?? new ConnectionError('VFU_CLOSED', 'the peer closed the connection')));
     socket.on('drain', () => {
       this.#setPaused('writes', false);
       this.#next(); // commands held back while our replies were not being read
@@ -361,8 +363,10 @@ export class Connection extends EventEmitter<ConnectionEvents> {
   /** Closes the socket; pending requests fail. */
   close(err?: Error): void {
     if (this.#closed) return;
+    // The socket's 'close' (emitted inside destroy()) must not blame the peer for our own close.
+    this.#localClose = err ?? new ConnectionError('VFU_CLOSED', 'connection closed');
     this.socket.destroy(err);
-    this.#shutdown(err ?? new ConnectionError('VFU_CLOSED', 'connection closed'));
+    this.#shutdown(this.#localClose);
   }
 
   #allocId(): number {
