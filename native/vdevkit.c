@@ -385,6 +385,21 @@ static napi_value vdk_set_send_buffer(napi_env env, napi_callback_info info) {
   return make_int(env, got);
 }
 
+/* checkSocketError(fd): throws the socket's pending error (SO_ERROR, which
+ * reading clears), e.g. ECONNRESET when the peer closed with our data
+ * unread; returns undefined when there is none. For a poll that reported
+ * POLLERR, which libuv passes on as a bare UV_EBADF. */
+static napi_value vdk_check_socket_error(napi_env env, napi_callback_info info) {
+  GET_ARGS(1);
+  int fd = arg_fd(env, argv[0]);
+  if (fd < 0) return NULL;
+  int err = 0;
+  socklen_t len = sizeof err;
+  if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) return throw_errno(env, errno, "getsockopt");
+  if (err != 0) return throw_errno(env, err, "socket");
+  return make_undefined(env);
+}
+
 /* shutdown(fd, how) with how 0=read, 1=write, 2=both */
 static napi_value vdk_shutdown(napi_env env, napi_callback_info info) {
   GET_ARGS(2);
@@ -1013,6 +1028,7 @@ NAPI_MODULE_INIT(/* napi_env env, napi_value exports */) {
   EXPORT_FN("socketpair", vdk_socketpair);
   EXPORT_FN("shutdown", vdk_shutdown);
   EXPORT_FN("setSendBuffer", vdk_set_send_buffer);
+  EXPORT_FN("checkSocketError", vdk_check_socket_error);
   EXPORT_FN("sendmsg", vdk_sendmsg);
   EXPORT_FN("recvmsg", vdk_recvmsg);
   EXPORT_FN("pollNew", vdk_poll_new);

@@ -205,3 +205,15 @@ test('FrameReader.readTail(): the prefix size while a frame is being received in
   assert.equal(frames[0]!.placed, target);
   assert.deepEqual([...target.subarray(0, 4)], [12, 13, 14, 15]);
 });
+
+test('a peer that closes without reading what we sent: the socket closes with ECONNRESET, not a bare poll error', async () => {
+  const [a, b] = socketPair();
+  b.pause(); // never reads
+  const closed = new Promise<Error | undefined>((r) => a.once('close', r));
+  a.on('error', () => {}); // reported through 'close' as well
+  a.write(Buffer.alloc(64, 1));
+  await new Promise((r) => setTimeout(r, 10));
+  b.destroy();
+  const err = (await closed) as (Error & { code?: string }) | undefined;
+  assert.equal(err?.code, 'ECONNRESET', String(err));
+});

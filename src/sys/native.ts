@@ -25,6 +25,8 @@ export interface NativeAddon {
   shutdown(fd: number, how: 0 | 1 | 2): void;
   /** SO_SNDBUF; returns what the kernel granted. */
   setSendBuffer(fd: number, bytes: number): number;
+  /** Throws the socket's pending error (SO_ERROR) as a SysError, if it has one. */
+  checkSocketError(fd: number): void;
   /** Bytes sent, or -1 when the socket buffer is full. */
   sendmsg(fd: number, data: Uint8Array | readonly Uint8Array[], fds: readonly number[] | null): number;
   /** Bytes read (0 = end of stream), or -1 when nothing is available. fdsOut[0] = fd count. */

@@ -365,7 +365,15 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
   #onPoll(status: number, events: number): void {
     if (this.#closed) return;
     if (status < 0) {
-      this.destroy(new SysError('EIO', 'poll', -status, `poll failed with status ${status}`));
+      // libuv reports POLLERR as a bare EBADF: the socket's own error says what happened
+      // (ECONNRESET when the peer closed without reading what we sent).
+      let err: Error = new SysError('EIO', 'poll', -status, `poll failed with status ${status}`);
+      try {
+        native.checkSocketError(this.#fd.value);
+      } catch (e) {
+        err = e as Error;
+      }
+      this.destroy(err);
       return;
     }
     if (events & POLL_WRITABLE && this.#corked === 0) {
