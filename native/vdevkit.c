@@ -503,6 +503,120 @@ static napi_value vdk_sendmsg(napi_env env, napi_callback_info info) {
 }
 
 /*
+ * pipe(size) -> [readFd, writeFd]: a non-blocking pipe whose capacity is
+ * raised to `size` bytes (F_SETPIPE_SZ) when the system allows it (it is
+ * left at the default otherwise). For pipeSend.
+ */
+static napi_value vdk_pipe(napi_env env, napi_callback_info info) {
+  GET_ARGS(1);
+  int32_t size = 0;
+  CHECK_NAPI(napi_get_value_int32(env, argv[0], &size));
+  int p[2];
+  if (pipe2(p, O_CLOEXEC | O_NONBLOCK) < 0) return throw_errno(env, errno, "pipe2");
+  if (size > 0) (void)fcntl(p[1], F_SETPIPE_SZ, size); /* best effort: EPERM above pipe-max-size */
+  napi_value arr, a, b;
+  CHECK_NAPI(napi_create_array_with_length(env, 2, &arr));
+  a = make_int(env, p[0]);
+  b = make_int(env, p[1]);
+  napi_set_element(env, arr, 0, a);
+  napi_set_element(env, arr, 1, b);
+  return arr;
+}
+
+/*
+ * pipeSend(sock, pipeR, pipeW, parts, refs, state) -> bytes taken from parts.
+ *
+ * Sends parts (Uint8Arrays, in order) through a pipe into the stream socket
+ * `sock`: parts whose refs[i] is 1 are vmsplice()d into the pipe (the pipe,
+ * then the socket buffer, refer to that memory: the peer reads it when it
+ * reads, not as it was now), the others are write()n into it (copied);
+ * splice() then moves the pipe's contents into the socket without a copy.
+ * state is a Float64Array: state[0] = bytes in the pipe before the call (they
+ * go first), set on return to the bytes still in the pipe (the socket was
+ * full: call again, with no parts, when it is writable). Returns how many
+ * bytes of parts went into the pipe (all of them unless pipe and socket
+ * filled up). Throws on a socket error (EPIPE: the peer is gone).
+ */
+static napi_value vdk_pipe_send(napi_env env, napi_callback_info info) {
+  GET_ARGS(6);
+  int sock = arg_fd(env, argv[0]);
+  if (sock < 0) return NULL;
+  int pr = arg_fd(env, argv[1]);
+  if (pr < 0) return NULL;
+  int pw = arg_fd(env, argv[2]);
+  if (pw < 0) return NULL;
+  uint32_t n = 0;
+  bool is_array = false;
+  napi_is_array(env, argv[3], &is_array);
+  if (!is_array) return type_error(env, "parts must be an array of Uint8Arrays");
+  napi_get_array_length(env, argv[3], &n);
+  if (n > VDK_MAX_IOV) return range_error(env, "too many parts in one pipeSend");
+  uint8_t *refs = NULL;
+  size_t nrefs = 0;
+  if (arg_bytes(env, argv[4], &refs, &nrefs) < 0) return NULL;
+  if (nrefs < n) return range_error(env, "refs is shorter than parts");
+  bool is_ta = false;
+  napi_typedarray_type type;
+  size_t slen = 0, soff;
+  double *state = NULL;
+  napi_value sab;
+  if (napi_is_typedarray(env, argv[5], &is_ta) != napi_ok || !is_ta) return type_error(env, "state must be a Float64Array");
+  napi_get_typedarray_info(env, argv[5], &type, &slen, (void **)&state, &sab, &soff);
+  if (type != napi_float64_array || slen < 2) return type_error(env, "state must be a Float64Array of 2");
+  if (!(state[0] >= 0) || state[0] > 1e15) return range_error(env, "state[0] must be the bytes in the pipe");
+
+  struct iovec parts[VDK_MAX_IOV];
+  for (uint32_t i = 0; i < n; i++) {
+    napi_value el;
+    CHECK_NAPI(napi_get_element(env, argv[3], i, &el));
+    if (arg_bytes(env, el, (uint8_t **)&parts[i].iov_base, &parts[i].iov_len) < 0) return NULL;
+  }
+  size_t pending = (size_t)state[0];
+  size_t taken = 0;
+  uint32_t i = 0;
+  size_t off = 0;
+  for (;;) {
+    while (i < n && off == parts[i].iov_len) {
+      i++;
+      off = 0;
+    }
+    if (i < n) {
+      struct iovec v = {(uint8_t *)parts[i].iov_base + off, parts[i].iov_len - off};
+      ssize_t r;
+      do {
+        r = refs[i] ? vmsplice(pw, &v, 1, SPLICE_F_NONBLOCK) : write(pw, v.iov_base, v.iov_len);
+      } while (r < 0 && errno == EINTR);
+      if (r > 0) {
+        off += (size_t)r;
+        taken += (size_t)r;
+        pending += (size_t)r;
+        continue;
+      }
+      if (r < 0 && errno != EAGAIN) {
+        state[0] = (double)pending;
+        return throw_errno(env, errno, refs[i] ? "vmsplice" : "write");
+      }
+      /* the pipe is full: move some of it into the socket */
+    }
+    if (pending == 0) break;
+    ssize_t s;
+    do {
+      s = splice(pr, NULL, sock, NULL, pending, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+    } while (s < 0 && errno == EINTR);
+    if (s > 0) {
+      pending -= (size_t)s;
+      continue;
+    }
+    if (s < 0 && errno == EAGAIN) break; /* the socket is full */
+    state[0] = (double)pending;
+    if (s == 0) return throw_errno_msg(env, EIO, "splice", "splice moved nothing from a non-empty pipe");
+    return throw_errno(env, errno, "splice");
+  }
+  state[0] = (double)pending;
+  return make_int(env, (int64_t)taken);
+}
+
+/*
  * recvmsg(fd, buf, offset, length, fdsOut) -> bytes read (0 at end of
  * stream), or -1 when nothing is available.
  * fdsOut is an Int32Array: fdsOut[0] receives the number of fds that came
@@ -1031,6 +1145,8 @@ NAPI_MODULE_INIT(/* napi_env env, napi_value exports */) {
   EXPORT_FN("checkSocketError", vdk_check_socket_error);
   EXPORT_FN("sendmsg", vdk_sendmsg);
   EXPORT_FN("recvmsg", vdk_recvmsg);
+  EXPORT_FN("pipe", vdk_pipe);
+  EXPORT_FN("pipeSend", vdk_pipe_send);
   EXPORT_FN("pollNew", vdk_poll_new);
   EXPORT_FN("pollStart", vdk_poll_start);
   EXPORT_FN("pollClose", vdk_poll_close);

@@ -19,7 +19,7 @@ import { Connection, ConnectionError, type ReplySink } from '../src/vfio-user/co
 import { Command } from '../src/vfio-user/constants.js';
 import { codecLimits } from '../src/vfio-user/messages.js';
 import { sampleDevice, SampleReg, SampleStatus, type SampleDevice } from '../src/devices/sample.js';
-import { SharedMemory, EventFd, socketPair } from '../src/sys/index.js';
+import { SharedMemory, EventFd, socketPair, nativeAddon } from '../src/sys/index.js';
 import { RawVfioUserClient, Bytes } from '../src/testing/index.js';
 import type { DeviceContext, VfioUserDeviceSpec } from '../src/vfio-user/device.js';
 import { openFdCount, openFdsBackTo, tick } from './helpers/sys.js';
@@ -385,14 +385,24 @@ for (const xfer of [64 * KiB, MiB]) {
     await env.client.dmaMap({ iova: M, size: 8 * MiB, memory: msgMem, passFd: false });
     assert.deepEqual(env.sample.windows.map((w) => w.mapped), [true, false]);
     const len = 3 * MiB + 4567; // not a multiple of 64 KiB nor of 1 MiB
-    const cases: [string, SharedMemory, number, number, SharedMemory, number, number][] = [
-      // name, source memory, its offset, its iova base, destination memory, offset, iova base
-      ['message -> fd (readInto a view)', msgMem, 0x333, M, fdMem, 0x1001, F],
-      ['fd -> message (write of a view)', fdMem, 0x777, F, msgMem, 0x2003, M],
-      ['message -> message (read + write, 1 MiB steps)', msgMem, 0x10, M, msgMem, 4 * MiB + 5, M],
+    const cases: [string, SharedMemory, number, number, SharedMemory, number, number, boolean][] = [
+      // name, source memory, its offset, its iova base, destination memory, offset, iova base,
+      // whether DMA_WRITE data is spliced (only data in a window the client shared by fd is)
+      ['message -> fd (readInto a view)', msgMem, 0x333, M, fdMem, 0x1001, F, false],
+      ['fd -> message (write of a view)', fdMem, 0x777, F, msgMem, 0x2003, M, true],
+      ['message -> message (read + write, 1 MiB steps)', msgMem, 0x10, M, msgMem, 4 * MiB + 5, M, false],
     ];
+    // Counts the server's spliced sends (same process: the same addon object).
+    const pipeSend = nativeAddon.pipeSend;
+    let spliced = 0;
+    nativeAddon.pipeSend = (...args) => {
+      spliced++;
+      return pipeSend(...args);
+    };
+    t.after(() => (nativeAddon.pipeSend = pipeSend));
     let seed = 100;
-    for (const [name, sm, so, sb, dm, doff, db] of cases) {
+    for (const [name, sm, so, sb, dm, doff, db, splice] of cases) {
+      spliced = 0;
       pattern(sm.bytes.subarray(so, so + len), seed++);
       dm.bytes.fill(0x5a, Math.max(0, doff - 0x1000), Math.min(dm.size, doff + len + 0x1000));
       const src = sm.bytes.slice(so, so + len);
@@ -405,6 +415,7 @@ for (const xfer of [64 * KiB, MiB]) {
       same(dm.bytes.subarray(doff, doff + len), src, `${name}: destination`);
       same(dm.bytes.subarray(0, doff), before.subarray(0, doff), `${name}: before the destination`);
       same(dm.bytes.subarray(doff + len), before.subarray(doff + len), `${name}: past the end of the destination`);
+      assert.equal(spliced > 0, splice, `${name}: ${spliced} spliced sends`);
       await env.dev.write(0, SampleReg.DMA_STATUS, u32(SampleStatus.DONE));
     }
     assert.equal(env.sample.registers.dmaCount, cases.length);

@@ -41,6 +41,13 @@ export interface NativeAddon {
     tailOffset?: number,
     tailLength?: number,
   ): number;
+  /** A non-blocking pipe, its capacity raised to `size` where allowed: [read end, write end]. */
+  pipe(size: number): [number, number];
+  /**
+   * Parts through the pipe into the socket: refs[i] 1 = vmsplice (referenced), 0 = write (copied);
+   * state[0] = bytes in the pipe, in and out. Returns bytes taken from parts.
+   */
+  pipeSend(sock: number, pipeR: number, pipeW: number, parts: readonly Uint8Array[], refs: Uint8Array, state: Float64Array): number;
   pollNew(fd: number, cb: (status: number, events: number) => void): PollHandle;
   pollStart(handle: PollHandle, events: number): void;
   pollClose(handle: PollHandle): void;

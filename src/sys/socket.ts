@@ -52,12 +52,18 @@ interface WriteEntry {
   fds: Fd[] | null;
   /** Nothing but this entry refers to bufs (write()'s `owned`, or a copy made by copyQueued()). */
   owned: boolean;
+  /** write()'s `shared`: large bufs may be spliced (referenced until the peer reads them), not copied. */
+  shared: boolean;
 }
 
 const MAX_GATHER = 64;
 /** recvmsg calls per poll wake-up at most (the poll fires again if more is waiting). */
 const READS_PER_WAKEUP = 64;
 const POOL_SIZE = 1024 * 1024;
+/** A shared write's buffers of at least this many bytes are spliced; smaller ones are copied. */
+export const SPLICE_MIN = 16 * 1024;
+/** Capacity asked for the splice pipe (the default 64 KiB holds less than one 64 KiB message). */
+const PIPE_SIZE = 1024 * 1024;
 
 type SocketEvents = {
   data: [chunk: Buffer, fds: Fd[]];
@@ -101,6 +107,12 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
   readonly #fdsOut: Int32Array;
   #pool: Buffer;
   #poolOffset = 0;
+  /** The pipe shared writes go through (created on the first one): [read end, write end]. */
+  #pipe: [Fd, Fd] | null = null;
+  /** pipeSend's state: [0] = bytes in the pipe, not yet in the socket (they go before anything else). */
+  readonly #pipeState = new Float64Array(2);
+  /** pipeSend's refs: 1 for a gathered buffer that may be spliced. */
+  readonly #refs = new Uint8Array(MAX_GATHER);
 
   constructor(fd: Fd, options: UnixSocketOptions = {}) {
     super();
@@ -157,8 +169,14 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
    * sent at once they are duplicated. Returns false when the queue is above
    * the high-water mark (wait for 'drain'). `owned`: nothing else refers to
    * these buffers (freshly encoded), so copyQueued() need not copy them.
+   *
+   * `shared`: the buffers are memory the peer may read anyway (a window it
+   * shared with us by fd), so buffers of SPLICE_MIN bytes or more are
+   * spliced into the socket (vmsplice + splice through a pipe) rather than
+   * copied: the peer then reads them as they are when it reads, which may be
+   * after this memory changes. Never for memory the peer must not see later.
    */
-  write(data: Uint8Array | readonly Uint8Array[], fds?: readonly (Fd | number)[] | null, owned = false): boolean {
+  write(data: Uint8Array | readonly Uint8Array[], fds?: readonly (Fd | number)[] | null, owned = false, shared = false): boolean {
     if (this.#closed || this.#ending) throw sysError('EPIPE', 'write', 'socket is closed');
     const bufs = (Array.isArray(data) ? [...data] : [data]) as Uint8Array[];
     let length = 0;
@@ -170,20 +188,26 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     if (fdNums && length === 0) throw sysError('EINVAL', 'sendmsg', 'fds need at least one byte to travel with');
     if (length === 0) return this.#queued <= this.#highWaterMark; // nothing to send (and no empty queue entry)
 
-    if (this.#queue.length === 0 && this.#corked === 0) {
+    if (shared && !fdNums) {
+      this.#enqueue(bufs, length, null, owned, true);
+      if (this.#queue.length === 1 && this.#corked === 0) {
+        this.#flush();
+        this.#updatePoll();
+      }
+    } else if (this.#queue.length === 0 && this.#corked === 0 && this.#pipeState[0]! === 0) {
       // Fast path: nothing queued, try to send now.
       const n = this.#send(bufs, fdNums);
       if (n === length) return true;
       if (n < 0) {
-        this.#enqueue(bufs, length, fdNums ? dupAll(fdNums) : null, owned);
+        this.#enqueue(bufs, length, fdNums ? dupAll(fdNums) : null, owned, false);
       } else {
         // Partial: the fds went with the first byte.
-        this.#enqueue(bufs, length, null, owned);
+        this.#enqueue(bufs, length, null, owned, false);
         this.#consume(this.#queue[0]!, n);
       }
       this.#updatePoll();
     } else {
-      this.#enqueue(bufs, length, fdNums ? dupAll(fdNums) : null, owned);
+      this.#enqueue(bufs, length, fdNums ? dupAll(fdNums) : null, owned, false);
     }
     if (this.#queued > this.#highWaterMark) {
       this.#needDrain = true;
@@ -203,10 +227,10 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
 
   uncork(): void {
     if (this.#corked === 0) return;
-    if (--this.#corked > 0 || this.#closed || this.#queue.length === 0) return;
+    if (--this.#corked > 0 || this.#closed || (this.#queue.length === 0 && this.#pipeState[0]! === 0)) return;
     this.#flush();
     if (this.#closed) return;
-    if (this.#ending && this.#queue.length === 0) {
+    if (this.#ending && this.#queue.length === 0 && this.#pipeState[0]! === 0) {
       this.destroy(); // end() was waiting for these writes
       return;
     }
@@ -257,7 +281,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
   end(timeoutMs = 2000): void {
     if (this.#closed || this.#ending) return;
     this.#ending = true;
-    if (this.#queue.length === 0) this.destroy();
+    if (this.#queue.length === 0 && this.#pipeState[0]! === 0) this.destroy();
     else {
       this.#updatePoll();
       setTimeout(() => this.destroy(), timeoutMs).unref();
@@ -276,6 +300,8 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     this.#queue = [];
     this.#queued = 0;
     this.#viewEntries = 0;
+    if (this.#pipe) closeAll(this.#pipe);
+    this.#pipeState[0] = 0;
     this.#fd.close();
     if (err && this.listenerCount('error') > 0) this.emit('error', err);
     this.emit('close', err);
@@ -295,8 +321,8 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     }
   }
 
-  #enqueue(bufs: Uint8Array[], length: number, fds: Fd[] | null, owned: boolean): void {
-    this.#queue.push({ bufs, length, fds, owned });
+  #enqueue(bufs: Uint8Array[], length: number, fds: Fd[] | null, owned: boolean, shared: boolean): void {
+    this.#queue.push({ bufs, length, fds, owned, shared });
     if (!owned) this.#viewEntries++;
     this.#queued += length;
   }
@@ -322,17 +348,22 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
   }
 
   #flush(): void {
+    // What is in the splice pipe was written before anything queued.
+    if (this.#pipeState[0]! > 0 && !this.#pipeSend([])) return;
     while (this.#queue.length > 0 && !this.#closed) {
       const head = this.#queue[0]!;
       let bufs = head.bufs;
       let total = head.length;
       let entries = 1;
+      let splice = false;
       // Gather following writes that carry no fds into the same sendmsg.
       if (!head.fds) {
         bufs = [...head.bufs];
+        splice = this.#markRefs(head, 0);
         while (entries < this.#queue.length && bufs.length < MAX_GATHER) {
           const next = this.#queue[entries]!;
           if (next.fds || bufs.length + next.bufs.length > MAX_GATHER) break;
+          if (this.#markRefs(next, bufs.length)) splice = true;
           bufs.push(...next.bufs);
           total += next.length;
           entries++;
@@ -345,7 +376,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
         this.destroy(sysError('EFAULT', 'sendmsg', 'a queued buffer was detached before it was sent'));
         return;
       }
-      const n = this.#send(bufs, head.fds ? head.fds.map((f) => f.value) : null);
+      const n = splice ? this.#pipeSendParts(bufs) : this.#send(bufs, head.fds ? head.fds.map((f) => f.value) : null);
       if (n < 0) return;
       let left = n;
       while (left > 0 && this.#queue.length > 0) {
@@ -358,8 +389,43 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
           if (!e.owned) this.#viewEntries--;
         }
       }
-      if (n < total) return;
+      if (n < total || this.#pipeState[0]! > 0) return;
     }
+  }
+
+  /** Sets #refs for an entry's bufs gathered at `at`; true if one of them is to be spliced. */
+  #markRefs(e: WriteEntry, at: number): boolean {
+    let any = false;
+    for (let i = 0; i < e.bufs.length; i++) {
+      const ref = e.shared && e.bufs[i]!.byteLength >= SPLICE_MIN;
+      this.#refs[at + i] = ref ? 1 : 0;
+      if (ref) any = true;
+    }
+    return any;
+  }
+
+  /** Gathered bufs through the splice pipe (see write()'s `shared`): bytes taken from them, or -1. */
+  #pipeSendParts(bufs: Uint8Array[]): number {
+    if (!this.#pipe) {
+      try {
+        const [r, w] = native.pipe(PIPE_SIZE);
+        this.#pipe = [new Fd(r), new Fd(w)];
+      } catch (err) {
+        process.nextTick(() => this.destroy(err as Error)); // EMFILE: no fd for the pipe
+        return -1;
+      }
+    }
+    try {
+      return native.pipeSend(this.#fd.value, this.#pipe[0].value, this.#pipe[1].value, bufs, this.#refs, this.#pipeState);
+    } catch (err) {
+      process.nextTick(() => this.destroy(err as Error)); // EPIPE / ECONNRESET, as #send
+      return -1;
+    }
+  }
+
+  /** Moves what is in the splice pipe into the socket; true once it is empty. */
+  #pipeSend(bufs: Uint8Array[]): boolean {
+    return this.#pipeSendParts(bufs) >= 0 && this.#pipeState[0]! === 0;
   }
 
   #onPoll(status: number, events: number): void {
@@ -379,7 +445,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     if (events & POLL_WRITABLE && this.#corked === 0) {
       this.#flush();
       if (this.#closed) return;
-      if (this.#queue.length === 0 && this.#ending) {
+      if (this.#queue.length === 0 && this.#pipeState[0]! === 0 && this.#ending) {
         this.destroy();
         return;
       }
@@ -464,7 +530,8 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
   #updatePoll(): void {
     if (this.#closed || !this.#poll) return;
     // Corked writes wait for uncork(), not for the socket to become writable.
-    const want = (this.#paused || this.#ending ? 0 : POLL_READABLE) | (this.#queue.length > 0 && this.#corked === 0 ? POLL_WRITABLE : 0);
+    const writing = (this.#queue.length > 0 || this.#pipeState[0]! > 0) && this.#corked === 0;
+    const want = (this.#paused || this.#ending ? 0 : POLL_READABLE) | (writing ? POLL_WRITABLE : 0);
     if (want !== this.#events) {
       this.#events = want;
       native.pollStart(this.#poll, want);

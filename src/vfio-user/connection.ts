@@ -291,9 +291,19 @@ export class Connection extends EventEmitter<ConnectionEvents> {
    * left for this method to fill in (bytes 0-1), `data` an optional payload
    * sent after it (gathered, not copied). The reply goes to `sink` with
    * `cookie`, not to a promise; `into` is where a large reply's data is
-   * received (as request()'s option). Throws if the connection is closed.
+   * received (as request()'s option). `shared`: `data` is memory the peer
+   * may read anyway, so it may be spliced, not copied (UnixSocket.write).
+   * Throws if the connection is closed.
    */
-  requestRaw(command: number, head: Uint8Array, data: Uint8Array | null, into: Uint8Array | undefined, sink: ReplySink, cookie: number): void {
+  requestRaw(
+    command: number,
+    head: Uint8Array,
+    data: Uint8Array | null,
+    into: Uint8Array | undefined,
+    sink: ReplySink,
+    cookie: number,
+    shared = false,
+  ): void {
     if (this.#closed) throw new ConnectionError('VFU_CLOSED', 'connection is closed');
     const id = this.#allocId();
     head[0] = id & 0xff;
@@ -303,7 +313,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     this.#pending.set(id, { command, sink, cookie, into, resolve: noop, reject: noop, deadline, timeoutMs });
     if (deadline < this.#timerAt) this.#armTimer(deadline);
     try {
-      this.#writeParts(data ? [head, data] : [head], undefined, data === null);
+      this.#writeParts(data ? [head, data] : [head], undefined, data === null, shared);
     } catch (err) {
       this.#failPending(id, err as Error);
     }
@@ -615,10 +625,10 @@ export class Connection extends EventEmitter<ConnectionEvents> {
   }
 
   /** `owned`: the parts are fresh buffers nothing else refers to (see UnixSocket.write). */
-  #writeParts(parts: Uint8Array[], fds?: readonly (Fd | number)[], owned = false): void {
+  #writeParts(parts: Uint8Array[], fds?: readonly (Fd | number)[], owned = false, shared = false): void {
     if (!this.socket.writable) return;
     if (this.#trace) this.#traceOut(parts);
-    if (!this.socket.write(parts, fds, owned)) this.#setPaused('writes', true);
+    if (!this.socket.write(parts, fds, owned, shared)) this.#setPaused('writes', true);
   }
 
   /** Runs queued commands in order; a loop, not recursion, however many are queued. */

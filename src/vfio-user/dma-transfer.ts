@@ -36,7 +36,8 @@ export interface DmaChunk {
 /**
  * Runs the chunks on `conn`. `beforeSend` runs before each request is sent
  * (a window unmapped meanwhile must not be touched again): if it throws, that
- * chunk fails.
+ * chunk fails. `shared` (DMA_WRITE): the chunks' data is memory the client
+ * shared with us by fd, so it is spliced into the socket, not copied.
  */
 export function runDmaTransfer(
   conn: Connection,
@@ -44,9 +45,10 @@ export function runDmaTransfer(
   chunks: readonly DmaChunk[],
   chunkSize: number,
   beforeSend?: (index: number) => void,
+  shared = false,
 ): Promise<void> {
   if (chunks.length === 0) return Promise.resolve();
-  return new Promise((resolve, reject) => new DmaTransfer(conn, command, chunks, chunkSize, beforeSend, resolve, reject).start());
+  return new Promise((resolve, reject) => new DmaTransfer(conn, command, chunks, chunkSize, beforeSend, shared, resolve, reject).start());
 }
 
 class DmaTransfer implements ReplySink {
@@ -57,6 +59,7 @@ class DmaTransfer implements ReplySink {
   readonly #counts: number[] = [];
   readonly #window: number;
   readonly #beforeSend: ((index: number) => void) | undefined;
+  readonly #shared: boolean;
   readonly #resolve: () => void;
   readonly #reject: (err: unknown) => void;
   #next = 0;
@@ -71,6 +74,7 @@ class DmaTransfer implements ReplySink {
     chunks: readonly DmaChunk[],
     chunkSize: number,
     beforeSend: ((index: number) => void) | undefined,
+    shared: boolean,
     resolve: () => void,
     reject: (err: unknown) => void,
   ) {
@@ -79,6 +83,7 @@ class DmaTransfer implements ReplySink {
     this.#chunks = chunks;
     this.#window = Math.max(2, Math.min(DMA_WINDOW_MAX, Math.floor(DMA_WINDOW_BYTES / Math.max(1, chunkSize))));
     this.#beforeSend = beforeSend;
+    this.#shared = shared;
     this.#resolve = resolve;
     this.#reject = reject;
   }
@@ -120,7 +125,7 @@ class DmaTransfer implements ReplySink {
     this.#inFlight++;
     try {
       // A write that fails after this is reported through fail().
-      this.#conn.requestRaw(this.#command, head, read ? null : chunk.bytes, read ? chunk.bytes : undefined, this, index);
+      this.#conn.requestRaw(this.#command, head, read ? null : chunk.bytes, read ? chunk.bytes : undefined, this, index, this.#shared);
     } catch (err) {
       this.#inFlight--; // the connection was closed: nothing was sent
       this.#fail(err);

@@ -39,6 +39,8 @@ export interface DmaHandle {
    * Transfers whose outgoing messages are views of this mapping (a device's
    * dma.write of a view): while any is in flight, an unmap of the window
    * defers the munmap, so queued messages never point at unmapped memory.
+   * (Messages already spliced into the socket hold the pages themselves: the
+   * client reads them from its own memory as it is when it reads them.)
    */
   pins: number;
   closeWhenUnpinned: boolean;
@@ -595,7 +597,8 @@ export class Session {
     pinned.push(...(chunks.length > 0 ? this.dma.regions().filter((r) => r.handle.shm?.contains(data)) : []));
     for (const r of pinned) r.handle.pins++;
     try {
-      await runDmaTransfer(this.#dmaConn, Command.DMA_WRITE, chunks, chunk, beforeSend);
+      // Data in a window the client shared by fd is the client's own memory: spliced, not copied.
+      await runDmaTransfer(this.#dmaConn, Command.DMA_WRITE, chunks, chunk, beforeSend, pinned.length > 0);
     } finally {
       // What reached the client may be part of it: all of it counts as dirty.
       for (const seg of segs) this.dma.markDirty(seg.iova, seg.length);
