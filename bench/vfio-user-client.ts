@@ -22,7 +22,11 @@
  *       messages, which the client serves from its memory) and one mapped
  *       with its fd (the server copies to/from it directly). "DMA_READ":
  *       message window -> fd window (only DMA_READs cross the socket);
- *       "DMA_WRITE": fd window -> message window (only DMA_WRITEs).
+ *       "DMA_WRITE": fd window -> message window (only DMA_WRITEs; the data
+ *       is in a window the client shared by fd, so the server splices it);
+ *       "fill": the sample's FILL_CMD into the message window (DMA_WRITEs of
+ *       a buffer of the device's own, which the server copies into the
+ *       socket, as it must for memory the client does not own).
  *       max_data_xfer_size is negotiated (client and server option) to the
  *       chunk size, 64 KiB or 1 MiB, so every message carries one chunk.
  *       Timed from the DMA_CMD register write to the completion interrupt
@@ -321,14 +325,17 @@ async function runDma(chunk: number, cmdLen: number, cmds: number, warmCmds: num
   await client.regionWrite(0, SampleReg.DMA_LEN, u32le(cmdLen));
 
   let commands = 0;
-  /** One DMA command from src to dst; returns its ns (DMA_CMD write to completion interrupt). */
-  const command = async (src: number, dst: number): Promise<{ ns: bigint; cpu: number }> => {
+  /**
+   * One DMA command (a copy from src to dst, or with `fill` a fill of dst with FILL_PATTERN);
+   * returns its ns (command register write to completion interrupt).
+   */
+  const command = async (src: number, dst: number, fill = false): Promise<{ ns: bigint; cpu: number }> => {
     await client.regionWrite(0, SampleReg.DMA_SRC, u64le(src));
     await client.regionWrite(0, SampleReg.DMA_DST, u64le(dst));
     const finished = new Promise<void>((resolve, reject) => (waiting = { resolve, reject }));
     const cpu0 = process.cpuUsage();
     const t0 = process.hrtime.bigint();
-    await client.regionWrite(0, SampleReg.DMA_CMD, u32le(1));
+    await client.regionWrite(0, fill ? SampleReg.FILL_CMD : SampleReg.DMA_CMD, u32le(1));
     await finished;
     const ns = process.hrtime.bigint() - t0;
     const cpu = process.cpuUsage(cpu0);
@@ -339,12 +346,29 @@ async function runDma(chunk: number, cmdLen: number, cmds: number, warmCmds: num
     return { ns, cpu: cpu.user + cpu.system };
   };
 
-  const dirs = ['read', 'write'] as const;
-  const ns = { read: 0n, write: 0n };
-  const cpu = { read: 0, write: 0 };
+  const dirs = ['read', 'write', 'fill'] as const;
+  const ns = { read: 0n, write: 0n, fill: 0n };
+  const cpu = { read: 0, write: 0, fill: 0 };
+  // fill: DMA_WRITE of the device's own memory (a buffer the sample device keeps per pattern),
+  // which is copied into the socket, not spliced: only data in a window shared by fd is.
+  const FILL = 0xa5c3_0f96;
+  const fillWord = Buffer.alloc(4);
+  fillWord.writeUInt32LE(FILL);
+  const filled = Buffer.alloc(cmdLen).fill(fillWord);
+  await client.regionWrite(0, SampleReg.FILL_PATTERN, u32le(FILL));
   for (let i = 0; i < warmCmds + cmds; i++) {
     const p = patterns[i & 1]!;
     for (const dir of dirs) {
+      if (dir === 'fill') {
+        msgMem.bytes.fill(0);
+        const r = await command(0, IOVA_MSG, true);
+        if (!same(msgMem.bytes, filled)) throw new Error(`DMA fill: the destination differs from the pattern after command ${i}`);
+        if (i >= warmCmds) {
+          ns.fill += r.ns;
+          cpu.fill += r.cpu;
+        }
+        continue;
+      }
       // read: the message window is the source (DMA_READ); write: it is the destination (DMA_WRITE).
       const [srcMem, dstMem, src, dst] = dir === 'read' ? [msgMem, fdMem, IOVA_MSG, IOVA_FD] : [fdMem, msgMem, IOVA_FD, IOVA_MSG];
       srcMem.bytes.set(p);
@@ -372,15 +396,18 @@ async function runDma(chunk: number, cmdLen: number, cmds: number, warmCmds: num
   const byFd = windows.filter((w) => w.mapped).map((w) => w.iova);
   if (windows.length !== 2 || byFd.length !== 1 || byFd[0] !== IOVA_FD) throw new Error(`server windows ${JSON.stringify(windows)}`);
   const bytes = cmdLen * cmds;
-  printResult('dma', cmds * 2, ns.read + ns.write, {
+  printResult('dma', cmds * 3, ns.read + ns.write + ns.fill, {
     chunk,
     bytes,
     read_ns: Number(ns.read),
     write_ns: Number(ns.write),
     read_gb_s: Number((bytes / Number(ns.read)).toFixed(3)),
     write_gb_s: Number((bytes / Number(ns.write)).toFixed(3)),
+    fill_ns: Number(ns.fill),
+    fill_gb_s: Number((bytes / Number(ns.fill)).toFixed(3)),
     read_client_cpu_us: cpu.read,
     write_client_cpu_us: cpu.write,
+    fill_client_cpu_us: cpu.fill,
     server_cpu_us: Number(server['cpu_user_us']) + Number(server['cpu_sys_us']),
     dma_count: count,
   });
@@ -570,8 +597,8 @@ async function driver(argv: string[]): Promise<void> {
     const cpus = setup === 'pinned' ? '0' : allCpus;
     const load1 = os.loadavg()[0]!;
     const rt = { c: [] as number[], raw: [] as number[], read: [] as number[], coalesced: [] as number[], each: [] as number[] };
-    const dma = new Map<number, { stream: number[]; window: number[]; rpc: number[]; read: number[]; write: number[] }>();
-    for (const c of o.chunks) dma.set(c, { stream: [], window: [], rpc: [], read: [], write: [] });
+    const dma = new Map<number, { stream: number[]; window: number[]; rpc: number[]; read: number[]; write: number[]; fill: number[] }>();
+    for (const c of o.chunks) dma.set(c, { stream: [], window: [], rpc: [], read: [], write: [], fill: [] });
     const mapped = new Map<number, Record<string, number[]>>();
 
     for (let round = 0; round < o.rounds; round++) {
@@ -609,6 +636,7 @@ async function driver(argv: string[]): Promise<void> {
           d.rpc.push(o.dmaBytes / Number(c['rpc_ns']));
           d.read.push(Number(v['read_gb_s']));
           d.write.push(Number(v['write_gb_s']));
+          d.fill.push(Number(v['fill_gb_s']));
         }
       }
       if (o.only.includes('mapped')) {
@@ -677,10 +705,14 @@ async function driver(argv: string[]): Promise<void> {
           fmt(paired(d.write, d.stream), 2),
           fmt(m(d.read) / m(d.window), 2),
           fmt(m(d.write) / m(d.window), 2),
+          fmt(m(d.fill), 2),
+          fmt(m(d.fill) / m(d.stream), 2),
+          fmt(paired(d.fill, d.stream), 2),
         ]);
         details.push(
           `  ${setup.padEnd(8)} dma ${kib(chunk)} GB/s per round: stream ${d.stream.map((x) => fmt(x, 2)).join(' ')}; window ${d.window.map((x) => fmt(x, 2)).join(' ')}; ` +
-            `rpc ${d.rpc.map((x) => fmt(x, 2)).join(' ')}; DMA_READ ${d.read.map((x) => fmt(x, 2)).join(' ')}; DMA_WRITE ${d.write.map((x) => fmt(x, 2)).join(' ')}`,
+            `rpc ${d.rpc.map((x) => fmt(x, 2)).join(' ')}; DMA_READ ${d.read.map((x) => fmt(x, 2)).join(' ')}; DMA_WRITE ${d.write.map((x) => fmt(x, 2)).join(' ')}; ` +
+            `fill ${d.fill.map((x) => fmt(x, 2)).join(' ')}`,
         );
       }
       result['dma'] = Object.fromEntries(dma);
@@ -725,11 +757,12 @@ async function driver(argv: string[]): Promise<void> {
   if (dmaRows.length > 0) {
     console.log(
       '(b) message DMA, GB/s (1e9 bytes/s, medians): C over a socketpair (stream: one hot buffer; window: through DMA-window-sized mappings; rpc) ' +
-        'against DMA_READ / DMA_WRITE served by the client',
+        'against DMA_READ / DMA_WRITE served by the client. DMA_WRITE sends data from a window the client shared by fd (spliced); ' +
+        '"fill" is DMA_WRITE of the device\'s own memory (copied)',
     );
     console.log(
       formatTable(
-        ['setup', 'load1', 'chunk', 'C stream', 'C window', 'C rpc', 'DMA_READ', 'DMA_WRITE', 'R/stream', 'W/stream', 'R paired', 'W paired', 'R/window', 'W/window'],
+        ['setup', 'load1', 'chunk', 'C stream', 'C window', 'C rpc', 'DMA_READ', 'DMA_WRITE', 'R/stream', 'W/stream', 'R paired', 'W paired', 'R/window', 'W/window', 'fill', 'F/stream', 'F paired'],
         dmaRows,
       ),
     );

@@ -41,7 +41,8 @@
  *   0x2c FILL_PATTERN u32 RW  the fill pattern, repeated little-endian from DMA_DST.
  *   0x30 FILL_CMD    u32 WO   1: fill [DMA_DST, +DMA_LEN) with FILL_PATTERN, through a direct view
  *                             (ctx.dma.view with write) when the range lies in one fd-mapped
- *                             window, else with ctx.dma.write. Completion as DMA_CMD. Reads 0.
+ *                             window, else with ctx.dma.write (of a device buffer, built once per
+ *                             pattern and kept for the next fill). Completion as DMA_CMD. Reads 0.
  *   0x34 DMA_ERRNO   u32 RO   errno of the last failed command (0 if none).
  *   0x38 DMA_COUNT   u32 RO   commands completed successfully.
  *   0x3c reserved    reads 0.
@@ -281,9 +282,16 @@ export function sampleDevice(options: SampleOptions = {}): SampleDevice {
     }
   };
 
+  // The last fill's data (device memory: DMA_WRITE copies it into the messages), kept for the
+  // next fill of the same pattern; only ever read, and one command runs at a time.
+  let fillData: { pattern: number; bytes: Buffer } | null = null;
   const fill = async (c: DeviceContext, dst: number, len: number, pattern: number): Promise<void> => {
-    const bytes = new Uint8Array(len);
-    for (let i = 0; i < len; i++) bytes[i] = (pattern >>> (8 * (i & 3))) & 0xff;
+    if (!fillData || fillData.pattern !== pattern || fillData.bytes.length < len) {
+      const word = Buffer.alloc(4);
+      word.writeUInt32LE(pattern >>> 0);
+      fillData = { pattern, bytes: Buffer.alloc(Math.max(len, 4)).fill(word) };
+    }
+    const bytes = fillData.bytes.subarray(0, len);
     const view = len > 0 ? c.dma.view(dst, len, { write: true }) : null;
     if (view) view.set(bytes);
     else await c.dma.write(dst, bytes);
