@@ -515,6 +515,30 @@ test('readTarget(): mixing in-place reads and ordinary chunks', () => {
   assert.equal(h.reader.readTarget(), null);
 });
 
+test('readTarget() after a large placed frame: the next prefix, or what is missing of it, not a pool-sized read', () => {
+  const P = mkFrame(7000, 7);
+  const Q = mkFrame(7000, 8);
+  const targets = [new Uint8Array(7000 - 16), new Uint8Array(7000 - 16)];
+  let n = 0;
+  const h = harness({ placePrefix: 16, bigFrameSize: 4096 }, () => targets[n++]!);
+  h.reader.push(P.slice(0, 16));
+  h.reader.push(P.slice(16));
+  assert.equal(h.frames.length, 1);
+  let t = h.reader.readTarget();
+  assert.equal(t?.length, 16, 'the whole next prefix');
+  h.reader.push(Q.slice(0, 5)); // the peer's write ended inside the prefix
+  t = h.reader.readTarget();
+  assert.equal(t?.length, 11, 'the rest of the prefix');
+  t!.set(Q.subarray(5, 16));
+  h.reader.push(t!);
+  t = h.reader.readTarget();
+  assert.equal(t?.buffer, targets[1]!.buffer, 'then the payload goes to its place');
+  h.reader.push(Q.slice(16));
+  assert.equal(h.frames.length, 2);
+  assert.ok(Buffer.from(targets[1]!).equals(Buffer.from(Q.subarray(16))));
+  closeDelivered(h);
+});
+
 // ---------------------------------------------------------------------------
 // 5. Several placed frames in one chunk
 // ---------------------------------------------------------------------------

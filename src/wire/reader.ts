@@ -165,8 +165,11 @@ export class FrameReader {
       // After a large frame, read just the next frame's prefix first: if that
       // frame is large too, its body then goes straight to its place instead
       // of through the socket's pool and a copy.
-      if (!this.#afterBig || this.#buffered > 0 || this.#skip > 0 || this.#stopped) return null;
-      return Buffer.allocUnsafe(Math.max(this.#spec.placePrefix ?? 0, this.#spec.headerSize));
+      // Also when part of that prefix came already (the peer's write ended there): the rest of
+      // it, not a pool-sized read that would take the next payload too, to be copied into place.
+      const prefix = Math.max(this.#spec.placePrefix ?? 0, this.#spec.headerSize);
+      if (!this.#afterBig || this.#buffered >= prefix || this.#skip > 0 || this.#stopped) return null;
+      return Buffer.allocUnsafe(prefix - this.#buffered);
     }
     if (this.#stopped || big.lost) return null;
     const at = this.#buffered - (big.head ? big.head.length : 0);
