@@ -238,3 +238,35 @@ test('a peer that closes while shared data waits: the socket closes with an erro
   mem.close();
   await until(() => openFdCount() <= before, 2000, () => `${openFdCount()} fds open, ${before} before`);
 });
+
+test('copyQueued() turns a queued shared write into a copied one (its heap copy is never spliced)', async (t) => {
+  const [a, b] = socketPair();
+  const mem = SharedMemory.create(64 * KiB);
+  const pipeSend = native.pipeSend;
+  let spliced = 0;
+  native.pipeSend = (...args) => {
+    spliced++;
+    return pipeSend(...args);
+  };
+  t.after(() => {
+    native.pipeSend = pipeSend;
+    a.destroy();
+    b.destroy();
+    mem.close();
+  });
+  mem.bytes.fill(7);
+  a.cork();
+  a.write([Buffer.alloc(32, 1), mem.bytes], null, false, true);
+  a.copyQueued();
+  mem.bytes.fill(8);
+  const p = collect(b, 32 + 64 * KiB);
+  a.uncork();
+  const got = await p;
+  assert.equal(spliced, 0, 'sent by sendmsg');
+  assert.ok(got.bytes.subarray(32).every((x) => x === 7), 'the bytes as they were at copyQueued()');
+  // Without copyQueued() the same write is spliced.
+  a.write([Buffer.alloc(32, 1), mem.bytes], null, false, true);
+  const again = await collect(b, 32 + 64 * KiB);
+  assert.ok(spliced > 0);
+  assert.ok(again.bytes.subarray(32).every((x) => x === 8));
+});

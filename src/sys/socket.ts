@@ -262,6 +262,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
       }
       e.bufs = [copy];
       e.owned = true;
+      e.shared = false; // our own heap copy: never spliced (it is freed once sent)
       this.#viewEntries--;
     }
   }
