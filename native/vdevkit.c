@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,6 +27,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <node_api.h>
@@ -530,12 +532,15 @@ static napi_value vdk_pipe(napi_env env, napi_callback_info info) {
  * `sock`: parts whose refs[i] is 1 are vmsplice()d into the pipe (the pipe,
  * then the socket buffer, refer to that memory: the peer reads it when it
  * reads, not as it was now), the others are write()n into it (copied);
- * splice() then moves the pipe's contents into the socket without a copy.
- * state is a Float64Array: state[0] = bytes in the pipe before the call (they
- * go first), set on return to the bytes still in the pipe (the socket was
- * full: call again, with no parts, when it is writable). Returns how many
- * bytes of parts went into the pipe (all of them unless pipe and socket
- * filled up). Throws on a socket error (EPIPE: the peer is gone).
+ * memory vmsplice cannot pin (EFAULT/EINVAL: e.g. memfd_secret or device
+ * memory) is copied too. splice() then moves the pipe's contents into the
+ * socket without a copy. state is a Float64Array: state[0] = bytes in the
+ * pipe before the call (they go first), set on return to the bytes still in
+ * the pipe (the socket was full: call again, with no parts, when it is
+ * writable); state[1] = bytes taken from parts, also when it throws. Returns
+ * state[1]. Throws on a socket error (EPIPE: the peer is gone). splice has no
+ * MSG_NOSIGNAL: SIGPIPE is blocked around it and a SIGPIPE it raised is
+ * consumed, as sendmsg's MSG_NOSIGNAL would have it.
  */
 static napi_value vdk_pipe_send(napi_env env, napi_callback_info info) {
   GET_ARGS(6);
@@ -551,6 +556,13 @@ static napi_value vdk_pipe_send(napi_env env, napi_callback_info info) {
   if (!is_array) return type_error(env, "parts must be an array of Uint8Arrays");
   napi_get_array_length(env, argv[3], &n);
   if (n > VDK_MAX_IOV) return range_error(env, "too many parts in one pipeSend");
+  struct iovec parts[VDK_MAX_IOV];
+  for (uint32_t i = 0; i < n; i++) {
+    napi_value el;
+    CHECK_NAPI(napi_get_element(env, argv[3], i, &el));
+    if (arg_bytes(env, el, (uint8_t **)&parts[i].iov_base, &parts[i].iov_len) < 0) return NULL;
+  }
+  /* refs and state after the parts: getters on the array could not detach them under us. */
   uint8_t *refs = NULL;
   size_t nrefs = 0;
   if (arg_bytes(env, argv[4], &refs, &nrefs) < 0) return NULL;
@@ -565,16 +577,19 @@ static napi_value vdk_pipe_send(napi_env env, napi_callback_info info) {
   if (type != napi_float64_array || slen < 2) return type_error(env, "state must be a Float64Array of 2");
   if (!(state[0] >= 0) || state[0] > 1e15) return range_error(env, "state[0] must be the bytes in the pipe");
 
-  struct iovec parts[VDK_MAX_IOV];
-  for (uint32_t i = 0; i < n; i++) {
-    napi_value el;
-    CHECK_NAPI(napi_get_element(env, argv[3], i, &el));
-    if (arg_bytes(env, el, (uint8_t **)&parts[i].iov_base, &parts[i].iov_len) < 0) return NULL;
-  }
   size_t pending = (size_t)state[0];
   size_t taken = 0;
   uint32_t i = 0;
   size_t off = 0;
+  int err = 0;
+  const char *failed = NULL;
+  sigset_t pipe_set, old_set;
+  sigemptyset(&pipe_set);
+  sigaddset(&pipe_set, SIGPIPE);
+  pthread_sigmask(SIG_BLOCK, &pipe_set, &old_set);
+  sigset_t was_pending;
+  sigpending(&was_pending);
+  bool sigpipe_was_pending = sigismember(&was_pending, SIGPIPE) == 1;
   for (;;) {
     while (i < n && off == parts[i].iov_len) {
       i++;
@@ -583,8 +598,13 @@ static napi_value vdk_pipe_send(napi_env env, napi_callback_info info) {
     if (i < n) {
       struct iovec v = {(uint8_t *)parts[i].iov_base + off, parts[i].iov_len - off};
       ssize_t r;
+      bool ref = refs[i] != 0;
       do {
-        r = refs[i] ? vmsplice(pw, &v, 1, SPLICE_F_NONBLOCK) : write(pw, v.iov_base, v.iov_len);
+        r = ref ? vmsplice(pw, &v, 1, SPLICE_F_NONBLOCK) : write(pw, v.iov_base, v.iov_len);
+        if (r < 0 && ref && (errno == EFAULT || errno == EINVAL)) {
+          ref = false; /* memory that cannot be pinned: copy it */
+          r = write(pw, v.iov_base, v.iov_len);
+        }
       } while (r < 0 && errno == EINTR);
       if (r > 0) {
         off += (size_t)r;
@@ -593,26 +613,42 @@ static napi_value vdk_pipe_send(napi_env env, napi_callback_info info) {
         continue;
       }
       if (r < 0 && errno != EAGAIN) {
-        state[0] = (double)pending;
-        return throw_errno(env, errno, refs[i] ? "vmsplice" : "write");
+        err = errno;
+        failed = ref ? "vmsplice" : "write";
+        break;
       }
       /* the pipe is full: move some of it into the socket */
     }
     if (pending == 0) break;
-    ssize_t s;
+    ssize_t sp;
     do {
-      s = splice(pr, NULL, sock, NULL, pending, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
-    } while (s < 0 && errno == EINTR);
-    if (s > 0) {
-      pending -= (size_t)s;
+      sp = splice(pr, NULL, sock, NULL, pending, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+    } while (sp < 0 && errno == EINTR);
+    if (sp > 0) {
+      pending -= (size_t)sp;
       continue;
     }
-    if (s < 0 && errno == EAGAIN) break; /* the socket is full */
-    state[0] = (double)pending;
-    if (s == 0) return throw_errno_msg(env, EIO, "splice", "splice moved nothing from a non-empty pipe");
-    return throw_errno(env, errno, "splice");
+    if (sp < 0 && errno == EAGAIN) break; /* the socket is full */
+    err = sp == 0 ? EIO : errno;
+    failed = "splice";
+    break;
   }
+  if (!sigpipe_was_pending) {
+    /* Consume a SIGPIPE splice raised (EPIPE) before unblocking. */
+    sigpending(&was_pending);
+    if (sigismember(&was_pending, SIGPIPE) == 1) {
+      struct timespec zero = {0, 0};
+      while (sigtimedwait(&pipe_set, NULL, &zero) < 0 && errno == EINTR) {
+      }
+    }
+  }
+  pthread_sigmask(SIG_SETMASK, &old_set, NULL);
   state[0] = (double)pending;
+  state[1] = (double)taken;
+  if (failed != NULL) {
+    if (err == EIO && strcmp(failed, "splice") == 0) return throw_errno_msg(env, EIO, "splice", "splice moved nothing from a non-empty pipe");
+    return throw_errno(env, err, failed);
+  }
   return make_int(env, (int64_t)taken);
 }
 

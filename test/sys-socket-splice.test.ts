@@ -8,6 +8,7 @@
  */
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import { socketPair, socketPairFds, SharedMemory, EventFd, type Fd, type UnixSocket, nativeAddon as native } from '../src/sys/index.js';
 import { SPLICE_MIN } from '../src/sys/socket.js';
 import { closed, openFdCount, receive, until } from './helpers/sys.js';
@@ -205,10 +206,15 @@ test('shared write: buffers below SPLICE_MIN are copied, larger ones referenced'
 
 test('end() sends what is still in the splice pipe before closing', async (t) => {
   const [a, b] = socketPair();
-  const data = pattern(6 * MiB, 6); // beyond socket buffer + pipe: some waits in the pipe or the queue
-  t.after(() => b.destroy());
+  const mem = SharedMemory.create(6 * MiB); // beyond socket buffer + pipe: some waits in the pipe or the queue
+  const data = pattern(6 * MiB, 6);
+  mem.bytes.set(data);
+  t.after(() => {
+    b.destroy();
+    mem.close();
+  });
   b.pause();
-  a.write([data], null, false, true);
+  a.write([mem.bytes], null, false, true);
   a.end(10_000);
   const p = collect(b, data.length);
   const ended = new Promise<void>((resolve) => b.once('end', resolve));
@@ -269,4 +275,121 @@ test('copyQueued() turns a queued shared write into a copied one (its heap copy 
   const again = await collect(b, 32 + 64 * KiB);
   assert.ok(spliced > 0);
   assert.ok(again.bytes.subarray(32).every((x) => x === 8));
+});
+
+/** Counts native.pipeSend calls until the test ends. */
+function countSplices(t: TestContext): { n: number } {
+  const pipeSend = native.pipeSend;
+  const count = { n: 0 };
+  native.pipeSend = (...args) => {
+    count.n++;
+    return pipeSend(...args);
+  };
+  t.after(() => (native.pipeSend = pipeSend));
+  return count;
+}
+
+test('shared memory the kernel cannot read (a memfd truncated under its mapping): EFAULT closes the socket; nothing is sent twice', async (t) => {
+  const [a, b] = socketPair();
+  const mem = SharedMemory.create(128 * KiB);
+  t.after(() => {
+    b.destroy();
+    mem.close();
+  });
+  native.ftruncate(mem.fd.value, 0); // the peer shrank the file it shared: its pages are gone
+  let got = Buffer.alloc(0);
+  b.on('data', (c) => (got = Buffer.concat([got, c])));
+  a.on('error', () => {});
+  const done = closed(a);
+  a.write([Buffer.from('HEAD'), mem.bytes.subarray(0, 64 * KiB)], null, false, true);
+  // More flushes in the same tick (another reply's batch): they must not send the head again.
+  a.cork();
+  a.uncork();
+  a.write([Buffer.from('NEXT')]);
+  const err = await done;
+  assert.equal((err as Error & { code?: string }).code, 'EFAULT');
+  await until(() => b.closed, 2000);
+  assert.ok(!got.toString().includes('HEADHEAD'), `the peer got ${JSON.stringify(got.toString())}`);
+  assert.ok(got.length <= 4);
+});
+
+test('no pipe to be had (EMFILE): shared writes are copied and the connection goes on', async (t) => {
+  const [a, b] = socketPair();
+  const mem = SharedMemory.create(256 * KiB);
+  mem.bytes.set(pattern(256 * KiB, 9));
+  const pipe = native.pipe;
+  let asked = 0;
+  native.pipe = () => {
+    asked++;
+    throw Object.assign(new Error('EMFILE: too many open files'), { code: 'EMFILE' });
+  };
+  const splices = countSplices(t);
+  t.after(() => {
+    native.pipe = pipe;
+    a.destroy();
+    b.destroy();
+    mem.close();
+  });
+  const p = collect(b, 2 * (32 + 256 * KiB));
+  for (let i = 0; i < 2; i++) a.write([Buffer.alloc(32, i), mem.bytes], null, false, true);
+  const got = await p;
+  assert.equal(asked, 1, 'asked once, not again at once');
+  assert.equal(splices.n, 0);
+  assert.ok(got.bytes.subarray(32, 32 + 256 * KiB).equals(pattern(256 * KiB, 9)));
+  assert.ok(!a.closed);
+});
+
+test('an fd that came blocking (a twin socket from the peer) is non-blocking once a UnixSocket has it (uv_poll_init): splice() must never wait', async (t) => {
+  const [fa, fb] = socketPairFds();
+  native.setNonBlock(fa.value, false);
+  const O_NONBLOCK = 0o4000;
+  const flags = (): number => parseInt(/^flags:\s+([0-7]+)/m.exec(fs.readFileSync(`/proc/self/fdinfo/${fa.value}`, 'utf8'))![1]!, 8);
+  assert.equal(flags() & O_NONBLOCK, 0, 'blocking before');
+  const { UnixSocket } = await import('../src/sys/socket.js');
+  const a = new UnixSocket(fa);
+  const mem = SharedMemory.create(8 * MiB);
+  t.after(() => {
+    a.destroy();
+    fb.close();
+    mem.close();
+  });
+  assert.equal(flags() & O_NONBLOCK, O_NONBLOCK, 'non-blocking once a UnixSocket has it');
+  a.write([mem.bytes], null, false, true);
+  assert.ok(a.writableLength > 0, 'the rest waits in the queue');
+});
+
+test('a shared write to a peer that has gone: EPIPE, and no SIGPIPE reaches the process', async (t) => {
+  let sigpipes = 0;
+  const onSigpipe = (): void => {
+    sigpipes++;
+  };
+  process.on('SIGPIPE', onSigpipe); // a listener: the signal is no longer ignored
+  const [a, b] = socketPair();
+  const mem = SharedMemory.create(MiB);
+  t.after(() => {
+    process.off('SIGPIPE', onSigpipe);
+    mem.close();
+  });
+  a.on('error', () => {});
+  b.destroy();
+  const done = closed(a);
+  a.write([Buffer.alloc(32), mem.bytes], null, false, true);
+  const err = await done;
+  assert.match((err as Error & { code?: string }).code ?? '', /^(EPIPE|ECONNRESET)$/);
+  await new Promise((r) => setTimeout(r, 50));
+  assert.equal(sigpipes, 0);
+});
+
+test('shared is ignored for owned buffers (our own heap, freed once sent)', async (t) => {
+  const [a, b] = socketPair();
+  const splices = countSplices(t);
+  t.after(() => {
+    a.destroy();
+    b.destroy();
+  });
+  const data = pattern(64 * KiB, 10);
+  const p = collect(b, data.length);
+  a.write([data], null, true, true);
+  assert.ok((await p).bytes.equals(data));
+  assert.equal(splices.n, 0);
 });

@@ -42,7 +42,8 @@
  *   0x30 FILL_CMD    u32 WO   1: fill [DMA_DST, +DMA_LEN) with FILL_PATTERN, through a direct view
  *                             (ctx.dma.view with write) when the range lies in one fd-mapped
  *                             window, else with ctx.dma.write (of a device buffer, built once per
- *                             pattern and kept for the next fill). Completion as DMA_CMD. Reads 0.
+ *                             pattern and kept, up to 16 MiB, for the next fill). Completion as
+ *                             DMA_CMD. Reads 0.
  *   0x34 DMA_ERRNO   u32 RO   errno of the last failed command (0 if none).
  *   0x38 DMA_COUNT   u32 RO   commands completed successfully.
  *   0x3c reserved    reads 0.
@@ -100,6 +101,8 @@ const MIG_STOP_COPY = 2;
 const MIG_HEADER = 16;
 /** A copy through a buffer of its own moves at most this many bytes per read/write pair. */
 const COPY_CHUNK = 1 << 20;
+/** Largest fill buffer the device keeps for the next fill of the same pattern. */
+const FILL_CACHE_MAX = 16 << 20;
 
 export interface SampleOptions {
   /** PCI vendor and device ids (default 0x1234:0x5a31). */
@@ -289,9 +292,18 @@ export function sampleDevice(options: SampleOptions = {}): SampleDevice {
     if (!fillData || fillData.pattern !== pattern || fillData.bytes.length < len) {
       const word = Buffer.alloc(4);
       word.writeUInt32LE(pattern >>> 0);
-      fillData = { pattern, bytes: Buffer.alloc(Math.max(len, 4)).fill(word) };
+      const bytes = Buffer.alloc(Math.max(len, 4)).fill(word);
+      // Kept only up to FILL_CACHE_MAX: DMA_LEN is the driver's to choose.
+      fillData = bytes.length <= FILL_CACHE_MAX ? { pattern, bytes } : null;
+      if (!fillData) {
+        await writeFill(c, dst, bytes.subarray(0, len));
+        return;
+      }
     }
-    const bytes = fillData.bytes.subarray(0, len);
+    await writeFill(c, dst, fillData.bytes.subarray(0, len));
+  };
+  const writeFill = async (c: DeviceContext, dst: number, bytes: Uint8Array): Promise<void> => {
+    const len = bytes.length;
     const view = len > 0 ? c.dma.view(dst, len, { write: true }) : null;
     if (view) view.set(bytes);
     else await c.dma.write(dst, bytes);

@@ -45,7 +45,8 @@ export interface NativeAddon {
   pipe(size: number): [number, number];
   /**
    * Parts through the pipe into the socket: refs[i] 1 = vmsplice (referenced), 0 = write (copied);
-   * state[0] = bytes in the pipe, in and out. Returns bytes taken from parts.
+   * state[0] = bytes in the pipe, in and out; state[1] = bytes taken from parts (also when it
+   * throws). Memory vmsplice cannot pin is copied. SIGPIPE from splice is blocked and consumed.
    */
   pipeSend(sock: number, pipeR: number, pipeW: number, parts: readonly Uint8Array[], refs: Uint8Array, state: Float64Array): number;
   pollNew(fd: number, cb: (status: number, events: number) => void): PollHandle;

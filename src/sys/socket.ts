@@ -113,6 +113,10 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
   readonly #pipeState = new Float64Array(2);
   /** pipeSend's refs: 1 for a gathered buffer that may be spliced. */
   readonly #refs = new Uint8Array(MAX_GATHER);
+  /** When the pipe may be asked for again after pipe() failed (EMFILE): shared writes are copied meanwhile. */
+  #pipeRetryAt = 0;
+  /** A send failed: the socket is about to be destroyed, nothing more is sent (nor sent twice). */
+  #broken = false;
 
   constructor(fd: Fd, options: UnixSocketOptions = {}) {
     super();
@@ -125,6 +129,8 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     const maxFds = Math.min(options.maxRecvFds ?? native.SCM_MAX_FD, native.SCM_MAX_FD);
     this.#fdsOut = new Int32Array(1 + Math.max(0, maxFds));
     this.#pool = Buffer.allocUnsafe(POOL_SIZE);
+    // uv_poll_init makes the fd non-blocking, also one that came blocking (a twin socket the
+    // peer sent): splice(), which has no MSG_DONTWAIT, never waits either (test/sys-socket-splice).
     this.#poll = native.pollNew(fd.value, (status, events) => this.#onPoll(status, events));
     // Start reading on the next tick so the creator can attach listeners first.
     process.nextTick(() => this.#updatePoll());
@@ -174,7 +180,8 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
    * shared with us by fd), so buffers of SPLICE_MIN bytes or more are
    * spliced into the socket (vmsplice + splice through a pipe) rather than
    * copied: the peer then reads them as they are when it reads, which may be
-   * after this memory changes. Never for memory the peer must not see later.
+   * after this memory changes. Never for memory the peer must not see later
+   * (heap buffers, which may be reused once sent); ignored with `owned`.
    */
   write(data: Uint8Array | readonly Uint8Array[], fds?: readonly (Fd | number)[] | null, owned = false, shared = false): boolean {
     if (this.#closed || this.#ending) throw sysError('EPIPE', 'write', 'socket is closed');
@@ -188,7 +195,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     if (fdNums && length === 0) throw sysError('EINVAL', 'sendmsg', 'fds need at least one byte to travel with');
     if (length === 0) return this.#queued <= this.#highWaterMark; // nothing to send (and no empty queue entry)
 
-    if (shared && !fdNums) {
+    if (shared && !owned && !fdNums) {
       this.#enqueue(bufs, length, null, owned, true);
       if (this.#queue.length === 1 && this.#corked === 0) {
         this.#flush();
@@ -313,9 +320,11 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
   }
 
   #send(bufs: Uint8Array[], fds: readonly number[] | null): number {
+    if (this.#broken) return -1;
     try {
       return native.sendmsg(this.#fd.value, bufs.length === 1 ? bufs[0]! : bufs, fds);
     } catch (err) {
+      this.#broken = true;
       // EPIPE / ECONNRESET: the peer is gone. Report it once, after this call returns.
       process.nextTick(() => this.destroy(err as Error));
       return -1;
@@ -349,6 +358,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
   }
 
   #flush(): void {
+    if (this.#broken) return;
     // What is in the splice pipe was written before anything queued.
     if (this.#pipeState[0]! > 0 && !this.#pipeSend([])) return;
     while (this.#queue.length > 0 && !this.#closed) {
@@ -377,6 +387,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
         this.destroy(sysError('EFAULT', 'sendmsg', 'a queued buffer was detached before it was sent'));
         return;
       }
+      if (splice && !this.#havePipe()) splice = false; // no pipe to be had: copied, as any write
       const n = splice ? this.#pipeSendParts(bufs) : this.#send(bufs, head.fds ? head.fds.map((f) => f.value) : null);
       if (n < 0) return;
       let left = n;
@@ -407,20 +418,27 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
 
   /** Gathered bufs through the splice pipe (see write()'s `shared`): bytes taken from them, or -1. */
   #pipeSendParts(bufs: Uint8Array[]): number {
-    if (!this.#pipe) {
-      try {
-        const [r, w] = native.pipe(PIPE_SIZE);
-        this.#pipe = [new Fd(r), new Fd(w)];
-      } catch (err) {
-        process.nextTick(() => this.destroy(err as Error)); // EMFILE: no fd for the pipe
-        return -1;
-      }
-    }
+    const pipe = this.#pipe!; // created by #havePipe() before anything went into it
     try {
-      return native.pipeSend(this.#fd.value, this.#pipe[0].value, this.#pipe[1].value, bufs, this.#refs, this.#pipeState);
+      return native.pipeSend(this.#fd.value, pipe[0].value, pipe[1].value, bufs, this.#refs, this.#pipeState);
     } catch (err) {
+      this.#broken = true; // what pipeSend took is in the pipe: it must not be sent again
       process.nextTick(() => this.destroy(err as Error)); // EPIPE / ECONNRESET, as #send
       return -1;
+    }
+  }
+
+  /** The splice pipe, created on first use; false if none can be had now (EMFILE, pipe limits). */
+  #havePipe(): boolean {
+    if (this.#pipe) return true;
+    if (performance.now() < this.#pipeRetryAt) return false;
+    try {
+      const [r, w] = native.pipe(PIPE_SIZE);
+      this.#pipe = [new Fd(r), new Fd(w)];
+      return true;
+    } catch {
+      this.#pipeRetryAt = performance.now() + 1000; // a healthy connection goes on copying
+      return false;
     }
   }
 
