@@ -587,9 +587,6 @@ static napi_value vdk_pipe_send(napi_env env, napi_callback_info info) {
   sigemptyset(&pipe_set);
   sigaddset(&pipe_set, SIGPIPE);
   pthread_sigmask(SIG_BLOCK, &pipe_set, &old_set);
-  sigset_t was_pending;
-  sigpending(&was_pending);
-  bool sigpipe_was_pending = sigismember(&was_pending, SIGPIPE) == 1;
   for (;;) {
     while (i < n && off == parts[i].iov_len) {
       i++;
@@ -633,13 +630,13 @@ static napi_value vdk_pipe_send(napi_env env, napi_callback_info info) {
     failed = "splice";
     break;
   }
-  if (!sigpipe_was_pending) {
-    /* Consume a SIGPIPE splice raised (EPIPE) before unblocking. */
-    sigpending(&was_pending);
-    if (sigismember(&was_pending, SIGPIPE) == 1) {
-      struct timespec zero = {0, 0};
-      while (sigtimedwait(&pipe_set, NULL, &zero) < 0 && errno == EINTR) {
-      }
+  /* A SIGPIPE splice raised went to this thread only, and none can have been pending for it
+   * unless SIGPIPE was blocked already (then it is not ours to take): consume it before
+   * unblocking. Only after a failure, so a SIGPIPE sent to the process meanwhile (kill) is left
+   * for another thread. sigtimedwait takes the thread's own pending signal first. */
+  if (failed != NULL && !sigismember(&old_set, SIGPIPE)) {
+    struct timespec zero = {0, 0};
+    while (sigtimedwait(&pipe_set, NULL, &zero) < 0 && errno == EINTR) {
     }
   }
   pthread_sigmask(SIG_SETMASK, &old_set, NULL);
