@@ -196,7 +196,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     if (length === 0) return this.#queued <= this.#highWaterMark; // nothing to send (and no empty queue entry)
 
     if (shared && !owned && !fdNums) {
-      this.#enqueue(bufs, length, null, owned, true);
+      this.#enqueue(bufs, length, null, false, true);
       if (this.#queue.length === 1 && this.#corked === 0) {
         this.#flush();
         this.#updatePoll();
@@ -360,7 +360,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
   #flush(): void {
     if (this.#broken) return;
     // What is in the splice pipe was written before anything queued.
-    if (this.#pipeState[0]! > 0 && !this.#pipeSend([])) return;
+    if (this.#pipeState[0]! > 0 && !this.#drainPipe()) return;
     while (this.#queue.length > 0 && !this.#closed) {
       const head = this.#queue[0]!;
       let bufs = head.bufs;
@@ -443,8 +443,8 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
   }
 
   /** Moves what is in the splice pipe into the socket; true once it is empty. */
-  #pipeSend(bufs: Uint8Array[]): boolean {
-    return this.#pipeSendParts(bufs) >= 0 && this.#pipeState[0]! === 0;
+  #drainPipe(): boolean {
+    return this.#pipeSendParts([]) >= 0 && this.#pipeState[0]! === 0;
   }
 
   #onPoll(status: number, events: number): void {
