@@ -626,7 +626,7 @@ static napi_value vdk_pipe_send(napi_env env, napi_callback_info info) {
       continue;
     }
     if (sp < 0 && errno == EAGAIN) break; /* the socket is full */
-    err = sp == 0 ? EIO : errno;
+    err = sp == 0 ? 0 : errno; /* 0: splice moved nothing from a non-empty pipe */
     failed = "splice";
     break;
   }
@@ -643,7 +643,7 @@ static napi_value vdk_pipe_send(napi_env env, napi_callback_info info) {
   state[0] = (double)pending;
   state[1] = (double)taken;
   if (failed != NULL) {
-    if (err == EIO && strcmp(failed, "splice") == 0) return throw_errno_msg(env, EIO, "splice", "splice moved nothing from a non-empty pipe");
+    if (err == 0) return throw_errno_msg(env, EIO, "splice", "splice moved nothing from a non-empty pipe");
     return throw_errno(env, err, failed);
   }
   return make_int(env, (int64_t)taken);
