@@ -289,21 +289,17 @@ export function sampleDevice(options: SampleOptions = {}): SampleDevice {
   // next fill of the same pattern; only ever read, and one command runs at a time.
   let fillData: { pattern: number; bytes: Buffer } | null = null;
   const fill = async (c: DeviceContext, dst: number, len: number, pattern: number): Promise<void> => {
-    if (!fillData || fillData.pattern !== pattern || fillData.bytes.length < len) {
+    let bytes: Uint8Array;
+    if (fillData && fillData.pattern === pattern && fillData.bytes.length >= len) {
+      bytes = fillData.bytes.subarray(0, len);
+    } else {
       const word = Buffer.alloc(4);
       word.writeUInt32LE(pattern >>> 0);
-      const bytes = Buffer.alloc(Math.max(len, 4)).fill(word);
+      const made = Buffer.alloc(Math.max(len, 4)).fill(word);
       // Kept only up to FILL_CACHE_MAX: DMA_LEN is the driver's to choose.
-      fillData = bytes.length <= FILL_CACHE_MAX ? { pattern, bytes } : null;
-      if (!fillData) {
-        await writeFill(c, dst, bytes.subarray(0, len));
-        return;
-      }
+      fillData = made.length <= FILL_CACHE_MAX ? { pattern, bytes: made } : null;
+      bytes = made.subarray(0, len);
     }
-    await writeFill(c, dst, fillData.bytes.subarray(0, len));
-  };
-  const writeFill = async (c: DeviceContext, dst: number, bytes: Uint8Array): Promise<void> => {
-    const len = bytes.length;
     const view = len > 0 ? c.dma.view(dst, len, { write: true }) : null;
     if (view) view.set(bytes);
     else await c.dma.write(dst, bytes);
