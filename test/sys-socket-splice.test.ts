@@ -11,7 +11,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { socketPair, socketPairFds, SharedMemory, EventFd, type Fd, type UnixSocket, nativeAddon as native } from '../src/sys/index.js';
 import { SPLICE_MIN } from '../src/sys/socket.js';
-import { closed, openFdCount, receive, until } from './helpers/sys.js';
+import { closed, countSplices, openFdCount, receive, until } from './helpers/sys.js';
 
 const KiB = 1024;
 const MiB = 1024 * 1024;
@@ -248,14 +248,8 @@ test('a peer that closes while shared data waits: the socket closes with an erro
 test('copyQueued() turns a queued shared write into a copied one (its heap copy is never spliced)', async (t) => {
   const [a, b] = socketPair();
   const mem = SharedMemory.create(64 * KiB);
-  const pipeSend = native.pipeSend;
-  let spliced = 0;
-  native.pipeSend = (...args) => {
-    spliced++;
-    return pipeSend(...args);
-  };
+  const spliced = countSplices(t);
   t.after(() => {
-    native.pipeSend = pipeSend;
     a.destroy();
     b.destroy();
     mem.close();
@@ -268,26 +262,14 @@ test('copyQueued() turns a queued shared write into a copied one (its heap copy 
   const p = collect(b, 32 + 64 * KiB);
   a.uncork();
   const got = await p;
-  assert.equal(spliced, 0, 'sent by sendmsg');
+  assert.equal(spliced.n, 0, 'sent by sendmsg');
   assert.ok(got.bytes.subarray(32).every((x) => x === 7), 'the bytes as they were at copyQueued()');
   // Without copyQueued() the same write is spliced.
   a.write([Buffer.alloc(32, 1), mem.bytes], null, false, true);
   const again = await collect(b, 32 + 64 * KiB);
-  assert.ok(spliced > 0);
+  assert.ok(spliced.n > 0);
   assert.ok(again.bytes.subarray(32).every((x) => x === 8));
 });
-
-/** Counts native.pipeSend calls until the test ends. */
-function countSplices(t: TestContext): { n: number } {
-  const pipeSend = native.pipeSend;
-  const count = { n: 0 };
-  native.pipeSend = (...args) => {
-    count.n++;
-    return pipeSend(...args);
-  };
-  t.after(() => (native.pipeSend = pipeSend));
-  return count;
-}
 
 test('shared memory the kernel cannot read (a memfd truncated under its mapping): EFAULT closes the socket; nothing is sent twice', async (t) => {
   const [a, b] = socketPair();

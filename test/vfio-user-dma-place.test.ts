@@ -19,10 +19,10 @@ import { Connection, ConnectionError, type ReplySink } from '../src/vfio-user/co
 import { Command } from '../src/vfio-user/constants.js';
 import { codecLimits } from '../src/vfio-user/messages.js';
 import { sampleDevice, SampleReg, SampleStatus, type SampleDevice } from '../src/devices/sample.js';
-import { SharedMemory, EventFd, socketPair, nativeAddon } from '../src/sys/index.js';
+import { SharedMemory, EventFd, socketPair } from '../src/sys/index.js';
 import { RawVfioUserClient, Bytes } from '../src/testing/index.js';
 import type { DeviceContext, VfioUserDeviceSpec } from '../src/vfio-user/device.js';
-import { openFdCount, openFdsBackTo, tick } from './helpers/sys.js';
+import { countSplices, openFdCount, openFdsBackTo, tick } from './helpers/sys.js';
 
 const KiB = 1024;
 const MiB = 1024 * 1024;
@@ -392,17 +392,10 @@ for (const xfer of [64 * KiB, MiB]) {
       ['fd -> message (write of a view)', fdMem, 0x777, F, msgMem, 0x2003, M, true],
       ['message -> message (read + write, 1 MiB steps)', msgMem, 0x10, M, msgMem, 4 * MiB + 5, M, false],
     ];
-    // Counts the server's spliced sends (same process: the same addon object).
-    const pipeSend = nativeAddon.pipeSend;
-    let spliced = 0;
-    nativeAddon.pipeSend = (...args) => {
-      spliced++;
-      return pipeSend(...args);
-    };
-    t.after(() => (nativeAddon.pipeSend = pipeSend));
+    const spliced = countSplices(t); // the server's spliced sends
     let seed = 100;
     for (const [name, sm, so, sb, dm, doff, db, splice] of cases) {
-      spliced = 0;
+      spliced.n = 0;
       pattern(sm.bytes.subarray(so, so + len), seed++);
       dm.bytes.fill(0x5a, Math.max(0, doff - 0x1000), Math.min(dm.size, doff + len + 0x1000));
       const src = sm.bytes.slice(so, so + len);
@@ -415,7 +408,7 @@ for (const xfer of [64 * KiB, MiB]) {
       same(dm.bytes.subarray(doff, doff + len), src, `${name}: destination`);
       same(dm.bytes.subarray(0, doff), before.subarray(0, doff), `${name}: before the destination`);
       same(dm.bytes.subarray(doff + len), before.subarray(doff + len), `${name}: past the end of the destination`);
-      assert.equal(spliced > 0, splice, `${name}: ${spliced} spliced sends`);
+      assert.equal(spliced.n > 0, splice, `${name}: ${spliced.n} spliced sends`);
       await env.dev.write(0, SampleReg.DMA_STATUS, u32(SampleStatus.DONE));
     }
     assert.equal(env.sample.registers.dmaCount, cases.length);
@@ -810,4 +803,47 @@ test('a large DMA_WRITE with a malformed header (reserved flag bit, error field)
   const ok = await fake.request(Command.DMA_WRITE, { address: 0x100000, count: data.length, data });
   assert.equal(ok.body?.count, data.length);
   same(w.bytes.subarray(0, data.length), data, 'the good write');
+});
+
+test('sample fill into an fd window (a view) and a message window (DMA_WRITEs of the device buffer, copied, not spliced): the pattern, little-endian, exactly the range', async (t) => {
+  const env = await sampleEnv(t, { xfer: 64 * KiB });
+  const F = 0x1000_0000;
+  const M = 0x2000_0000;
+  const fdMem = memory(t, 2 * MiB);
+  const msgMem = memory(t, 2 * MiB);
+  await env.client.dmaMap({ iova: F, size: 2 * MiB, memory: fdMem });
+  await env.client.dmaMap({ iova: M, size: 2 * MiB, memory: msgMem, passFd: false });
+  const spliced = countSplices(t);
+  /** The expected bytes, built by hand: the u32 repeated little-endian from the start. */
+  const expected = (pattern: number, len: number): Buffer => {
+    const b = Buffer.alloc(len);
+    for (let i = 0; i < len; i++) b[i] = (pattern >>> (8 * (i % 4))) & 0xff;
+    return b;
+  };
+  // Same pattern twice (the device keeps its buffer), a longer fill, another pattern, an odd length.
+  const runs: [number, number, number][] = [
+    [0x11223344, 100_001, 0x10],
+    [0x11223344, 100_001, 0x20001],
+    [0x11223344, MiB + 3, 0x5],
+    [0xa0b0c0d0, 4097, 0x300],
+  ];
+  for (const [mem, base] of [
+    [fdMem, F],
+    [msgMem, M],
+  ] as const) {
+    for (const [pattern, len, off] of runs) {
+      mem.bytes.fill(0x5a);
+      await env.dev.write(0, SampleReg.FILL_PATTERN, u32(pattern));
+      await env.dev.write(0, SampleReg.DMA_DST, u64(base + off));
+      await env.dev.write(0, SampleReg.DMA_LEN, u32(len));
+      const finished = Promise.race([env.done.wait().then(() => 'done'), env.err.wait().then(() => 'error')]);
+      await env.dev.write(0, SampleReg.FILL_CMD, u32(1));
+      assert.equal(await finished, 'done', `fill of ${len} at 0x${(base + off).toString(16)}`);
+      same(mem.bytes.subarray(off, off + len), expected(pattern, len), `fill 0x${pattern.toString(16)} x ${len}`);
+      assert.ok(mem.bytes.subarray(0, off).every((x) => x === 0x5a), 'before the range untouched');
+      assert.ok(mem.bytes.subarray(off + len).every((x) => x === 0x5a), 'after the range untouched');
+      await env.dev.write(0, SampleReg.DMA_STATUS, u32(SampleStatus.DONE));
+    }
+  }
+  assert.equal(spliced.n, 0, 'device memory is never spliced');
 });

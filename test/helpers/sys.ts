@@ -1,5 +1,6 @@
 import fs from 'node:fs';
-import type { UnixSocket, Fd } from '../../src/sys/index.js';
+import type { TestContext } from 'node:test';
+import { nativeAddon, type UnixSocket, type Fd } from '../../src/sys/index.js';
 
 /** Number of open fds of this process. */
 export function openFdCount(): number {
@@ -75,4 +76,19 @@ export async function until(cond: () => boolean, timeoutMs = 5000, what?: string
  */
 export function openFdsBackTo(n: number, what = 'open fds', timeoutMs = 5000): Promise<void> {
   return until(() => openFdCount() === n, timeoutMs, () => `${what}: ${openFdCount()} open, ${n} expected`);
+}
+
+/**
+ * Counts native pipeSend calls (spliced sends, see UnixSocket.write's `shared`) until the test
+ * ends; `n` may be reset. Servers in the test's process use the same addon object.
+ */
+export function countSplices(t: TestContext): { n: number } {
+  const pipeSend = nativeAddon.pipeSend;
+  const count = { n: 0 };
+  nativeAddon.pipeSend = (...args) => {
+    count.n++;
+    return pipeSend(...args);
+  };
+  t.after(() => (nativeAddon.pipeSend = pipeSend));
+  return count;
 }
