@@ -78,6 +78,10 @@
  *   --run mapped TOTAL
  * Each --run prints RESULT {json}. VDEVKIT_BENCH_SERVER_NODE_FLAGS (e.g.
  * "--cpu-prof --cpu-prof-dir=DIR") is passed to the server's node.
+ * VDEVKIT_BENCH_DMA_DIRS (e.g. "read" or "read,fill") limits --run dma to
+ * those directions. --run dma also reports the server's CPU time within
+ * each direction's timed commands (read_server_cpu_us ..., from /proc
+ * schedstat of every server thread), beside the client's.
  */
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
@@ -171,6 +175,8 @@ function runServer(kind: string, sockPath: string, maxXfer: number): void {
 
 interface ServerChild {
   path: string;
+  /** CPU time the server process has used so far, all its threads, in ns (/proc schedstat, ns resolution). */
+  cpuNs(): number;
   /** The SERVER report, once the server process has exited. */
   report: Promise<Record<string, unknown>>;
   cleanup(): void;
@@ -206,7 +212,25 @@ async function startServer(kind: 'gpio' | 'sample', maxXfer: number): Promise<Se
   });
   report.catch(() => {}); // awaited later
   await ready;
-  return { path: sockPath, report, cleanup: () => fs.rmSync(dir, { recursive: true, force: true }) };
+  const pid = child.pid!;
+  return { path: sockPath, report, cpuNs: () => processCpuNs(pid), cleanup: () => fs.rmSync(dir, { recursive: true, force: true }) };
+}
+
+/**
+ * CPU time of every thread of `pid` so far, in ns: the first field of each
+ * /proc/PID/task/TID/schedstat (run time, ns resolution, unlike the 10 ms
+ * ticks of /proc/PID/stat). A thread that exits meanwhile is left out.
+ */
+function processCpuNs(pid: number): number {
+  let ns = 0;
+  for (const tid of fs.readdirSync(`/proc/${pid}/task`)) {
+    try {
+      ns += Number(fs.readFileSync(`/proc/${pid}/task/${tid}/schedstat`, 'utf8').split(' ')[0]);
+    } catch {
+      // gone
+    }
+  }
+  return ns;
 }
 
 /* ------------------------------------------------------------------ */
@@ -329,26 +353,32 @@ async function runDma(chunk: number, cmdLen: number, cmds: number, warmCmds: num
    * One DMA command (a copy from src to dst, or with `fill` a fill of dst with FILL_PATTERN);
    * returns its ns (command register write to completion interrupt).
    */
-  const command = async (src: number, dst: number, fill = false): Promise<{ ns: bigint; cpu: number }> => {
+  const command = async (src: number, dst: number, fill = false): Promise<{ ns: bigint; cpu: number; serverCpuNs: number }> => {
     await client.regionWrite(0, SampleReg.DMA_SRC, u64le(src));
     await client.regionWrite(0, SampleReg.DMA_DST, u64le(dst));
     const finished = new Promise<void>((resolve, reject) => (waiting = { resolve, reject }));
+    const server0 = srv.cpuNs();
     const cpu0 = process.cpuUsage();
     const t0 = process.hrtime.bigint();
     await client.regionWrite(0, fill ? SampleReg.FILL_CMD : SampleReg.DMA_CMD, u32le(1));
     await finished;
     const ns = process.hrtime.bigint() - t0;
+    const serverCpuNs = srv.cpuNs() - server0;
     const cpu = process.cpuUsage(cpu0);
     commands++;
     const status = new DataView((await client.regionRead(0, SampleReg.DMA_STATUS, 4)).slice().buffer).getUint32(0, true);
     if (status !== SampleStatus.DONE) throw new Error(`DMA_STATUS 0x${status.toString(16)} after a command`);
     await client.regionWrite(0, SampleReg.DMA_STATUS, u32le(SampleStatus.DONE));
-    return { ns, cpu: cpu.user + cpu.system };
+    return { ns, cpu: cpu.user + cpu.system, serverCpuNs };
   };
 
-  const dirs = ['read', 'write', 'fill'] as const;
+  // VDEVKIT_BENCH_DMA_DIRS (e.g. "read"): only those directions, for A/B runs of one of them.
+  const all = ['read', 'write', 'fill'] as const;
+  const only = process.env['VDEVKIT_BENCH_DMA_DIRS']?.split(',');
+  const dirs = only ? all.filter((d) => only.includes(d)) : all;
   const ns = { read: 0n, write: 0n, fill: 0n };
   const cpu = { read: 0, write: 0, fill: 0 };
+  const serverCpu = { read: 0, write: 0, fill: 0 };
   // fill: DMA_WRITE of the device's own memory (a buffer the sample device keeps per pattern),
   // which is copied into the socket, not spliced: only data in a window shared by fd is.
   const FILL = 0xa5c3_0f96;
@@ -366,6 +396,7 @@ async function runDma(chunk: number, cmdLen: number, cmds: number, warmCmds: num
         if (i >= warmCmds) {
           ns.fill += r.ns;
           cpu.fill += r.cpu;
+          serverCpu.fill += r.serverCpuNs;
         }
         continue;
       }
@@ -378,6 +409,7 @@ async function runDma(chunk: number, cmdLen: number, cmds: number, warmCmds: num
       if (i >= warmCmds) {
         ns[dir] += r.ns;
         cpu[dir] += r.cpu;
+        serverCpu[dir] += r.serverCpuNs;
       }
     }
   }
@@ -408,6 +440,9 @@ async function runDma(chunk: number, cmdLen: number, cmds: number, warmCmds: num
     read_client_cpu_us: cpu.read,
     write_client_cpu_us: cpu.write,
     fill_client_cpu_us: cpu.fill,
+    read_server_cpu_us: Math.round(serverCpu.read / 1000),
+    write_server_cpu_us: Math.round(serverCpu.write / 1000),
+    fill_server_cpu_us: Math.round(serverCpu.fill / 1000),
     server_cpu_us: Number(server['cpu_user_us']) + Number(server['cpu_sys_us']),
     dma_count: count,
   });

@@ -217,3 +217,119 @@ test('a peer that closes without reading what we sent: the socket closes with EC
   const err = (await closed) as (Error & { code?: string }) | undefined;
   assert.equal(err?.code, 'ECONNRESET', String(err));
 });
+
+test('UnixSocket.targetRead: a read into the target is reported as (n, fds), not as a data chunk; the tail still comes as data', async (t) => {
+  const { a, b, e } = pairWithEventFd(t);
+  const target = new Uint8Array(50);
+  let asked = 0;
+  b.readTarget = () => (asked++ === 0 ? target : null);
+  b.readTail = () => 16;
+  const reported: { n: number; fds: Fd[] }[] = [];
+  b.targetRead = (n, fds) => reported.push({ n, fds });
+  const chunks: { bytes: Buffer; fds: Fd[] }[] = [];
+  b.on('data', (c, fds) => chunks.push({ bytes: Buffer.from(c), fds }));
+  const data = pattern(80, 5);
+  a.write(data, [e.fd]);
+  await until(() => chunks.reduce((s, c) => s + c.bytes.length, 0) >= 30);
+  assert.deepEqual(reported.map((r) => [r.n, r.fds.length]), [[50, 0]], 'the target read, its fds with the tail');
+  assert.deepEqual([...target], [...data.subarray(0, 50)], 'the bytes are in the target');
+  assert.equal(chunks[0]!.bytes.length, 16, 'the tail');
+  assert.equal(chunks[0]!.fds.length, 1);
+  assert.deepEqual([...Buffer.concat(chunks.map((c) => c.bytes))], [...data.subarray(50)]);
+  for (const c of chunks) for (const f of c.fds) f.close();
+});
+
+test('UnixSocket.targetRead: a short read into the target reports only what came, with the fds when there is no tail', async (t) => {
+  const { a, b, e } = pairWithEventFd(t);
+  const target = new Uint8Array(64);
+  b.readTarget = () => target;
+  b.readTail = () => 16;
+  const reported: { n: number; fds: Fd[] }[] = [];
+  b.targetRead = (n, fds) => reported.push({ n, fds });
+  b.on('data', () => assert.fail('nothing goes to the pool'));
+  a.write(pattern(20, 6), [e.fd]);
+  await until(() => reported.length >= 1);
+  await new Promise((r) => setImmediate(r));
+  assert.equal(reported.length, 1);
+  assert.equal(reported[0]!.n, 20);
+  assert.equal(reported[0]!.fds.length, 1);
+  assert.deepEqual([...target.subarray(0, 20)], [...pattern(20, 6)]);
+  assert.deepEqual([...target.subarray(20)], Array(44).fill(0), 'nothing past what came');
+  for (const f of reported[0]!.fds) f.close();
+});
+
+test('FrameReader.pushTarget: bytes read into the target complete a placed frame without a copy; after it, the next prefix is read alone', () => {
+  const frames: { frame: Uint8Array; placed?: Uint8Array }[] = [];
+  const target = new Uint8Array(5000 - 12);
+  let copies = 0;
+  target.set = function (this: Uint8Array, src: ArrayLike<number>, offset?: number) {
+    copies++;
+    Uint8Array.prototype.set.call(this, src, offset);
+  } as Uint8Array['set'];
+  const reader = new FrameReader(
+    { headerSize: 8, frameSize: (h) => h[0]! | (h[1]! << 8), maxFrameSize: 1 << 20, placePrefix: 12, place: () => target },
+    { frame: (frame, fds, placed) => frames.push({ frame, placed }), oversized: () => false, fatal: (r) => assert.fail(r) },
+  );
+  const frame = new Uint8Array(5000);
+  frame[0] = 5000 & 0xff;
+  frame[1] = 5000 >> 8;
+  for (let i = 8; i < 5000; i++) frame[i] = (i * 3) & 0xff;
+  // The prefix alone, as a chunk of its own: it is kept as the frame's prefix (a view, no copy).
+  const prefix = frame.slice(0, 12);
+  reader.push(prefix);
+  assert.equal(reader.retainsLastChunk, true);
+  // The socket's part: the target, bytes written into it, then pushTarget(n).
+  let at = 12;
+  for (const n of [1000, 3000, 988]) {
+    const t = reader.readTarget()!;
+    assert.equal(t.length, 5000 - at, 'the rest of the target');
+    assert.equal(t.byteOffset, target.byteOffset + (at - 12));
+    Uint8Array.prototype.set.call(t, frame.subarray(at, at + n)); // the "socket" (not counted)
+    reader.pushTarget(n);
+    at += n;
+  }
+  assert.equal(copies, 0, 'the reader copied nothing into the target');
+  assert.equal(frames.length, 1);
+  assert.equal(frames[0]!.frame, prefix, 'the prefix chunk itself');
+  assert.equal(frames[0]!.placed, target);
+  assert.deepEqual([...target], [...frame.subarray(12)]);
+  // A placed frame was just received: the next read is the next prefix, into a buffer of its own.
+  const next = reader.readTarget()!;
+  assert.equal(next.length, 12);
+  assert.notEqual(next.buffer, target.buffer);
+  next.set(frame.subarray(0, 5)); // a short read of it
+  reader.pushTarget(5);
+  assert.equal(reader.buffered, 5);
+  assert.equal(reader.readTarget()?.length, 7, 'the rest of that prefix');
+});
+
+test('FrameReader.pushTarget: misuse throws and closes the fds; with fds it is a plain push', () => {
+  const frames: { frame: Uint8Array; fds: Fd[]; placed?: Uint8Array }[] = [];
+  const target = new Uint8Array(5000 - 8);
+  const reader = new FrameReader(
+    { headerSize: 8, frameSize: (h) => h[0]! | (h[1]! << 8), maxFrameSize: 1 << 20, place: () => target },
+    { frame: (frame, fds, placed) => frames.push({ frame, fds, placed }), oversized: () => false, fatal: (r) => assert.fail(r) },
+  );
+  const e = EventFd.create();
+  const dup = e.fd.dup();
+  try {
+    assert.throws(() => reader.pushTarget(1, [dup]), RangeError, 'no readTarget() before');
+    assert.equal(dup.closed, true, 'the fds of a refused pushTarget are closed');
+    const frame = new Uint8Array(5000);
+    frame[0] = 5000 & 0xff;
+    frame[1] = 5000 >> 8;
+    reader.push(frame.slice(0, 8));
+    const t = reader.readTarget()!;
+    assert.throws(() => reader.pushTarget(t.length + 1), RangeError, 'more than the target holds');
+    const t2 = reader.readTarget()!;
+    t2.set(frame.subarray(8));
+    const d2 = e.fd.dup();
+    reader.pushTarget(t2.length, [d2]);
+    assert.equal(frames.length, 1);
+    assert.equal(frames[0]!.placed, target);
+    assert.equal(frames[0]!.fds.length, 1, 'the fds came with the frame');
+    for (const f of frames[0]!.fds) f.close();
+  } finally {
+    e.close();
+  }
+});

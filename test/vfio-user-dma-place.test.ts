@@ -212,7 +212,17 @@ function spyRequests(conn: Connection, command: Command): RequestStats {
 function placedInto(client: VfioUserClient, memory: SharedMemory): { bytes: number } {
   const count = { bytes: 0 };
   const target = memory.buffer;
-  client.conn.socket.on('data', (chunk) => {
+  // The socket reports reads into a target through targetRead (not 'data'): count those into `memory`.
+  const socket = client.conn.socket;
+  const readTarget = socket.readTarget!;
+  const targetRead = socket.targetRead!;
+  let last: Uint8Array | null = null;
+  socket.readTarget = () => (last = readTarget());
+  socket.targetRead = (n, fds) => {
+    if (last?.buffer === target) count.bytes += n;
+    targetRead(n, fds);
+  };
+  socket.on('data', (chunk) => {
     if (chunk.buffer === target) count.bytes += chunk.length;
   });
   return count;

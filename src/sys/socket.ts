@@ -37,6 +37,12 @@ export interface UnixSocketOptions {
    */
   readTail?: () => number;
   /**
+   * With readTarget: called instead of a 'data' event for the bytes a read
+   * put into the target: `n` of them, from its start (the callback owns the
+   * fds). Spares a view of the target per read.
+   */
+  targetRead?: (n: number, fds: Fd[]) => void;
+  /**
    * Asked after each 'data' read into the socket's pool: false when no
    * listener kept a reference to the chunk's memory, so the next read may
    * reuse it (fresh pool memory costs page faults). Without it, never reused.
@@ -104,6 +110,8 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
   readTail: (() => number) | null;
   /** See UnixSocketOptions.chunkRetained. */
   chunkRetained: (() => boolean) | null;
+  /** See UnixSocketOptions.targetRead. */
+  targetRead: ((n: number, fds: Fd[]) => void) | null;
   readonly #fdsOut: Int32Array;
   #pool: Buffer;
   #poolOffset = 0;
@@ -126,6 +134,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     this.readTarget = options.readTarget ?? null;
     this.readTail = options.readTail ?? null;
     this.chunkRetained = options.chunkRetained ?? null;
+    this.targetRead = options.targetRead ?? null;
     const maxFds = Math.min(options.maxRecvFds ?? native.SCM_MAX_FD, native.SCM_MAX_FD);
     this.#fdsOut = new Int32Array(1 + Math.max(0, maxFds));
     this.#pool = Buffer.allocUnsafe(POOL_SIZE);
@@ -525,9 +534,10 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
       // Bytes that went to the pool: all of them, or a target read's tail.
       const inPool = target ? Math.max(0, n - target.length) : n;
       if (target) {
-        const first = Buffer.from(target.buffer, target.byteOffset, n - inPool);
         // The fds belong to the last byte read: with the tail's chunk if there is one.
-        this.#deliver(first, inPool > 0 ? [] : fds);
+        const targetRead = this.targetRead;
+        if (targetRead) targetRead(n - inPool, inPool > 0 ? [] : fds);
+        else this.#deliver(Buffer.from(target.buffer, target.byteOffset, n - inPool), inPool > 0 ? [] : fds);
         if (inPool > 0 && this.#closed) closeAll(fds);
       }
       if (inPool > 0 && !this.#closed) {
@@ -535,7 +545,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
         this.#poolOffset += (inPool + 7) & ~7;
         this.#deliver(chunk, fds);
         // Nobody kept the chunk: its pool memory (hot in cache, already faulted in) takes the next read.
-        if (chunk.buffer === this.#pool.buffer && this.chunkRetained?.() === false) this.#poolOffset = at;
+        if (this.chunkRetained?.() === false) this.#poolOffset = at;
       }
       if (n < (target ? target.length + tail : this.#readSize)) return;
     }

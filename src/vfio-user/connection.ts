@@ -211,6 +211,14 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     socket.readTarget = () => this.#reader.readTarget();
     socket.readTail = () => this.#reader.readTail();
     socket.chunkRetained = () => this.#reader.retainsLastChunk;
+    socket.targetRead = (n, fds) => {
+      socket.cork(); // as for 'data' below
+      try {
+        this.#reader.pushTarget(n, fds);
+      } finally {
+        socket.uncork();
+      }
+    };
     // Room in the kernel for two largest messages, and at least for a DMA transfer's requests in
     // flight (dma-transfer.ts DMA_WINDOW_BYTES): a sender that fills the buffer sleeps until the peer
     // reads, and each such sleep is a wake-up of both ends (best effort: the kernel caps it at

@@ -67,6 +67,15 @@ export interface FrameHandler {
   fatal(reason: string): void;
 }
 
+/** A large frame being received in place (FrameReader's #big). */
+interface BigFrame {
+  /** A placed frame's prefix (null: the frame has a buffer of its own, `body`). */
+  head: Uint8Array | null;
+  body: Uint8Array;
+  size: number;
+  lost: boolean;
+}
+
 interface PendingFds {
   /** Stream offset of the last byte of the chunk that carried them. */
   at: number;
@@ -92,7 +101,7 @@ export class FrameReader {
    * placed frame's prefix (head) and destination (body). #buffered counts
    * the bytes of the frame received so far.
    */
-  #big: { head: Uint8Array | null; body: Uint8Array; size: number; lost: boolean } | null = null;
+  #big: BigFrame | null = null;
   /** fds held in #fds. */
   #pendingFds = 0;
   /** A frame handed out during this push() was a view of a received chunk. */
@@ -101,6 +110,9 @@ export class FrameReader {
   #declinedAt = -1;
   /** The last frame was large and received in place: the next one likely is too. */
   #afterBig = false;
+  /** What readTarget() last returned (for pushTarget), and whether it was the large frame's own memory. */
+  #lastTarget: Uint8Array | null = null;
+  #lastTargetInPlace = false;
 
   constructor(spec: FrameSpec, handler: FrameHandler) {
     this.#spec = spec;
@@ -169,7 +181,8 @@ export class FrameReader {
       // it, not a pool-sized read that would take the next payload too, to be copied into place.
       const prefix = Math.max(this.#spec.placePrefix ?? 0, this.#spec.headerSize);
       if (!this.#afterBig || this.#buffered >= prefix || this.#skip > 0 || this.#stopped) return null;
-      return Buffer.allocUnsafe(prefix - this.#buffered);
+      this.#lastTargetInPlace = false;
+      return (this.#lastTarget = Buffer.allocUnsafe(prefix - this.#buffered));
     }
     if (this.#stopped || big.lost) return null;
     const at = this.#buffered - (big.head ? big.head.length : 0);
@@ -178,7 +191,33 @@ export class FrameReader {
       this.#lose(); // detached: the memory it was a view of is gone
       return null;
     }
-    return big.body.subarray(at);
+    this.#lastTargetInPlace = true;
+    // The body itself when nothing of it came yet: no new view per message.
+    return (this.#lastTarget = at === 0 ? big.body : big.body.subarray(at));
+  }
+
+  /**
+   * The socket read `n` bytes (1 to its length) into the start of what
+   * readTarget() last returned, and nothing else happened in between: the
+   * same as push() of that view, without making the view or checking where
+   * its memory lies (both cost per message).
+   */
+  pushTarget(n: number, fds: Fd[] = []): void {
+    const target = this.#lastTarget;
+    this.#lastTarget = null;
+    if (target === null || !(n > 0 && n <= target.length)) {
+      for (const fd of fds) fd.close();
+      throw new RangeError(`pushTarget(${n}) does not follow a readTarget() it fits`);
+    }
+    if (!this.#lastTargetInPlace || this.#big === null || this.#stopped || fds.length > 0) {
+      this.push(n === target.length ? target : target.subarray(0, n), fds);
+      return;
+    }
+    this.#gaveView = false;
+    // In place: the bytes are the body's next ones (#fillBig without the copy).
+    const big = this.#big;
+    this.#buffered += n;
+    if (this.#buffered >= big.size) this.#completeBig(big, null);
   }
 
   /**
@@ -227,13 +266,19 @@ export class FrameReader {
     }
     this.#buffered += take;
     if (this.#buffered < big.size) return;
+    this.#completeBig(big, used + take < chunk.length ? chunk.subarray(used + take) : null);
+  }
+
+  /** The large frame is all in: hands it out; `rest` (bytes after it) stays buffered. */
+  #completeBig(big: BigFrame, rest: Uint8Array | null): void {
     this.#big = null;
-    this.#afterBig = big.size >= (this.#spec.bigFrameSize ?? BIG_FRAME);
+    // A placed frame (its payload went to place()'s destination) or one large enough for a buffer of
+    // its own: the next frame likely is one too, so its prefix is read by itself first (readTarget).
+    this.#afterBig = big.head !== null || big.size >= (this.#spec.bigFrameSize ?? BIG_FRAME);
     const start = this.#offset;
     this.#offset += big.size;
     this.#buffered = 0;
-    const rest = chunk.subarray(used + take);
-    if (rest.length > 0) {
+    if (rest !== null) {
       this.#chunks.push(rest);
       this.#buffered = rest.length;
     }
@@ -287,13 +332,23 @@ export class FrameReader {
       const prefixLen = this.#spec.placePrefix ?? headerSize;
       if (this.#spec.place && size >= (this.#spec.placeMinSize ?? 4096) && size > prefixLen && this.#declinedAt !== this.#offset) {
         if (this.#buffered < prefixLen) return; // the prefix decides where the rest goes
-        const target = this.#spec.place(this.#peek(prefixLen), size);
+        // Exactly the prefix buffered, in one chunk (a prefix read, or a read's tail): it is the frame's head as it is.
+        const first = this.#chunks[0]!;
+        const exact = this.#chunks.length === 1 && first.length === prefixLen;
+        const target = this.#spec.place(exact ? first : this.#peek(prefixLen), size);
         if (this.#stopped) return;
         if (!target) this.#declinedAt = this.#offset;
         else {
           if (target.length !== size - prefixLen) {
             this.#stop(`place() gave ${target.length} bytes for a ${size - prefixLen}-byte payload`);
             return;
+          }
+          if (exact && this.#chunks.length === 1 && this.#chunks[0] === first) {
+            // A view of the chunk, not a copy: the chunk counts as kept (retainsLastChunk).
+            this.#chunks.pop();
+            this.#big = { head: first, body: target, size, lost: false };
+            this.#gaveView = true;
+            continue; // #buffered (prefixLen) counts the head, as #fillBig would have
           }
           this.#receiveInto(Buffer.allocUnsafe(prefixLen), target, size);
           continue;
