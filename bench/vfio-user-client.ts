@@ -638,8 +638,9 @@ async function driver(argv: string[]): Promise<void> {
     const cpus = setup === 'pinned' ? '0' : allCpus;
     const load1 = os.loadavg()[0]!;
     const rt = { c: [] as number[], raw: [] as number[], read: [] as number[], coalesced: [] as number[], each: [] as number[] };
-    const dma = new Map<number, { stream: number[]; window: number[]; rpc: number[]; read: number[]; write: number[]; fill: number[] }>();
-    for (const c of o.chunks) dma.set(c, { stream: [], window: [], rpc: [], read: [], write: [], fill: [] });
+    type DmaRounds = { stream: number[]; window: number[]; rpc: number[]; read: number[]; write: number[]; fill: number[]; cpu: string[] };
+    const dma = new Map<number, DmaRounds>();
+    for (const c of o.chunks) dma.set(c, { stream: [], window: [], rpc: [], read: [], write: [], fill: [], cpu: [] });
     const mapped = new Map<number, Record<string, number[]>>();
 
     for (let round = 0; round < o.rounds; round++) {
@@ -678,6 +679,13 @@ async function driver(argv: string[]): Promise<void> {
           d.read.push(Number(v['read_gb_s']));
           d.write.push(Number(v['write_gb_s']));
           d.fill.push(Number(v['fill_gb_s']));
+          // CPU us per message, client/server, per direction; and the C stream's writer per chunk.
+          const msgs = o.dmaBytes / chunk;
+          const per = (k: string): string => fmt(Number(v[k]) / msgs, 1);
+          d.cpu.push(
+            `R ${per('read_client_cpu_us')}/${per('read_server_cpu_us')} W ${per('write_client_cpu_us')}/${per('write_server_cpu_us')} ` +
+              `F ${per('fill_client_cpu_us')}/${per('fill_server_cpu_us')} C ${fmt(Number(c['stream_parent_cpu_us']) / msgs, 1)}`,
+          );
         }
       }
       if (o.only.includes('mapped')) {
@@ -754,6 +762,7 @@ async function driver(argv: string[]): Promise<void> {
           `  ${setup.padEnd(8)} dma ${kib(chunk)} GB/s per round: stream ${d.stream.map((x) => fmt(x, 2)).join(' ')}; window ${d.window.map((x) => fmt(x, 2)).join(' ')}; ` +
             `rpc ${d.rpc.map((x) => fmt(x, 2)).join(' ')}; DMA_READ ${d.read.map((x) => fmt(x, 2)).join(' ')}; DMA_WRITE ${d.write.map((x) => fmt(x, 2)).join(' ')}; ` +
             `fill ${d.fill.map((x) => fmt(x, 2)).join(' ')}`,
+          `  ${setup.padEnd(8)} dma ${kib(chunk)} CPU us per message, client/server (C: the stream's sending side per chunk), per round: ${d.cpu.join('; ')}`,
         );
       }
       result['dma'] = Object.fromEntries(dma);
