@@ -258,9 +258,9 @@ test('UnixSocket.targetRead: a short read into the target reports only what came
   for (const f of reported[0]!.fds) f.close();
 });
 
-test('FrameReader.pushTarget: bytes read into the target complete a placed frame without a copy; after it, the next prefix is read alone', () => {
+test('FrameReader.pushTarget: bytes read into the target complete a placed frame without a copy; after it (16 KiB or more), the next prefix is read alone', () => {
   const frames: { frame: Uint8Array; placed?: Uint8Array }[] = [];
-  const target = new Uint8Array(5000 - 12);
+  const target = new Uint8Array(20000 - 12);
   let copies = 0;
   target.set = function (this: Uint8Array, src: ArrayLike<number>, offset?: number) {
     copies++;
@@ -270,19 +270,19 @@ test('FrameReader.pushTarget: bytes read into the target complete a placed frame
     { headerSize: 8, frameSize: (h) => h[0]! | (h[1]! << 8), maxFrameSize: 1 << 20, placePrefix: 12, place: () => target },
     { frame: (frame, fds, placed) => frames.push({ frame, placed }), oversized: () => false, fatal: (r) => assert.fail(r) },
   );
-  const frame = new Uint8Array(5000);
-  frame[0] = 5000 & 0xff;
-  frame[1] = 5000 >> 8;
-  for (let i = 8; i < 5000; i++) frame[i] = (i * 3) & 0xff;
+  const frame = new Uint8Array(20000);
+  frame[0] = 20000 & 0xff;
+  frame[1] = 20000 >> 8;
+  for (let i = 8; i < 20000; i++) frame[i] = (i * 3) & 0xff;
   // The prefix alone, as a chunk of its own: it is kept as the frame's prefix (a view, no copy).
   const prefix = frame.slice(0, 12);
   reader.push(prefix);
   assert.equal(reader.retainsLastChunk, true);
   // The socket's part: the target, bytes written into it, then pushTarget(n).
   let at = 12;
-  for (const n of [1000, 3000, 988]) {
+  for (const n of [1000, 3000, 15988]) {
     const t = reader.readTarget()!;
-    assert.equal(t.length, 5000 - at, 'the rest of the target');
+    assert.equal(t.length, 20000 - at, 'the rest of the target');
     assert.equal(t.byteOffset, target.byteOffset + (at - 12));
     Uint8Array.prototype.set.call(t, frame.subarray(at, at + n)); // the "socket" (not counted)
     reader.pushTarget(n);
@@ -297,6 +297,7 @@ test('FrameReader.pushTarget: bytes read into the target complete a placed frame
   const next = reader.readTarget()!;
   assert.equal(next.length, 12);
   assert.notEqual(next.buffer, target.buffer);
+  assert.equal(reader.readTarget(), next, 'asked again before a read was reported: the same buffer');
   next.set(frame.subarray(0, 5)); // a short read of it
   reader.pushTarget(5);
   assert.equal(reader.buffered, 5);
@@ -321,8 +322,13 @@ test('FrameReader.pushTarget: misuse throws and closes the fds; with fds it is a
     reader.push(frame.slice(0, 8));
     const t = reader.readTarget()!;
     assert.throws(() => reader.pushTarget(t.length + 1), RangeError, 'more than the target holds');
+    const t1 = reader.readTarget()!;
+    t1.set(frame.subarray(8, 108));
+    reader.push(t1.subarray(0, 100)); // bytes reported another way in between...
+    assert.throws(() => reader.pushTarget(10), RangeError, '...leave no target for pushTarget to report into');
     const t2 = reader.readTarget()!;
-    t2.set(frame.subarray(8));
+    assert.equal(t2.length, 5000 - 108);
+    t2.set(frame.subarray(108));
     const d2 = e.fd.dup();
     reader.pushTarget(t2.length, [d2]);
     assert.equal(frames.length, 1);

@@ -55,7 +55,7 @@ function runSeed(seed: number, viaPushTarget: boolean): void {
   for (let i = 0; i < 120; i++) {
     const kind = r(4);
     const size =
-      kind === 0 ? HEADER + r(300) : kind === 3 ? BIG + r(30_000) : 4096 + r(12_000); // placed / declined: at least placeMinSize
+      kind === 0 ? HEADER + r(300) : kind === 3 ? BIG + r(30_000) : 4096 + r(36_000); // placed / declined: at least placeMinSize, some past 16 KiB
     frames.push(mkFrame(size, kind, i & 0xff));
   }
   const stream = new Uint8Array(frames.reduce((s, f) => s + f.length, 0));

@@ -215,6 +215,10 @@ export class Connection extends EventEmitter<ConnectionEvents> {
       socket.cork(); // as for 'data' below
       try {
         this.#reader.pushTarget(n, fds);
+      } catch (err) {
+        // Only a bug of ours gets here (the socket reports each read into the target it was given):
+        // this connection ends, not the process.
+        this.close(err as Error);
       } finally {
         socket.uncork();
       }
