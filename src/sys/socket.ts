@@ -25,7 +25,8 @@ export interface UnixSocketOptions {
   /**
    * Asked before each read: a buffer the next bytes should land in (the rest
    * of a large frame, so it is not copied again), or null for the socket's
-   * own pool. The 'data' chunk is then a view of that buffer.
+   * own pool. The 'data' chunk is then a view of that buffer (or, with
+   * targetRead set, the byte count goes there instead).
    */
   readTarget?: () => Uint8Array | null;
   /**

@@ -177,7 +177,9 @@ export class FrameReader {
   /**
    * Where the next bytes should be read to: the rest of a large frame's own
    * buffer or of a placed frame's destination (so its body is not copied
-   * again), or null. A socket that reads into it passes that view to push().
+   * again), or the next frame's prefix after a large one, or null. A socket
+   * that reads into it reports the bytes with pushTarget(n), or passes a
+   * view of them to push().
    */
   readTarget(): Uint8Array | null {
     const big = this.#big;
