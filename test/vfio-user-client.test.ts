@@ -55,7 +55,13 @@ test('connect, negotiate, query the gpio device', async () => {
   assert.equal(bar2.mapped.length, 0);
   const ids = await dev.read(7, 0, 4);
   assert.deepEqual([...ids], [0x4f, 0x49, 0xc8, 0x0d]);
-  assert.deepEqual([(await dev.read(2, 0, 1))[0], (await dev.read(2, 0, 1))[0], (await dev.read(2, 0, 1))[0], (await dev.read(2, 0, 1))[0]], [0, 0, 0, 1]);
+  // Pin 3 toggled once, then twice more: IN_LO loses bit 3, then has it again.
+  assert.equal((await dev.read(2, 1, 1))[0], 0xff);
+  await dev.write(2, 0, Uint8Array.of(0x08));
+  assert.equal((await dev.read(2, 1, 1))[0], 0xf7);
+  await dev.write(2, 0, Uint8Array.of(0x08));
+  await dev.write(2, 0, Uint8Array.of(0x08));
+  assert.equal((await dev.read(2, 1, 1))[0], 0xff);
   assert.deepEqual(await dev.irqInfo(0), { index: 0, flags: 7, count: 1 });
   await assert.rejects(dev.regionInfo(9), (e: unknown) => (e as { errno?: number }).errno === 22);
   client.close();
@@ -84,13 +90,24 @@ test('migration of the gpio device from one server to another, through the clien
   const a = await setup(gpioDevice());
   const bDev = gpioDevice();
   const b = await setup(bDev);
-  for (let i = 0; i < 7; i++) await a.dev.read(2, 0, 1);
+  // Toggle pins 0 and 2 seven times, pin 9 twice.
+  for (let i = 0; i < 7; i++) await a.dev.write(2, 0, Uint8Array.of(0b101));
+  for (let i = 0; i < 2; i++) await a.dev.write(2, 4, Uint8Array.of(0b10));
   assert.equal((await a.dev.migrationFlags()) & 1, 1);
   const stream = await a.dev.save();
+  // The stream is the sample's int pin[16], little-endian, no framing.
+  const expected = Buffer.alloc(64);
+  expected.writeInt32LE(7, 0);
+  expected.writeInt32LE(7, 8);
+  expected.writeInt32LE(2, 36);
+  assert.deepEqual(Buffer.from(stream), expected);
   assert.equal(await a.dev.migrationState(), 1);
   await b.dev.restore(stream);
   assert.equal(await b.dev.migrationState(), 2);
-  assert.equal(bDev.pin, 7);
+  assert.deepEqual(bDev.pins, [7, 0, 7, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0]);
+  // Pin 0 and 2 counts are 7 (not divisible by 3), the others 0 or 2: IN_LO = 0b11111010, IN_HI = 0b11111101.
+  assert.deepEqual([...(await b.dev.read(2, 1, 1))], [0b11111010]);
+  assert.deepEqual([...(await b.dev.read(2, 5, 1))], [0b11111101]);
   for (const s of [a, b]) {
     s.client.close();
     s.server.close();

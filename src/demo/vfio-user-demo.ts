@@ -33,13 +33,13 @@ export async function runVfioUserDemo(log: (line: string) => void = console.log)
     stdio: ['ignore', 'inherit', 'inherit'],
   });
   const code = await new Promise<number | null>((resolve) => child.on('exit', resolve));
-  log(`device A input counter ${a.pin}, device B (migrated) ${b.pin}`);
+  log(`device A pin 0 count ${a.pins[0]}, device B (migrated) ${b.pins[0]}`);
   serverA.close();
   serverB.close();
   serverC.close();
   fs.rmSync(dir, { recursive: true, force: true });
   if (code !== 0) throw new Error(`demo client failed with exit code ${code}`);
-  if (a.pin !== 6 || b.pin !== 9) throw new Error('migrated state does not match');
+  if (a.pins[0] !== 6 || b.pins[0] !== 9) throw new Error('migrated state does not match');
   log('demo done: the migrated device went on counting where the first one stopped, and message DMA moved 64 MiB each way');
 }
 
@@ -119,12 +119,16 @@ async function client(pathA: string, pathB: string, pathC: string): Promise<void
   say(`DEVICE_GET_INFO: flags 0x${info.body.readUInt32LE(4).toString(16)}, ${info.body.readUInt32LE(8)} regions, ${info.body.readUInt32LE(12)} irq types`);
   const ids = await a.call(9, new Bytes().u64(0).u32(7).u32(4).build());
   say(`config space: vendor 0x${ids.body.readUInt16LE(16).toString(16)} device 0x${ids.body.readUInt16LE(18).toString(16)}`);
-  const readPins = async (c: RawVfioUserClient, n: number): Promise<number[]> => {
-    const out: number[] = [];
-    for (let i = 0; i < n; i++) out.push((await c.call(9, new Bytes().u64(0).u32(2).u32(1).build())).body[16]!);
+  // Toggle pins 0-7 (a byte to 0x0), then read the input register 0x1: pins whose count is divisible by 3.
+  const togglePins = async (c: RawVfioUserClient, n: number): Promise<string[]> => {
+    const out: string[] = [];
+    for (let i = 0; i < n; i++) {
+      await c.call(10, new Bytes().u64(0).u32(2).u32(1).u8(0xff).build());
+      out.push((await c.call(9, new Bytes().u64(1).u32(2).u32(1).build())).body[16]!.toString(16).padStart(2, '0'));
+    }
     return out;
   };
-  say(`BAR2 input register, 6 reads: ${(await readPins(a, 6)).join(' ')}`);
+  say(`BAR2: 6 toggles of pins 0-7, input register after each: ${(await togglePins(a, 6)).join(' ')}`);
 
   const setState = async (c: RawVfioUserClient, state: number): Promise<void> => {
     const r = await c.call(16, u32(16).u32((1 << 17) | 2).u32(state).u32(0xffffffff).build());
@@ -142,7 +146,7 @@ async function client(pathA: string, pathB: string, pathC: string): Promise<void
   await setState(b, 4); // RESUMING
   await b.call(18, u32(8 + state.length).u32(state.length).bytes(state).build());
   await setState(b, 2); // RUNNING
-  say(`migration: restored into server B; BAR2 reads there: ${(await readPins(b, 3)).join(' ')}`);
+  say(`migration: restored into server B; 3 more toggles there, input register: ${(await togglePins(b, 3)).join(' ')}`);
   b.close();
   await dmaDemo(pathC, say);
 }

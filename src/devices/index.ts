@@ -10,7 +10,7 @@ export interface DeviceEntry {
 
 export const devices: Record<string, DeviceEntry> = {
   gpio: {
-    description: "GPIO card with libvfio-user's gpio-pci-idio-16 ids and registers (0x494f:0x0dc8, BAR2)",
+    description: "libvfio-user's gpio-pci-idio-16 sample: 16 pins on I/O BAR2, its migration stream (0x494f:0x0dc8)",
     create: ({ log }) => gpioDevice({ log }),
   },
   sample: {

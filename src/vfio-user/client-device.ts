@@ -19,6 +19,7 @@ import {
   encodeDmaLoggingReportRequest,
   encodeFeatureMigState,
 } from './messages.js';
+import { markBitmap } from '../vfio/dma-target.js';
 import type { VfioUserClient } from './client.js';
 
 /** The most regions and irq types we accept from a server (QEMU's limits). */
@@ -314,23 +315,70 @@ export class VfioUserDevice {
   }
 
   // --- DMA logging ---
+  //
+  // The server logs the writes it makes to our memory itself; the DMA_WRITEs
+  // it asks us to make are ours to log (libvfio-user: "the client is
+  // responsible for tracking pages that are dirtied" by message DMA, and it
+  // refuses a REPORT for a window without an fd). So logging runs in the
+  // client's own table (client.dma) too, and a report is the union of both.
 
+  /** DMA_LOGGING_START on the server, and the client's own log of the DMA_WRITEs it serves (pageSize: a power of two >= 4096). */
   async startDmaLogging(pageSize: number, ranges: { iova: number; length: number }[] = []): Promise<void> {
-    await this.#feature(FeatureFlags.SET | DeviceFeature.DMA_LOGGING_START, encodeDmaLoggingControl({ pageSize, ranges }));
+    const table = this.client.dma;
+    const wasLogging = table.loggingPageSize !== 0;
+    table.startLogging(pageSize); // EINVAL for a bad page size, or one other than the running one
+    try {
+      await this.#feature(FeatureFlags.SET | DeviceFeature.DMA_LOGGING_START, encodeDmaLoggingControl({ pageSize, ranges }));
+    } catch (err) {
+      if (!wasLogging) table.stopLogging();
+      throw err;
+    }
   }
 
   async stopDmaLogging(): Promise<void> {
-    await this.#feature(FeatureFlags.SET | DeviceFeature.DMA_LOGGING_STOP, encodeDmaLoggingControl({ pageSize: 4096, ranges: [] }));
+    try {
+      await this.#feature(FeatureFlags.SET | DeviceFeature.DMA_LOGGING_STOP, encodeDmaLoggingControl({ pageSize: 4096, ranges: [] }));
+    } finally {
+      this.client.dma.stopLogging();
+    }
   }
 
-  /** DMA_LOGGING_REPORT: the dirty bitmap of [iova, iova + length), one bit per page (u64 words, LSB first). */
+  /**
+   * DMA_LOGGING_REPORT: the dirty bitmap of [iova, iova + length), one bit per
+   * page (u64 words, LSB first), OR-ed with the client's log of the DMA_WRITEs
+   * it served. A range that lies wholly in windows mapped without an fd is
+   * answered from the client's log alone: the server can only have written it
+   * through us. If the server's report fails, the client's bits are kept for
+   * the next report.
+   */
   async dmaLoggingReport(iova: number, length: number, pageSize: number): Promise<Uint8Array> {
+    const table = this.client.dma;
+    const mine = table.loggingPageSize !== 0 ? table.report(iova, length, pageSize) : undefined;
+    if (mine && this.#onlyMessageWindows(iova, length)) return mine;
     const pages = Math.ceil(length / pageSize);
     const bitmapBytes = Math.ceil(pages / 64) * 8;
-    const req = encodeDmaLoggingReportRequest({ iova, length, pageSize });
-    const d = await this.#feature(FeatureFlags.GET | DeviceFeature.DMA_LOGGING_REPORT, req, req.length + bitmapBytes);
-    if (d.length < req.length + bitmapBytes) throw bad('DMA_REPORT_SHORT', `report of ${d.length} bytes`);
-    return d.slice(req.length, req.length + bitmapBytes);
+    let out: Uint8Array;
+    try {
+      const req = encodeDmaLoggingReportRequest({ iova, length, pageSize });
+      const d = await this.#feature(FeatureFlags.GET | DeviceFeature.DMA_LOGGING_REPORT, req, req.length + bitmapBytes);
+      if (d.length < req.length + bitmapBytes) throw bad('DMA_REPORT_SHORT', `report of ${d.length} bytes`);
+      out = d.slice(req.length, req.length + bitmapBytes);
+    } catch (err) {
+      if (mine) markBitmap(table, mine, iova, length, pageSize);
+      throw err;
+    }
+    if (mine) for (let i = 0; i < out.length && i < mine.length; i++) out[i]! |= mine[i]!;
+    return out;
+  }
+
+  /** True when [iova, +length) is mapped and lies only in windows whose fd the server did not get. */
+  #onlyMessageWindows(iova: number, length: number): boolean {
+    try {
+      const segs = this.client.dma.lookup(iova, length);
+      return segs.length > 0 && segs.every((s) => s.region.handle.passFd === false);
+    } catch {
+      return false;
+    }
   }
 
   /** Unmaps the region mappings (views into them become empty). */

@@ -45,6 +45,8 @@ interface Window {
   memory: SharedMemory;
   /** Offset of the window in `memory`. */
   offset: number;
+  /** false when the memory's fd did not go to the server: every write to the window is then a DMA_WRITE we serve. */
+  passFd?: boolean;
 }
 
 export interface DmaMapOptions {
@@ -70,6 +72,11 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
   readonly serverCaps: Capabilities;
   readonly #twin: Connection | null;
   readonly #options: ResolvedOptions;
+  /**
+   * Our DMA windows. Its dirty log (started and stopped with the device's DMA
+   * logging, VfioUserDevice.startDmaLogging) records the DMA_WRITEs we serve:
+   * the server cannot log writes it asks us to make.
+   */
   readonly dma: DmaMapTable<Window>;
   #posted: boolean;
   #nowait: Promise<unknown>[] = [];
@@ -336,9 +343,9 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
     const prot = m.prot ?? DmaMapFlag.READ | DmaMapFlag.WRITE;
     const offset = m.offset ?? 0;
     if (offset + m.size > m.memory.size) throw new VfioError('DMA_MAP_MEMORY', VErrno.EINVAL, 'window extends past its memory');
-    const { added } = this.dma.map({ iova: m.iova, size: m.size, prot, offset, handle: { memory: m.memory, offset } });
-    if (!added) return;
     const passFd = m.passFd ?? true;
+    const { added } = this.dma.map({ iova: m.iova, size: m.size, prot, offset, handle: { memory: m.memory, offset, passFd } });
+    if (!added) return;
     try {
       await this.request(
         Command.DMA_MAP,
@@ -390,6 +397,7 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
         const src = data.subarray(seg.iova - address, seg.iova - address + seg.length);
         if (src.buffer !== dest.buffer || src.byteOffset !== dest.byteOffset) dest.set(src); // else received in place
       }
+      this.dma.markDirty(address, count); // the client's own dirty log (a no-op unless it runs)
       return { body: { address, count } };
     }
     throw new VfioError('CLIENT_COMMAND', VErrno.EINVAL, `${Command[msg.command]} is not a server-to-client command`);
@@ -429,6 +437,7 @@ export class VfioUserClient extends EventEmitter<ClientEvents> {
       if (r === undefined || (r.prot & DmaMapFlag.WRITE) === 0 || address + count > r.iova + r.size) return null;
       const bytes = r.handle.memory.bytes; // throws once the memory is closed: null
       if (placed.buffer !== bytes.buffer || placed.byteOffset !== bytes.byteOffset + r.handle.offset + (address - r.iova)) return null;
+      this.dma.markDirty(address, count); // the client's own dirty log (a no-op unless it runs)
     }
     // Off-heap (Buffer's pool): an on-heap Uint8Array would be copied out when sendmsg asks for its memory.
     const head = Buffer.allocUnsafe(PLACE_PREFIX);

@@ -121,16 +121,34 @@ export interface DeviceContext {
   log(message: string): void;
 }
 
-/** Migration: the device's state as bytes, streamed by the library with MIG_DATA_READ/WRITE. */
+/**
+ * Migration. Two ways to give the state, pick one:
+ * - records: `save` / `load`. The library takes the state whole at each phase
+ *   and frames it (u32 length, then the bytes, one record per phase), and
+ *   hands `load` each record. Simplest, but the stream is vdevkit's own.
+ * - stream: `readData` / `writeData`, as libvfio-user's read_data /
+ *   write_data callbacks. The device produces and consumes the migration
+ *   stream itself, with no framing, so it can match another implementation's
+ *   stream byte for byte (the gpio device does, to migrate to and from
+ *   libvfio-user's gpio sample).
+ */
 export interface MigrationSpec {
   /** Offer PRE_COPY (state read while running; then STOP_COPY sends the rest). */
   preCopy?: boolean;
   /** Called on each arc of the state machine (after the library's own work). */
   transition?(from: string, to: string): void | Promise<void>;
-  /** The state to send, taken when the device enters STOP_COPY (or PRE_COPY for the pre-copy part). */
-  save(phase: 'pre-copy' | 'stop-copy'): Uint8Array | Promise<Uint8Array>;
-  /** The received state, given whole when RESUMING ends. Throw to refuse it. */
-  load(data: Uint8Array): void | Promise<void>;
+  /** Records: the state to send, taken when the device enters STOP_COPY (or PRE_COPY for the pre-copy part). */
+  save?(phase: 'pre-copy' | 'stop-copy'): Uint8Array | Promise<Uint8Array>;
+  /** Records: each received record, in order, when RESUMING ends. Throw to refuse it. */
+  load?(data: Uint8Array): void | Promise<void>;
+  /**
+   * Stream: one MIG_DATA_READ in PRE_COPY or STOP_COPY. Return at most `size`
+   * bytes of the stream; an empty array says this phase has no more data.
+   * Throw a VfioError to answer with its errno.
+   */
+  readData?(size: number, phase: 'pre-copy' | 'stop-copy'): Uint8Array;
+  /** Stream: one MIG_DATA_WRITE's bytes, while RESUMING. Throw a VfioError to refuse them. */
+  writeData?(data: Uint8Array): void;
 }
 
 export interface VfioUserDeviceSpec {

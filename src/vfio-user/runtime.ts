@@ -131,6 +131,13 @@ export class DeviceRuntime {
     this.irqConfig[PciIrq.REQ] = irq(irqs.req ? 1 : 0, IrqInfoFlag.EVENTFD);
 
     const m = spec.migration;
+    if (m) {
+      const records = m.save !== undefined || m.load !== undefined;
+      const stream = m.readData !== undefined || m.writeData !== undefined;
+      if (records === stream || (records && !(m.save && m.load)) || (stream && !(m.readData && m.writeData))) {
+        throw new TypeError('migration needs either save and load, or readData and writeData');
+      }
+    }
     this.migration = m
       ? new MigrationFsm({
           flags: MigrationFlag.STOP_COPY | (m.preCopy ? MigrationFlag.PRE_COPY : 0),
@@ -226,9 +233,11 @@ export class DeviceRuntime {
 
   async #arc(from: number, to: number): Promise<void> {
     const m = this.spec.migration!;
-    if (to === MigrationState.PRE_COPY || to === MigrationState.STOP_COPY) {
+    if (m.readData) {
+      // Stream mode: the device reads and writes the stream itself.
+    } else if (to === MigrationState.PRE_COPY || to === MigrationState.STOP_COPY) {
       const phase = to === MigrationState.PRE_COPY ? 'pre-copy' : 'stop-copy';
-      const state = await m.save(phase);
+      const state = await m.save!(phase);
       // Each phase is one record: u32 length, then the bytes. load() gets them one by one.
       const rec = new Uint8Array(4 + state.length);
       new DataView(rec.buffer).setUint32(0, state.length, true);
@@ -251,7 +260,7 @@ export class DeviceRuntime {
         if (data.length - pos < 4) throw einval('MIG_DATA_TRUNCATED', 'migration stream ends inside a record header');
         const len = data.readUInt32LE(pos);
         if (len > data.length - pos - 4) throw einval('MIG_DATA_TRUNCATED', 'migration stream ends inside a record');
-        await m.load(data.subarray(pos + 4, pos + 4 + len));
+        await m.load!(data.subarray(pos + 4, pos + 4 + len));
         pos += 4 + len;
       }
     }
@@ -268,6 +277,14 @@ export class DeviceRuntime {
     if (s !== MigrationState.PRE_COPY && s !== MigrationState.STOP_COPY) {
       throw einval('MIG_DATA_STATE', `MIG_DATA_READ in state ${migrationStateName(s ?? 0)}`);
     }
+    const m = this.spec.migration!;
+    if (m.readData) {
+      const out = m.readData(size, s === MigrationState.PRE_COPY ? 'pre-copy' : 'stop-copy');
+      if (!(out instanceof Uint8Array) || out.length > size) {
+        throw new VfioError('MIG_DATA_DEVICE', VErrno.EIO, `readData gave ${out instanceof Uint8Array ? out.length : typeof out} bytes for ${size}`);
+      }
+      return out;
+    }
     const n = Math.min(size, this.#out.length - this.#outPos);
     const out = this.#out.subarray(this.#outPos, this.#outPos + n);
     this.#outPos += n;
@@ -278,6 +295,11 @@ export class DeviceRuntime {
   writeMigrationData(data: Uint8Array): void {
     if (this.migration?.state !== MigrationState.RESUMING) {
       throw einval('MIG_DATA_STATE', `MIG_DATA_WRITE in state ${migrationStateName(this.migration?.state ?? 0)}`);
+    }
+    const m = this.spec.migration!;
+    if (m.writeData) {
+      m.writeData(data);
+      return;
     }
     if (this.#inBytes + data.length > this.maxMigrationBytes) {
       throw new VfioError('MIG_DATA_TOO_BIG', VErrno.E2BIG, 'migration stream too large');
