@@ -103,3 +103,53 @@ test('pending requests fail saying who closed: our close() versus the peer going
   await assert.rejects(mineSettled.then((e) => Promise.reject(e)), (e: unknown) => e instanceof ConnectionError && e.code === 'VFU_CLOSED' && !/peer/.test(e.message) && /connection closed/.test(e.message));
   await assert.rejects(theirs, (e: unknown) => e instanceof ConnectionError && e.code === 'VFU_CLOSED' && /peer closed/.test(e.message));
 });
+
+// A reply header built by hand (vfio-user.rst, "Header"): id, command, size, flags, errno.
+const replyHeader = (id: number, cmd: number, flags: number, errno = 0): Buffer => {
+  const b = Buffer.alloc(16);
+  b.writeUInt16LE(id, 0);
+  b.writeUInt16LE(cmd, 2);
+  b.writeUInt32LE(16, 4);
+  b.writeUInt32LE(flags, 8);
+  b.writeUInt32LE(errno, 12);
+  return b;
+};
+
+test('an unsolicited reply is answered EINVAL (as libvfio-user does); an unsolicited error reply is not', async (t) => {
+  const { conn, theirs } = silentPeer();
+  const got: Buffer[] = [];
+  theirs.removeAllListeners('data');
+  theirs.on('data', (c: Buffer) => got.push(c));
+  t.after(() => {
+    conn.close();
+    theirs.destroy();
+  });
+  // id 0x1234, DEVICE_RESET (13), type REPLY (1): we never sent it.
+  theirs.write(replyHeader(0x1234, 13, 0x1));
+  await until(() => Buffer.concat(got).length >= 16);
+  const answer = Buffer.concat(got);
+  assert.equal(answer.length, 16);
+  assert.deepEqual(
+    [answer.readUInt16LE(0), answer.readUInt16LE(2), answer.readUInt32LE(4), answer.readUInt32LE(8), answer.readUInt32LE(12)],
+    [0x1234, 13, 16, 0x1 | 0x20, 22],
+    'REPLY|ERROR, EINVAL, same id and command',
+  );
+  // An error reply nobody asked for: dropped (answering could bounce for ever between two such peers).
+  got.length = 0;
+  theirs.write(replyHeader(0x4321, 13, 0x1 | 0x20, 22));
+  // A truncated-body reply with an unknown id (REGION_READ says 16 bytes, needs more): answered too.
+  theirs.write(replyHeader(0x5555, 9, 0x1));
+  await until(() => Buffer.concat(got).length >= 16);
+  const second = Buffer.concat(got);
+  assert.equal(second.length, 16, 'only the second one was answered');
+  assert.equal(second.readUInt16LE(0), 0x5555);
+  assert.equal(second.readUInt32LE(12), 22);
+  assert.equal(conn.unsolicitedReplies, 3);
+  // The connection still works: a request made now gets its reply.
+  const req = conn.request(Command.DEVICE_RESET, undefined, { timeoutMs: 2000 });
+  await until(() => got.length > 0 && Buffer.concat(got).length >= 32);
+  const sent = Buffer.concat(got).subarray(16);
+  theirs.write(replyHeader(sent.readUInt16LE(0), 13, 0x1));
+  await req;
+  assert.equal(conn.unsolicitedReplies, 3);
+});

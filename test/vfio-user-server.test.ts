@@ -325,6 +325,14 @@ test('DMA through a mapped memfd: the device reads and writes guest memory direc
   view[15] = 0x77;
   assert.equal(guest.bytes[0x100f], 0x77);
   assert.equal(ctx.dma.view(0x11000, 0x2000), null, 'range beyond the window');
+  // The same map again (same file, offset, prot) is accepted and keeps the first mapping;
+  // the same range from another file is not.
+  assert.equal((await client.call(DMA_MAP, dmaMap(3, 0x1000, 0x10000, 0x2000), { fds: [guest.fd] })).isError, false);
+  const other = SharedMemory.create(0x4000);
+  assert.equal((await client.call(DMA_MAP, dmaMap(3, 0x1000, 0x10000, 0x2000), { fds: [other.fd] })).errno, 17);
+  other.close();
+  assert.equal(view[15], 0x77, 'the first mapping is still the one in use');
+  assert.deepEqual(log, ['map 10000 true'], 'no second dmaMapped');
   // Overlap is EEXIST; a partial unmap is ENOENT; the exact range unmaps.
   assert.equal((await client.call(DMA_MAP, dmaMap(3, 0, 0x11000, 0x1000), { fds: [guest.fd] })).errno, 17);
   assert.equal((await client.call(DMA_UNMAP, dmaUnmap(0, 0x10000, 0x1000))).errno, 2);
@@ -361,6 +369,9 @@ test('DMA without an fd goes through DMA_READ/DMA_WRITE messages, chunked by the
     }
   };
   assert.equal((await client.call(DMA_MAP, dmaMap(3, 0, 0x20000, 0x3000))).isError, false);
+  // An identical second map of the window is accepted (0, as libvfio-user answers); a different prot is not.
+  assert.equal((await client.call(DMA_MAP, dmaMap(3, 0, 0x20000, 0x3000))).isError, false);
+  assert.equal((await client.call(DMA_MAP, dmaMap(1, 0, 0x20000, 0x3000))).errno, 17);
   const ctx = dev.ctx();
   const data = await ctx.dma.read(0x20100, 0x2000);
   assert.deepEqual(seen, ['R 20100 4096', 'R 21100 4096']);

@@ -171,6 +171,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
   #pausedFor = { queue: false, writes: false };
   /** ids of requests that timed out: kept out of use until their late reply comes (or never). */
   readonly #stale = new Set<number>();
+  #unsolicited = 0;
   #nextId = 1;
   #closed = false;
   /** Why close() was called, for the pending requests it fails. */
@@ -493,15 +494,18 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     } catch (err) {
       closeAll(fds);
       const h = decodeHeaderQuick(frame);
-      this.#stale.delete(h.msgId); // a late reply to a timed-out request: its id may be used again
+      if (!this.#pending.has(h.msgId)) {
+        this.#onUnsolicited(h.msgId, h.cmd, h.flags);
+        return;
+      }
       this.#failPending(h.msgId, new ConnectionError('VFU_BAD_REPLY', (err as Error).message, Errno.EINVAL, { cause: err }));
       return;
     }
     this.#trace?.('in', msg.header, msg.kind === 'error' ? { errno: msg.errno } : msg.body);
     const p = this.#pending.get(msg.header.msgId);
     if (!p) {
-      this.#stale.delete(msg.header.msgId);
-      closeAll(fds); // a late reply to a request that timed out, or a peer bug: ignore
+      closeAll(fds);
+      this.#onUnsolicited(msg.header.msgId, msg.header.cmd, msg.header.flags);
       return;
     }
     this.#pending.delete(msg.header.msgId);
@@ -516,6 +520,26 @@ export class Connection extends EventEmitter<ConnectionEvents> {
       (msg as ReplyMessage & { fds: Fd[] }).fds = fds;
       p.resolve(msg as ReplyMessage & { fds: Fd[] });
     }
+  }
+
+  /**
+   * A reply whose id matches no request in flight. A late reply to a request
+   * that timed out is dropped (its id may be used again). Any other is a peer
+   * bug that the peer may be waiting on: answered EINVAL, as libvfio-user
+   * answers a message that is not a command. An unsolicited *error* reply is
+   * dropped, not answered: answering it would let two such peers bounce
+   * error replies for ever.
+   */
+  #onUnsolicited(msgId: number, cmd: number, flags: number): void {
+    if (this.#stale.delete(msgId)) return;
+    this.#unsolicited++;
+    if (flags & HeaderFlags.ERROR) return;
+    this.#write(encodeErrorReply(msgId, cmd, Errno.EINVAL));
+  }
+
+  /** Replies that matched no request in flight (not counting late replies to timed-out ones). */
+  get unsolicitedReplies(): number {
+    return this.#unsolicited;
   }
 
   /**

@@ -3,6 +3,7 @@
  * Every arm decodes (done by the connection), checks semantics, calls the
  * device runtime, and returns the reply body; errors become errno replies.
  */
+import { fstatSync } from 'node:fs';
 import { EventFd, Fd, SharedMemory, socketPairFds, UnixSocket } from '../sys/index.js';
 import { VfioError, Errno as VErrno } from '../vfio/errors.js';
 import {
@@ -44,6 +45,12 @@ export interface DmaHandle {
    */
   pins: number;
   closeWhenUnpinned: boolean;
+  /**
+   * The file behind the client's fd ("dev:ino" from fstat), or null for a
+   * window without fd: a second identical DMA_MAP is the same mapping when
+   * this matches (libvfio-user compares the files the same way).
+   */
+  file: string | null;
   /** A DMA_UNMAP of the window waits for this (its reply goes out once no transfer reads the window). */
   onUnpinned?: () => void;
 }
@@ -95,7 +102,12 @@ export class Session {
       timeoutMs: options.timeoutMs,
       ...(options.trace ? { trace: (dir, h, detail) => options.trace!(traceLine(dir, h, detail)) } : {}),
     });
-    this.dma = new DmaMapTable<DmaHandle>({ pageSize: PAGE, errnoStyle: 'spec' });
+    this.dma = new DmaMapTable<DmaHandle>({
+      pageSize: PAGE,
+      errnoStyle: 'spec',
+      // Identical re-map (same iova, size, offset, prot): the same file, or both without fd.
+      sameHandle: (a, b) => (a as DmaHandle).file === (b as DmaHandle).file,
+    });
     this.dma.onUnmap((region) => this.#unmapped(region));
     this.irqs = new IrqState(runtime.irqConfig);
     this.ctx = this.#context();
@@ -272,8 +284,16 @@ export class Session {
     if (wantsFd && fds.length === 0) throw einval('DMA_MAP_NO_FD', 'MMAP/FILE_IO flag without an fd');
     const prot = body.flags & (DmaMapFlag.READ | DmaMapFlag.WRITE);
     let shm: SharedMemory | null = null;
+    let file: string | null = null;
     if (fds.length === 1) {
       const fd = takeFd(fds[0]!);
+      try {
+        const st = fstatSync(fd.value);
+        file = `${st.dev}:${st.ino}`;
+      } catch (err) {
+        fd.close();
+        throw einval('DMA_MAP_BAD_FD', `fstat of the window's fd: ${(err as Error).message}`);
+      }
       try {
         shm = SharedMemory.map(fd, { offset: body.offset, size: body.size, readOnly: !(prot & DmaMapFlag.WRITE) });
       } catch (err) {
@@ -285,7 +305,7 @@ export class Session {
     }
     let result;
     try {
-      result = this.dma.map({ iova: body.address, size: body.size, prot, offset: body.offset, handle: { shm, pins: 0, closeWhenUnpinned: false } });
+      result = this.dma.map({ iova: body.address, size: body.size, prot, offset: body.offset, handle: { shm, pins: 0, closeWhenUnpinned: false, file } });
     } catch (err) {
       shm?.close();
       throw err;
