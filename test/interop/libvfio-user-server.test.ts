@@ -44,7 +44,7 @@ import { ConnectionError } from '../../src/vfio-user/connection.js';
 import { SharedMemory, EventFd } from '../../src/sys/index.js';
 import { MigrationState } from '../../src/vfio/uapi.js';
 import { openFdCount, openFdsBackTo } from '../helpers/sys.js';
-import { libvfioUserSample, scratchDir, startPeer, waitForSocket, type Peer } from './peers.js';
+import { connectPeer, libvfioUserSample, scratchDir, startPeer, waitForSocket, type Peer } from './peers.js';
 
 const EINVAL = 22;
 const ENOTSUP = 95;
@@ -128,16 +128,7 @@ async function startServer(t: TestContext, name: string, options: VfioUserClient
     scratch.remove();
   });
   await waitForSocket(socket, peer, 10_000);
-  // The socket file appears at bind(), just before listen(): retry a refused connect briefly.
-  for (let attempt = 0; ; attempt++) {
-    try {
-      client = await VfioUserClient.connect(socket, { timeoutMs: 5000, ...options });
-      break;
-    } catch (err) {
-      if (attempt >= 50 || (err as NodeJS.ErrnoException).code !== 'ECONNREFUSED') throw err;
-      await new Promise((r) => setTimeout(r, 20));
-    }
-  }
+  client = await connectPeer(socket, options);
   dev = new VfioUserDevice(client);
   const c = client;
   const d = dev;

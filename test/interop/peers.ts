@@ -106,3 +106,22 @@ export async function waitForSocket(socketPath: string, peer?: Peer, timeoutMs =
     await new Promise((r) => setTimeout(r, 20));
   }
 }
+
+/**
+ * Connects our client to a peer's socket. The socket file appears at bind(),
+ * just before listen(): a refused connect is retried briefly.
+ */
+export async function connectPeer(
+  socketPath: string,
+  options: import('../../src/vfio-user/client.js').VfioUserClientOptions = {},
+): Promise<import('../../src/vfio-user/client.js').VfioUserClient> {
+  const { VfioUserClient } = await import('../../src/vfio-user/client.js');
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await VfioUserClient.connect(socketPath, { timeoutMs: 5000, ...options });
+    } catch (err) {
+      if (attempt >= 50 || (err as NodeJS.ErrnoException).code !== 'ECONNREFUSED') throw err;
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+}
