@@ -63,3 +63,31 @@ test('probe passes against our server', async () => {
   assert.deepEqual(results.filter((r) => !r.ok), []);
   server.close();
 });
+
+test('vdevkit migrate moves a gpio between two servers (another process drives both)', async () => {
+  const a = gpioDevice();
+  const b = gpioDevice();
+  const sa = VfioUserServer.listen(sock('ma.sock'), { device: a });
+  const sb = VfioUserServer.listen(sock('mb.sock'), { device: b });
+  const client = await VfioUserClient.connect(sa.path);
+  const dev = new VfioUserDevice(client);
+  await dev.write(2, 4, Uint8Array.of(0x81)); // pins 8 and 15
+  await dev.write(2, 4, Uint8Array.of(0x01)); // pin 8 again
+  dev.close();
+  client.close();
+  const { execFile } = await import('node:child_process');
+  const out = await new Promise<string>((resolve, reject) =>
+    execFile(process.execPath, [MAIN, 'migrate', '--from', sa.path, '--to', sb.path, '--chunk', '64'], (err, stdout, stderr) =>
+      err ? reject(new Error(`${err.message}\n${stderr}`)) : resolve(stdout),
+    ),
+  );
+  assert.match(out, /migrated: 64 bytes in pre-copy \(1 round\), 0 in stop-copy, 1 writes/);
+  assert.deepEqual(b.pins, [0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 1]);
+  // Bad arguments: exit 2, nothing connected.
+  const bad = await new Promise<number>((resolve) =>
+    execFile(process.execPath, [MAIN, 'migrate', '--from', sa.path], (err) => resolve((err as { code?: number } | null)?.code ?? 0)),
+  );
+  assert.equal(bad, 2);
+  sa.close();
+  sb.close();
+});

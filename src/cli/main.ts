@@ -9,6 +9,7 @@ Commands:
   serve       serve a PCI device over vfio-user (vdevkit serve --help)
   lspci       describe the device behind a vfio-user socket, like lspci -vvv
   probe       conformance check of any vfio-user server
+  migrate     live-migrate a device between two vfio-user servers
   demo [sys]  run the demo: a vfio-user device served, driven and migrated
               (sys: two processes sharing a memfd and eventfds)
   version     print the version
@@ -41,6 +42,10 @@ async function main(argv: string[]): Promise<number> {
     case 'probe': {
       const { lspciCommand } = await import('./lspci.js');
       return lspciCommand(cmd, argv.slice(1));
+    }
+    case 'migrate': {
+      const { migrateCommand } = await import('./migrate.js');
+      return migrateCommand(argv.slice(1));
     }
     case 'demo': {
       if (argv[1] === 'sys') {
