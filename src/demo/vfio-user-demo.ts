@@ -1,5 +1,6 @@
 /**
- * The demo `npm start` runs: a GPIO device (libvfio-user's gpio sample, in
+ * The demo `npm start` runs: first, when libvfio-user is built, a live
+ * migration from libvfio-user's C gpio into ours and back (cross-migration-demo.ts); then a GPIO device (libvfio-user's gpio sample, in
  * TypeScript) served over vfio-user, driven by a client in another process,
  * then live-migrated to a second server; then the `sample` device's DMA
  * engine copies 64 MiB out of a client window the server reaches only by
@@ -19,8 +20,10 @@ import { VfioUserDevice } from '../vfio-user/client-device.js';
 import { PciIrq } from '../vfio/uapi.js';
 import { EventFd, SharedMemory } from '../sys/index.js';
 import { RawVfioUserClient, Bytes } from '../testing/index.js';
+import { runCrossMigrationDemo } from './cross-migration-demo.js';
 
 export async function runVfioUserDemo(log: (line: string) => void = console.log): Promise<void> {
+  await runCrossMigrationDemo(log);
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdevkit-demo-'));
   const a = gpioDevice();
   const b = gpioDevice();

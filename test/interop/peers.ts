@@ -5,28 +5,16 @@
  * outside the repo, and `.ci/run` calls it.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
-import { homedir, tmpdir } from 'node:os';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import path from 'node:path';
+import { BUILD_HINT, findLibvfioUserBuild, libvfioUserCandidates } from '../../src/peers/libvfio-user.js';
 
 /** The libvfio-user build directory (holding samples/), or an Error saying how to make one. */
 export function libvfioUserBuild(): string {
-  const fromEnv = process.env.VDEVKIT_LIBVFIO_USER_BUILD;
-  const candidates: string[] = [];
-  if (fromEnv) candidates.push(fromEnv);
-  const cache = process.env.VDEVKIT_PEERS_DIR ?? path.join(homedir(), '.cache', 'vdevkit-peers');
-  if (existsSync(cache)) {
-    for (const name of readdirSync(cache).sort().reverse()) {
-      if (name.startsWith('libvfio-user-')) candidates.push(path.join(cache, name, 'libvfio-user', 'build'));
-    }
-  }
-  for (const dir of candidates) {
-    if (existsSync(path.join(dir, 'samples', 'server')) && existsSync(path.join(dir, 'samples', 'gpio-pci-idio-16'))) return dir;
-  }
-  throw new Error(
-    `libvfio-user is not built (looked in ${candidates.join(', ') || cache}): run scripts/build-peers.sh ` +
-      '(needs meson ninja-build pkg-config libjson-c-dev libcmocka-dev) or set VDEVKIT_LIBVFIO_USER_BUILD',
-  );
+  const dir = findLibvfioUserBuild();
+  if (dir) return dir;
+  throw new Error(`libvfio-user is not built (looked in ${libvfioUserCandidates().join(', ') || '~/.cache/vdevkit-peers'}): ${BUILD_HINT}`);
 }
 
 /** Path of one of libvfio-user's sample programs. */
