@@ -11,7 +11,12 @@
  *   block by block with expectedBlock();
  * - the same back-end under blkWriteLoopScript (one flushed write per block,
  *   three passes): every block of the range holds the last pass, and the
- *   blocks around it are untouched.
+ *   blocks around it are untouched;
+ * - the back-end killed (SIGKILL) on a progress line mid-loop and started
+ *   again on the same socket: QEMU reconnects (chardev reconnect=1), the guest
+ *   carries on and every block holds the last pass. The kill comes while the
+ *   guest sleeps between writes (pauseMs): qemu-storage-daemon offers no
+ *   INFLIGHT_SHMFD, so a request in flight at the kill would be lost.
  *
  * A missing QEMU, busybox-static, cpio or qemu-storage-daemon fails (never skips).
  */
@@ -39,7 +44,7 @@ import {
 const MiB = 1 << 20;
 
 /** qemu-storage-daemon exporting a fresh raw file of `sizeMiB` as vhost-user-blk (`queues` queues); stopped by pid and removed by `close`. */
-async function qsdDisk(sizeMiB = 64, queues = 1): Promise<{ image: string; socket: string; peer: Peer; close(): Promise<void> }> {
+async function qsdDisk(sizeMiB = 64, queues = 1): Promise<{ image: string; socket: string; peer: Peer; restart(): Promise<void>; close(): Promise<void> }> {
   const scratch = scratchDir('vdevkit-guest-blk-');
   const image = path.join(scratch.dir, 'disk.img');
   const socket = path.join(scratch.dir, 'blk.sock');
@@ -56,7 +61,14 @@ async function qsdDisk(sizeMiB = 64, queues = 1): Promise<{ image: string; socke
   return {
     image,
     socket,
-    peer,
+    get peer() {
+      return peer;
+    },
+    /** A new qemu-storage-daemon on the same file and socket (after the last one exited). */
+    async restart() {
+      peer = startPeer(qemuStorageDaemon(), qsdBlkArgs(image, socket, { queues }));
+      await waitForSocket(socket, peer);
+    },
     async close() {
       await peer.stop();
       scratch.remove();
@@ -144,6 +156,33 @@ test('guest: qemu-storage-daemon under blkWriteLoopScript, every block verified 
     assert.deepEqual(new Set(blockPasses(image, range)), new Set([3]));
     assert.ok(image.subarray(0, 32 * 4096).every((b) => b === 0), 'blocks before the range untouched');
     assert.ok(image.subarray(128 * 4096).every((b) => b === 0), 'blocks after the range untouched');
+  } finally {
+    await disk.close();
+  }
+});
+
+test('guest: qemu-storage-daemon killed and restarted mid-loop, QEMU reconnects, every block verified', { timeout: 180_000 }, async () => {
+  const disk = await qsdDisk();
+  try {
+    const range = { blocks: 64, blockSize: 4096, seed: 77 };
+    let restarted: Promise<void> | undefined;
+    const r = await runGuest({
+      script: blkWriteLoopScript({ ...range, passes: 2, progressEvery: 8, pauseMs: 50 }),
+      qemuArgs: vhostUserBlkArgs(disk.socket, { reconnect: 1 }),
+      onLine: (l) => {
+        const p = parseProgress(l);
+        if (!restarted && p?.pass === 1 && p.blocks === 24) {
+          const old = disk.peer;
+          process.kill(old.pid, 'SIGKILL');
+          restarted = old.exited.then(() => disk.restart());
+        }
+      },
+    });
+    assert.ok(restarted, 'the back-end was killed');
+    await restarted;
+    assert.equal(r.exitCode, 0, r.output);
+    assert.match(r.output, /VDEVKIT-PASS-DONE pass=2/);
+    assertBlocks(readFileSync(disk.image), { ...range, pass: 2 });
   } finally {
     await disk.close();
   }
