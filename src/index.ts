@@ -8,3 +8,4 @@ export { VfioUserClient } from './vfio-user/client.js';
 export type { VfioUserClientOptions, DmaMapOptions } from './vfio-user/client.js';
 export { VfioUserDevice } from './vfio-user/client-device.js';
 export { ConnectionError } from './vfio-user/connection.js';
+export * from './virtio/index.js';

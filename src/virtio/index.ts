@@ -1,0 +1,15 @@
+export type * from './types.js';
+export { VirtioError } from './errors.js';
+export type { VirtioErrorCode } from './errors.js';
+export { GuestMemory, DirtyLog, LOG_PAGE_SIZE } from './memory.js';
+export { createDeviceQueue } from './queue.js';
+export type { DeviceQueue, DeviceQueueOptions } from './queue.js';
+export { DESC_F_NEXT, DESC_F_WRITE, DESC_F_INDIRECT, DESC_F_AVAIL, DESC_F_USED } from './base.js';
+export { vringNeedEvent } from './split.js';
+export {
+  inflightQueueSize,
+  InflightRegion,
+  SplitInflightQueue,
+  PackedInflightQueue,
+} from './inflight.js';
+export type { InflightQueue, PackedDescs, PackedRecovery } from './inflight.js';
