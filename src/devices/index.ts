@@ -2,6 +2,7 @@
 import type { VfioUserDeviceSpec } from '../vfio-user/device.js';
 import { gpioDevice } from './gpio.js';
 import { sampleDevice } from './sample.js';
+import { serverSampleDevice } from './server-sample.js';
 
 export interface DeviceEntry {
   description: string;
@@ -17,6 +18,10 @@ export const devices: Record<string, DeviceEntry> = {
     description: 'a device using every server feature: register BAR with a DMA engine, mmap-able BAR, MSI-X, migration',
     create: () => sampleDevice(),
   },
+  'libvfio-user-server': {
+    description: "libvfio-user's samples/server: time_t BAR0 timer, INTx and DMA, sparse-mmap BAR1, its migration stream (0xdead:0xbeef)",
+    create: ({ log }) => serverSampleDevice({ log }),
+  },
 };
 
-export { gpioDevice, sampleDevice };
+export { gpioDevice, sampleDevice, serverSampleDevice };

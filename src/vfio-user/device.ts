@@ -30,7 +30,12 @@ export interface IoEventFdSpec {
 }
 
 export interface RegionSpec {
-  /** Bytes. For a BAR, a power of two. */
+  /**
+   * Bytes. Any size, as libvfio-user allows: the region (region info,
+   * REGION_READ/WRITE bounds, mmap areas) is exactly `size` bytes, and a BAR
+   * in config space decodes the next power of two (at least 16 bytes for
+   * memory, 4 for I/O), the part past `size` being a hole.
+   */
   size: number;
   /** Default true. */
   readable?: boolean;
@@ -85,10 +90,19 @@ export interface DmaWindow {
   readonly mapped: boolean;
 }
 
+/**
+ * How a DMA read or write goes. `messages`: by DMA_READ / DMA_WRITE messages
+ * even where the window is mapped here (libvfio-user's vfu_sgl_read/write
+ * always do; a client may count on them, as its samples/client does).
+ */
+export interface DmaTransferOptions {
+  messages?: boolean;
+}
+
 /** DMA as the device does it. Addresses are IOVAs the client mapped. */
 export interface DmaAccess {
   /** Reads guest memory: from the mapping when there is one, else by DMA_READ messages. */
-  read(iova: number, length: number): Promise<Uint8Array>;
+  read(iova: number, length: number, options?: DmaTransferOptions): Promise<Uint8Array>;
   /**
    * Reads guest memory into `dest` (dest.length bytes from iova): no buffer
    * of the library's in between; DMA_READ replies are received straight into
@@ -97,9 +111,9 @@ export interface DmaAccess {
    * call markDirty on that range once it has completed (the bytes land while
    * the transfer runs, after view() marked the pages).
    */
-  readInto(iova: number, dest: Uint8Array): Promise<void>;
+  readInto(iova: number, dest: Uint8Array, options?: DmaTransferOptions): Promise<void>;
   /** Writes guest memory (marked dirty while logging is on). */
-  write(iova: number, data: Uint8Array): Promise<void>;
+  write(iova: number, data: Uint8Array, options?: DmaTransferOptions): Promise<void>;
   /**
    * A direct view of mapped guest memory, or null if the range is not inside
    * one fd-backed window. With `write`, the pages are marked dirty. The view
@@ -147,6 +161,14 @@ export interface MigrationSpec {
    * Throw a VfioError to answer with its errno.
    */
   readData?(size: number, phase: 'pre-copy' | 'stop-copy'): Uint8Array;
+  /**
+   * Stream: answer every MIG_DATA_READ with as many data bytes as were asked
+   * for, zeros after the `size` bytes readData gave (`size` and `argsz` still
+   * say how many are data), as libvfio-user's server does. Its samples/client
+   * reads exactly 8 + size asked bytes of reply and fails on a shorter one.
+   * Default false: the reply holds the data only.
+   */
+  padReads?: boolean;
   /** Stream: one MIG_DATA_WRITE's bytes, while RESUMING. Throw a VfioError to refuse them. */
   writeData?(data: Uint8Array): void;
 }

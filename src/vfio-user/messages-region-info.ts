@@ -22,14 +22,39 @@ export type RegionInfo = ValueOfLayout<typeof REGION_INFO>;
  */
 export type RegionInfoReply = RegionInfo & { caps: Uint8Array; raw?: Uint8Array };
 
-/** GET_REGION_INFO request: argsz and index; the other fields must be zero. */
-export const regionInfoRequest = fixedBody(REGION_INFO, (v) => {
+const regionInfoStruct = fixedBody(REGION_INFO, (v) => {
   minArgsz(v.argsz, REGION_INFO.size, 'region_info');
   mustBeZero(v.flags, 'region_info.flags');
   mustBeZero(v.capOffset, 'region_info.cap_offset');
   mustBeZero(v.size, 'region_info.size');
   mustBeZero(v.offset, 'region_info.offset');
 });
+
+/**
+ * GET_REGION_INFO request: argsz and index; the other fields must be zero.
+ * The body is the 32-byte struct, or the whole argsz-sized buffer of the
+ * ioctl with zeros after the struct (libvfio-user's samples/client sends
+ * that when it asks again with the argsz the first reply gave; libvfio-user
+ * takes any body of at least 32 bytes).
+ */
+export const regionInfoRequest: BodyCodec<RegionInfo> = {
+  ...regionInfoStruct,
+  decode(body, limits) {
+    if (body.length <= REGION_INFO.size) return regionInfoStruct.decode(body, limits);
+    const v = regionInfoStruct.decode(view(body, 0, REGION_INFO.size), limits);
+    if (body.length > v.argsz) {
+      throw new ProtocolError('VFU_BAD_SIZE', `region_info: body is ${body.length} bytes, more than argsz ${v.argsz}`, {
+        field: 'region_info',
+        value: body.length,
+        limit: v.argsz,
+      });
+    }
+    for (let i = REGION_INFO.size; i < body.length; i++) {
+      if (body[i] !== 0) throw new ProtocolError('VFU_RESERVED', `region_info: byte ${i} after the struct is not zero`, { field: 'region_info', value: i, limit: 0 });
+    }
+    return v;
+  },
+};
 
 function badCap(why: string, value?: number): ProtocolError {
   return new ProtocolError('VFU_BAD_CAP', `region_info capability chain: ${why}`, { field: 'region_info.cap', value });

@@ -82,7 +82,9 @@ export class DeviceRuntime {
     const bars: (BarDescription | null)[] = [];
     for (let i = 0; i < 6; i++) {
       const r = regionSpecs.get(i);
-      bars.push(r ? { size: r.size, type: r.barType ?? 'mem32', prefetchable: r.prefetchable ?? false } : null);
+      const type = r?.barType ?? 'mem32';
+      // The BAR decodes a power of two; a region of another size (libvfio-user allows any) leaves a hole.
+      bars.push(r ? { size: pow2AtLeast(Math.max(r.size, type === 'io' ? 4 : 16)), type, prefetchable: r.prefetchable ?? false } : null);
     }
     const rom = regionSpecs.get(PciRegion.ROM);
     this.config = new PciConfigSpace({

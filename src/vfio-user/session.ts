@@ -3,7 +3,7 @@
  * Every arm decodes (done by the connection), checks semantics, calls the
  * device runtime, and returns the reply body; errors become errno replies.
  */
-import { fstatSync } from 'node:fs';
+import { fstatSync, readlinkSync } from 'node:fs';
 import { EventFd, Fd, SharedMemory, socketPairFds, UnixSocket } from '../sys/index.js';
 import { VfioError, Errno as VErrno } from '../vfio/errors.js';
 import {
@@ -76,6 +76,24 @@ const einval = (code: string, msg: string): VfioError => new VfioError(code, VEr
 
 /** Takes an Fd out of a message's list, so the connection does not close it after the handler. */
 const takeFd = (fd: Fd): Fd => new Fd(fd.release());
+
+/**
+ * An interrupt fd from the client. An eventfd is used as it is: O_NONBLOCK
+ * belongs to the file description, which the client shares, so setting it
+ * here would make the client's blocking read() fail with EAGAIN (libvfio-user's
+ * samples/client reads its INTx eventfd that way); and a write to an eventfd
+ * cannot block short of overflowing its counter. Any other kind of fd is made
+ * non-blocking, so that signalling it can never stall the event loop.
+ */
+function irqEventFd(fd: Fd): EventFd {
+  let target = '';
+  try {
+    target = readlinkSync(`/proc/self/fd/${fd.value}`);
+  } catch {
+    // unknown: treat as not an eventfd
+  }
+  return target === 'anon_inode:[eventfd]' ? new EventFd(fd) : EventFd.from(fd);
+}
 
 export class Session {
   readonly conn: Connection;
@@ -210,7 +228,17 @@ export class Session {
       case Command.MIG_DATA_READ: {
         const max = this.#client!.maxDataXferSize;
         if (msg.body.size > max) throw einval('MIG_DATA_SIZE', `size ${msg.body.size} > max_data_xfer_size ${max}`);
-        const data = this.runtime.readMigrationData(Math.min(msg.body.size, msg.body.argsz - 8));
+        const asked = Math.min(msg.body.size, msg.body.argsz - 8);
+        const data = this.runtime.readMigrationData(asked);
+        if (this.runtime.spec.migration?.padReads && data.length < asked) {
+          // libvfio-user's reply: `asked` data bytes, zeros after the `size` that are data.
+          const raw = new Uint8Array(8 + asked);
+          const v = new DataView(raw.buffer);
+          v.setUint32(0, 8 + data.length, true);
+          v.setUint32(4, data.length, true);
+          raw.set(data, 8);
+          return { raw };
+        }
         return { body: { argsz: 8 + data.length, size: data.length, data } };
       }
       case Command.MIG_DATA_WRITE:
@@ -409,7 +437,7 @@ export class Session {
     const payload = new Uint8Array(20 + body.data.length);
     payload.set(body.data, 20);
     const op = validateSetIrqs(body, this.irqs.counts, payload, fds.length, { pci: true });
-    const eventfds = op.kind === 'eventfd' && op.assign ? fds.map((f) => EventFd.from(takeFd(f))) : [];
+    const eventfds = op.kind === 'eventfd' && op.assign ? fds.map((f) => irqEventFd(takeFd(f))) : [];
     this.irqs.apply(op, eventfds);
     const notify = this.runtime.spec.irqMasked;
     if (notify && op.kind !== 'disable' && op.action !== 'trigger') {
@@ -493,11 +521,11 @@ export class Session {
   #context(): DeviceContext {
     const session = this;
     const dma: DmaAccess = {
-      read: (iova, length) => session.#dmaRead(iova, length),
-      readInto: async (iova, dest) => {
-        await session.#dmaRead(iova, dest.length, dest);
+      read: (iova, length, options) => session.#dmaRead(iova, length, undefined, options?.messages ?? false),
+      readInto: async (iova, dest, options) => {
+        await session.#dmaRead(iova, dest.length, dest, options?.messages ?? false);
       },
-      write: (iova, data) => session.#dmaWrite(iova, data),
+      write: (iova, data, options) => session.#dmaWrite(iova, data, options?.messages ?? false),
       view(iova, length, options) {
         const prot = options?.write ? DmaMapFlag.WRITE : DmaMapFlag.READ;
         let seg;
@@ -559,12 +587,13 @@ export class Session {
    * Reads [iova, iova + length) into `into` (or a new buffer). Message windows
    * are read in chunks of the negotiated transfer size, several requests in
    * flight (the client serves them in order), each reply received straight
-   * into its place in the destination.
+   * into its place in the destination. With `messages`, mapped windows are
+   * read by messages too.
    */
-  async #dmaRead(iova: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
+  async #dmaRead(iova: number, length: number, into?: Uint8Array, messages = false): Promise<Uint8Array> {
     const segs = this.dma.lookup(iova, length, DmaMapFlag.READ);
     const only = segs.length === 1 ? segs[0]! : null;
-    if (!into && only && !only.region.handle.shm && length <= this.#chunk()) {
+    if (!into && only && (messages || !only.region.handle.shm) && length <= this.#chunk()) {
       // One message: its data (a buffer of its own) is the result, no copy.
       return this.#dmaReadMessage(only.region, iova, length);
     }
@@ -574,7 +603,7 @@ export class Session {
     const regions: DmaRegion<DmaHandle>[] = [];
     for (const seg of segs) {
       const at = seg.iova - iova;
-      const shm = seg.region.handle.shm;
+      const shm = messages ? null : seg.region.handle.shm;
       if (shm) {
         out.set(shm.subarray(seg.regionOffset, seg.length), at);
         continue;
@@ -589,7 +618,7 @@ export class Session {
     return out;
   }
 
-  async #dmaWrite(iova: number, data: Uint8Array): Promise<void> {
+  async #dmaWrite(iova: number, data: Uint8Array, messages = false): Promise<void> {
     const segs = this.dma.lookup(iova, data.length, DmaMapFlag.WRITE);
     const chunk = this.#chunk();
     const chunks: DmaChunk[] = [];
@@ -597,7 +626,7 @@ export class Session {
     const pinned: DmaRegion<DmaHandle>[] = [];
     for (const seg of segs) {
       const src = data.subarray(seg.iova - iova, seg.iova - iova + seg.length);
-      const shm = seg.region.handle.shm;
+      const shm = messages ? null : seg.region.handle.shm;
       if (shm) {
         shm.subarray(seg.regionOffset, seg.length).set(src);
         continue;
