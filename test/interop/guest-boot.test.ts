@@ -76,20 +76,23 @@ async function qsdDisk(sizeMiB = 64, queues = 1): Promise<{ image: string; socke
   };
 }
 
-test('guest: boots with no virtio device, loads the modules, reports the exit code', { timeout: 120_000 }, async (t) => {
+test('guest: boots with no virtio device, loads the modules, gets its files, reports the exit code', { timeout: 120_000 }, async (t) => {
   const guest = ensureGuest();
   const r = await runGuest({
     script: [
       'echo "uname=$(uname -r)"',
       'echo "virtio=[$(ls /sys/bus/virtio/devices)]"',
       'for m in $(cat /lib/modules/vdevkit/order); do grep -q "^$m " /proc/modules && echo "loaded $m"; done',
+      'echo "file=$(cat /etc/vdk/hello.txt)"',
       'exit 3',
     ].join('\n'),
+    files: { 'etc/vdk/hello.txt': 'hello from the host\n' },
   });
   assert.equal(r.exitCode, 3, r.output);
   assert.equal(r.qemuExit, 0, r.output);
   assert.match(r.output, new RegExp(`^uname=${guest.kernelRelease.replace(/\./g, '\\.')}$`, 'm'));
   assert.match(r.output, /^virtio=\[\]$/m);
+  assert.match(r.output, /^file=hello from the host$/m);
   const loaded = [...r.output.matchAll(/^loaded (\S+)$/gm)].map((m) => m[1]);
   assert.deepEqual(loaded, guest.modules);
   for (const m of ['virtio_ring', 'virtio', 'virtio_pci_modern_dev', 'virtio_pci_legacy_dev', 'virtio_pci', 'virtio_blk', 'failover', 'net_failover', 'virtio_net']) {

@@ -238,7 +238,7 @@ function track(pid: number): void {
   }
 }
 
-/** QEMU's command line for a guest run (without the per-run initrd path substitution). */
+/** QEMU's command line for booting `guest` with `initrd` (the base initrd with the run's archive appended). */
 export function guestQemuArgs(guest: Guest, initrd: string, options: Pick<RunGuestOptions, 'memoryMiB' | 'append' | 'cpus' | 'qemuArgs'> = {}): string[] {
   const mem = options.memoryMiB ?? 512;
   return [
