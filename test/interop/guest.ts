@@ -315,6 +315,7 @@ function runQemu(args: string[], options: RunGuestOptions): Promise<GuestResult>
     const timer = setTimeout(() => kill(`the guest did not power off within ${timeoutMs} ms`), timeoutMs);
     const onAbort = () => kill(`aborted: ${String(options.signal?.reason ?? 'signal')}`);
     options.signal?.addEventListener('abort', onAbort, { once: true });
+    if (options.signal?.aborted) onAbort();
     if (proc.pid !== undefined) track(proc.pid);
     let spawnError: Error | undefined;
     proc.on('error', (err) => (spawnError = err));
