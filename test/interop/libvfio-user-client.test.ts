@@ -170,7 +170,12 @@ async function runClient(t: TestContext, kind: 'ours' | 'libvfio-user'): Promise
     await sleep(20);
   }
   const ms = Date.now() - t0;
-  if (fromZombie) await c.stop(2000); // our destination: the client is done with it
+  if (fromZombie) await c.stop(2000); // the destination: the client is done with it
+  // All it printed is in hand once its pipes have closed (they close when the last holder exits).
+  await Promise.race([
+    Promise.all([c.proc.stdout!, c.proc.stderr!].map((st) => (st.closed ? undefined : new Promise((r) => st.once('close', r))))),
+    sleep(5000),
+  ]);
   const output = c.output();
   const destinationPid = fs.existsSync(pidFile) ? Number(fs.readFileSync(pidFile, 'utf8').trim()) : null;
   return {
