@@ -10,6 +10,7 @@ Commands:
   lspci       describe the device behind a vfio-user socket, like lspci -vvv
   probe       conformance check of any vfio-user server
   migrate     live-migrate a device between two vfio-user servers
+  vhost-user-blk  serve a virtio-blk disk over vhost-user (vdevkit vhost-user-blk --help)
   demo [sys]  run the demo: a vfio-user device served, driven and migrated
               (sys: two processes sharing a memfd and eventfds)
   version     print the version
@@ -46,6 +47,10 @@ async function main(argv: string[]): Promise<number> {
     case 'migrate': {
       const { migrateCommand } = await import('./migrate.js');
       return migrateCommand(argv.slice(1));
+    }
+    case 'vhost-user-blk': {
+      const { vhostUserBlkCommand } = await import('./vhost-user-blk.js');
+      return vhostUserBlkCommand(argv.slice(1));
     }
     case 'demo': {
       if (argv[1] === 'sys') {
