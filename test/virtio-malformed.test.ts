@@ -30,10 +30,11 @@ function guarded(indirect = true, packed = false) {
 
 /** Pops once: the error code, the queue broken with it, later pops null, nothing written outside memory. */
 function malformed(q: DeviceQueue, code: VirtioErrorCode, guardsIntact: () => boolean): void {
+  const before = q.inFlight;
   throwsCode(() => q.pop(), code);
   assert.equal(q.broken?.code, code);
   assert.equal(q.pop(), null, 'a broken queue pops nothing');
-  assert.equal(q.inFlight, 0);
+  assert.equal(q.inFlight, before, 'the malformed chain is not in flight');
   assert.ok(guardsIntact(), 'no write outside guest memory');
 }
 
@@ -176,6 +177,17 @@ test('packed malformed: chains, indirect tables, addresses, ids', () => {
   assert.equal(q.pop()!.id, 9);
   throwsCode(() => q.pop(), 'ID_IN_USE');
   assert.ok(g.guardsIntact());
+});
+
+test('packed malformed: the driver makes available more descriptors than the ring holds', () => {
+  const g = guarded(true, true);
+  for (let i = 0; i < N; i++) packedDesc(g.dv, DESC, i, 0x4000, 4, 1, A | (i < N - 1 ? NEXT : 0));
+  const q = g.q();
+  assert.equal(q.pop()!.descCount, N);
+  // Slot 0 is still in flight; a driver in its next lap (wrap 0) marks it available again.
+  packedDesc(g.dv, DESC, 0, 0x4000, 4, 2, availBits(false));
+  malformed(q, 'AVAIL_IDX', g.guardsIntact);
+  assert.equal(q.inFlight, 1);
 });
 
 test('guest memory: ranges are checked before any view is made', () => {

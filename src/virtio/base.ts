@@ -153,7 +153,13 @@ export abstract class BaseQueue implements DeviceQueue {
   protected views(): void {
     const g = this.memory.generation;
     if (g !== this.#generation) {
-      this.resolve();
+      try {
+        this.resolve();
+      } catch (err) {
+        // The rings are no longer in guest memory (a new memory table without them).
+        this.failed(err);
+        throw err;
+      }
       this.#generation = g;
     }
   }

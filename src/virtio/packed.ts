@@ -45,6 +45,8 @@ export class PackedQueue extends BaseQueue {
   readonly #d: PackedDescs;
   /** In-flight chains by buffer id. */
   readonly #ids = new Map<number, Chain>();
+  /** Ring descriptors held by chains in flight (at most the ring size). */
+  #descsInFlight = 0;
 
   constructor(o: DeviceQueueOptions) {
     super(o, true);
@@ -108,14 +110,17 @@ export class PackedQueue extends BaseQueue {
       if (++slot === this.size) slot = 0;
       if ((flags & DESC_F_NEXT) === 0) break;
     }
+    if (this.#descsInFlight + n > this.size) {
+      throw new VirtioError('AVAIL_IDX', `the driver made ${this.#descsInFlight + n} descriptors available on a ring of ${this.size}`);
+    }
     const c = this.#build(n);
+    if (this.#inflight !== null) c.slot = this.#inflight.record(d, n);
     this.#lastAvail += n;
     if (this.#lastAvail >= this.size) {
       this.#lastAvail -= this.size;
       this.#availWrap = !this.#availWrap;
     }
     this.#track(c);
-    if (this.#inflight !== null) c.slot = this.#inflight.record(d, n);
     if (this.eventIdx && this.notify) this.#writeDeviceEvent();
     return c;
   }
@@ -143,6 +148,7 @@ export class PackedQueue extends BaseQueue {
 
   #track(c: Chain): void {
     this.#ids.set(c.id, c);
+    this.#descsInFlight += c.descCount;
     this.own(c);
   }
 
@@ -191,6 +197,7 @@ export class PackedQueue extends BaseQueue {
     for (const c of cs) {
       inflight?.clear(c.slot);
       this.#ids.delete(c.id);
+      this.#descsInFlight -= c.descCount;
     }
     inflight?.commit();
     for (const c of cs) this.release(c);
