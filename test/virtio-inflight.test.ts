@@ -152,6 +152,25 @@ test('inflight split: a crash after the used idx store, before the batch was cle
   assert.equal(q2.base(), 2);
 });
 
+test('inflight split: a crash before any completion keeps every head in flight (used idx not 0 at start)', () => {
+  // The DPDK/SPDK restart bug area: used_idx 0 in the region against a used ring at 5 cleared desc[0].
+  const { guest, dv } = splitGuest();
+  dv.setUint16(USEDR + 2, 5, true);
+  dv.setUint16(AVAIL + 2, 5, true);
+  const inflight = new Uint8Array(InflightRegion.size(2, N, false));
+  availPublish(dv, AVAIL, N, 0, 3);
+  const q1 = open(guest, inflight, false, { base: 5 });
+  assert.equal(new DataView(inflight.buffer).getUint16(QOFF + 14, true), 5, 'used_idx synced when the region is new');
+  q1.pop();
+  q1.pop();
+  const q2 = open(guest, inflight, false, { base: 5 });
+  assert.deepEqual(
+    q2.resubmit().map((c) => c.id),
+    [0, 3],
+  );
+  assert.equal(q2.base(), 7);
+});
+
 /** Packed ring of 8: chain A (ids on last: 1) slots 0-1, B (2) slot 2, C (3) slot 3. */
 function packedGuest(): { guest: Uint8Array; dv: DataView } {
   const guest = new Uint8Array(0x10000);

@@ -92,6 +92,10 @@ abstract class InflightBase implements InflightQueue {
   protected counter = 0;
 
   constructor(bytes: Uint8Array, size: number, entry: number, header: number) {
+    checkQueueSize(size);
+    if (bytes.length < header + entry * size) {
+      throw new VirtioError('INFLIGHT_LAYOUT', `inflight region of ${bytes.length} bytes for ${size} descriptors`);
+    }
     this.bytes = bytes;
     this.size = size;
     this.dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.length);

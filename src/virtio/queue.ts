@@ -15,6 +15,7 @@
 import type { DescChain, GuestMemoryView } from './types.js';
 import type { DirtyLog } from './memory.js';
 import type { InflightQueue } from './inflight.js';
+import type { VirtioError } from './errors.js';
 import { SplitQueue } from './split.js';
 import { PackedQueue } from './packed.js';
 
@@ -66,7 +67,7 @@ export interface DeviceQueue {
   readonly size: number;
   readonly packed: boolean;
   /** Set once a malformed ring or chain was seen; pop() then returns null. */
-  readonly broken: import('./errors.js').VirtioError | null;
+  readonly broken: VirtioError | null;
   /**
    * The next available chain, or null when none is available (or the queue is
    * broken). A malformed ring or chain throws VirtioError and marks the queue
