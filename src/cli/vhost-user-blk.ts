@@ -18,7 +18,9 @@ Options:
       --readonly       refuse writes (the guest sees a read-only disk)
       --serial ID      GET_ID answer (at most 20 bytes; default vdevkit-blk)
       --connect        connect to a front-end that listens (QEMU server=on)
+      --latency-ms N   complete each request N ms late (tests of slow disks)
   -v, --verbose        log protocol events
+  -t, --trace          log every front-end message
 `;
 
 function parseSize(s: string): number {
@@ -39,7 +41,9 @@ export async function vhostUserBlkCommand(argv: string[]): Promise<number> {
       readonly: { type: 'boolean' },
       serial: { type: 'string' },
       connect: { type: 'boolean' },
+      'latency-ms': { type: 'string' },
       verbose: { type: 'boolean', short: 'v' },
+      trace: { type: 'boolean', short: 't' },
       help: { type: 'boolean', short: 'h' },
     },
   });
@@ -55,6 +59,8 @@ export async function vhostUserBlkCommand(argv: string[]): Promise<number> {
   if ((values.file === undefined) === (values.null === undefined)) return fail('give one of --file IMAGE and --null SIZE');
   const queues = values.queues !== undefined ? Number(values.queues) : 1;
   if (!Number.isInteger(queues) || queues < 1 || queues > 256) return fail('--queues must be 1..256');
+  const latencyMs = values['latency-ms'] !== undefined ? Number(values['latency-ms']) : 0;
+  if (!Number.isFinite(latencyMs) || latencyMs < 0) return fail('--latency-ms must be a number >= 0');
   const log = (line: string): void => void process.stderr.write(`vdevkit: ${line}\n`);
   let size: number | undefined;
   try {
@@ -67,10 +73,11 @@ export async function vhostUserBlkCommand(argv: string[]): Promise<number> {
     ...(size !== undefined ? { size } : {}),
     readOnly: values.readonly === true,
     queues,
+    latencyMs,
     ...(values.serial !== undefined ? { serial: values.serial } : {}),
     log,
   });
-  const options = values.verbose ? { log } : {};
+  const options = { ...(values.verbose ? { log } : {}), ...(values.trace ? { trace: (l: string) => log(`<- ${l}`) } : {}) };
   const backend = values.connect ? await VhostUserBackend.connect(values.socket, disk, options) : VhostUserBackend.listen(values.socket, disk, options);
   backend.on('connect', () => log('front-end connected'));
   backend.on('disconnect', (err) => log(`front-end disconnected${err ? `: ${err.message}` : ''}`));

@@ -56,6 +56,12 @@ export interface VhostUserBlkOptions {
   maxQueueSize?: number;
   /** GET_ID answer (at most 20 bytes; default "vdevkit-blk"). */
   serial?: string;
+  /**
+   * Completes every request this many milliseconds after its I/O (default 0), like
+   * qemu's null-co latency-ns: for tests of slow disks and of requests in flight
+   * across a back-end restart.
+   */
+  latencyMs?: number;
   log?: (line: string) => void;
 }
 
@@ -89,6 +95,7 @@ export class VhostUserBlkDevice implements VhostUserDevice {
   /** Queues with completions whose notify is scheduled. */
   #notifyPending = new Set<VhostQueue>();
   #closed = false;
+  readonly #latencyMs: number;
 
   private constructor(fd: number | null, bytes: number, options: VhostUserBlkOptions) {
     this.#fd = fd;
@@ -100,6 +107,8 @@ export class VhostUserBlkDevice implements VhostUserDevice {
     const serial = new TextEncoder().encode(options.serial ?? 'vdevkit-blk');
     this.#serial = serial.subarray(0, ID_BYTES);
     this.#log = options.log ?? (() => undefined);
+    this.#latencyMs = options.latencyMs ?? 0;
+    if (!(this.#latencyMs >= 0)) throw new RangeError(`latencyMs: ${this.#latencyMs}`);
     let f = bit(VF.VERSION_1) | bit(VF.INDIRECT_DESC) | bit(VF.EVENT_IDX) | bit(VF.RING_PACKED);
     f |= bit(BlkFeature.SEG_MAX) | bit(BlkFeature.BLK_SIZE) | bit(BlkFeature.FLUSH) | bit(BlkFeature.DISCARD) | bit(BlkFeature.WRITE_ZEROES);
     if (this.numQueues > 1) f |= bit(BlkFeature.MQ);
@@ -160,6 +169,11 @@ export class VhostUserBlkDevice implements VhostUserDevice {
   }
 
   #complete(q: VhostQueue, chain: DescChain, status: number, dataWritten: number): void {
+    if (this.#latencyMs > 0) setTimeout(() => this.#finish(q, chain, status, dataWritten), this.#latencyMs);
+    else this.#finish(q, chain, status, dataWritten);
+  }
+
+  #finish(q: VhostQueue, chain: DescChain, status: number, dataWritten: number): void {
     if (status === BlkStatus.IOERR) this.stats.errors++;
     const w = chain.writable;
     // The status byte is the last byte of the device-writable buffers.

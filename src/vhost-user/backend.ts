@@ -74,6 +74,8 @@ export interface VhostUserBackendOptions {
   log?: (line: string) => void;
   /** Offer INFLIGHT_SHMFD (default true). */
   inflight?: boolean;
+  /** A line per front-end message (name, flags, payload size, fds). */
+  trace?: (line: string) => void;
 }
 
 /** One ring's state, as the front-end set it up. */
@@ -275,8 +277,11 @@ class Session {
   readonly #offeredProtocol: bigint;
   #queue: Promise<void> = Promise.resolve();
 
-  constructor(device: VhostUserDevice, channel: MessageChannel, offeredProtocol: bigint, log: (line: string) => void) {
+  readonly trace: ((line: string) => void) | null;
+
+  constructor(device: VhostUserDevice, channel: MessageChannel, offeredProtocol: bigint, log: (line: string) => void, trace?: (line: string) => void) {
     this.device = device;
+    this.trace = trace ?? null;
     this.channel = channel;
     this.log = log;
     this.#offeredProtocol = offeredProtocol;
@@ -315,6 +320,7 @@ class Session {
       return;
     }
     const name = REQ_NAMES[msg.request] ?? `request ${msg.request}`;
+    this.trace?.(`${name} flags 0x${msg.flags.toString(16)} ${msg.payload.length} B${msg.fds.length ? `, ${msg.fds.length} fd(s)` : ''}${msg.payload.length && msg.payload.length <= 40 ? ` ${msg.payload.toString('hex')}` : ''}`);
     let reply: Uint8Array | null;
     let fdsOut: Fd[] | null = null;
     try {
@@ -1043,7 +1049,7 @@ export class VhostUserBackend extends EventEmitter<BackendEvents> {
       return;
     }
     const channel = new MessageChannel(sock);
-    const session = new Session(this.device, channel, this.#offeredProtocol(), (l) => this.#log(l));
+    const session = new Session(this.device, channel, this.#offeredProtocol(), (l) => this.#log(l), this.#options.trace);
     this.#session = session;
     channel.on('error', (err) => this.#log(`protocol error: ${err.message}`));
     channel.on('close', (err) => {

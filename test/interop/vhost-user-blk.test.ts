@@ -9,7 +9,8 @@
  *   the guest, and the host file holds it (block by block / by hash);
  * - two queues under a write loop of three passes, every block verified;
  * - the back-end killed (SIGKILL) in the middle of a guest write loop with
- *   no pause between writes, and started again: QEMU reconnects
+ *   no pause between writes (each request held 60 ms, and the kill comes 70 ms
+ *   after a progress line, so one is in flight at it), and started again: QEMU reconnects
  *   (reconnect=1), gives back the inflight region, requests in flight at
  *   the kill are resubmitted, the guest finishes, and every block is the
  *   last pass's (no lost or torn write).
@@ -29,14 +30,14 @@ const MiB = 1 << 20;
 const CLI = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../src/cli/main.js');
 
 /** Our back-end on a fresh raw file; `restart` starts it again on the same file and socket. */
-async function ourDisk(sizeMiB = 64, queues = 1): Promise<{ image: string; socket: string; peer: Peer; restart(): Promise<void>; close(): Promise<void> }> {
+async function ourDisk(sizeMiB = 64, queues = 1, extra: string[] = []): Promise<{ image: string; socket: string; peer: Peer; restart(): Promise<void>; close(): Promise<void> }> {
   const scratch = scratchDir('vdevkit-vublk-');
   const image = path.join(scratch.dir, 'disk.img');
   const socket = path.join(scratch.dir, 'blk.sock');
   writeFileSync(image, '');
   truncateSync(image, sizeMiB * MiB);
   const start = async (): Promise<Peer> => {
-    const p = startPeer(process.execPath, [CLI, 'vhost-user-blk', '--socket', socket, '--file', image, '--queues', String(queues), '--verbose']);
+    const p = startPeer(process.execPath, [CLI, 'vhost-user-blk', '--socket', socket, '--file', image, '--queues', String(queues), '--verbose', ...extra]);
     await waitForSocket(socket, p);
     return p;
   };
@@ -107,8 +108,9 @@ test('vhost-user-blk (ours), 2 queues: a write loop of three passes, every block
   }
 });
 
-test('vhost-user-blk (ours) killed mid-write-loop and restarted: QEMU reconnects, in-flight requests resubmitted, every block correct', { timeout: 240_000 }, async () => {
-  const disk = await ourDisk();
+test('vhost-user-blk (ours) killed mid-write-loop and restarted: QEMU reconnects, in-flight requests resubmitted, every block correct', { timeout: 240_000 }, async (t) => {
+  // Each request completes 60 ms after its I/O, so the kill lands while one is in flight.
+  const disk = await ourDisk(64, 1, ['--latency-ms', '60', '--trace']);
   try {
     const range = { blocks: 96, blockSize: 4096, seed: 77 };
     let restarted: Promise<void> | undefined;
@@ -120,9 +122,11 @@ test('vhost-user-blk (ours) killed mid-write-loop and restarted: QEMU reconnects
       onLine: (l) => {
         const p = parseProgress(l);
         if (!restarted && p?.pass === 1 && p.blocks === 40) {
+          // The line comes between two blocks' dd runs: wait into the next block's write.
           const old = disk.peer;
-          process.kill(old.pid, 'SIGKILL');
-          restarted = old.exited.then(async () => {
+          restarted = new Promise((r) => setTimeout(r, 70)).then(async () => {
+            process.kill(old.pid, 'SIGKILL');
+            await old.exited;
             killedOutput = old.output();
             await disk.restart();
           });
@@ -135,6 +139,9 @@ test('vhost-user-blk (ours) killed mid-write-loop and restarted: QEMU reconnects
     assert.match(r.output, /VDEVKIT-PASS-DONE pass=2/);
     assertBlocks(readFileSync(disk.image), { ...range, pass: 2 });
     assert.match(disk.peer.output(), /front-end connected/, 'QEMU reconnected to the new back-end');
+    const resubmitted = /resubmitting (\d+) request/.exec(disk.peer.output());
+    assert.ok(resubmitted && Number(resubmitted[1]) >= 1, `a request was in flight at the kill and resubmitted:\n${disk.peer.output()}`);
+    t.diagnostic(`requests in flight at the kill, resubmitted by the new back-end: ${resubmitted[1]}`);
   } finally {
     await disk.close();
   }
