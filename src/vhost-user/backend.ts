@@ -973,9 +973,18 @@ export class VhostUserBackend extends EventEmitter<BackendEvents> {
   static async connect(path: string, device: VhostUserDevice, options: VhostUserBackendOptions & { timeoutMs?: number } = {}): Promise<VhostUserBackend> {
     const be = new VhostUserBackend(device, options);
     be.#connectPath = path;
-    const sock = await connectUnix(path, { timeoutMs: options.timeoutMs ?? 5000 });
-    be.#accept(sock);
-    return be;
+    // The front-end may not listen yet (QEMU creates its socket as it starts): retry until the timeout.
+    const deadline = Date.now() + (options.timeoutMs ?? 5000);
+    for (let delay = 10; ; delay = Math.min(delay * 2, 200)) {
+      try {
+        be.#accept(await connectUnix(path, { timeoutMs: Math.max(0, deadline - Date.now()) }));
+        return be;
+      } catch (err) {
+        const code = (err as { code?: string }).code;
+        if ((code !== 'ENOENT' && code !== 'ECONNREFUSED') || Date.now() >= deadline) throw err;
+      }
+      await new Promise((r) => setTimeout(r, delay));
+    }
   }
 
   /** The front-end's negotiated virtio features (0 without a session). */
