@@ -78,7 +78,7 @@ export async function vhostUserBlkCommand(argv: string[]): Promise<number> {
     log,
   });
   const options = { ...(values.verbose ? { log } : {}), ...(values.trace ? { trace: (l: string) => log(`<- ${l}`) } : {}) };
-  const backend = values.connect ? await VhostUserBackend.connect(values.socket, disk, options) : VhostUserBackend.listen(values.socket, disk, options);
+  const backend = values.connect ? await VhostUserBackend.connect(values.socket, disk, { ...options, timeoutMs: 30_000 }) : VhostUserBackend.listen(values.socket, disk, options);
   backend.on('connect', () => log('front-end connected'));
   backend.on('disconnect', (err) => log(`front-end disconnected${err ? `: ${err.message}` : ''}`));
   log(`vhost-user-blk: ${values.file ?? 'null disk'}, ${disk.capacity} sectors, ${queues} queue(s)${disk.readOnly ? ', read-only' : ''}, on ${values.socket}`);

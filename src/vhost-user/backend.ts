@@ -1067,7 +1067,10 @@ export class VhostUserBackend extends EventEmitter<BackendEvents> {
       this.emit('disconnect', err);
       if (this.#connectPath && !this.#closed) void this.#reconnect();
     });
-    this.emit('connect');
+    // Later, so a caller of connect() that attaches its listeners after the await hears it too.
+    setImmediate(() => {
+      if (this.#session === session) this.emit('connect');
+    });
   }
 
   async #reconnect(): Promise<void> {

@@ -30,7 +30,7 @@ const MiB = 1 << 20;
 const CLI = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../src/cli/main.js');
 
 /** Our back-end on a fresh raw file; `restart` starts it again on the same file and socket. */
-async function ourDisk(sizeMiB = 64, queues = 1, extra: string[] = []): Promise<{ image: string; socket: string; peer: Peer; restart(): Promise<void>; close(): Promise<void> }> {
+async function ourDisk(sizeMiB = 64, queues = 1, extra: string[] = [], waitListen = true): Promise<{ image: string; socket: string; peer: Peer; restart(): Promise<void>; close(): Promise<void> }> {
   const scratch = scratchDir('vdevkit-vublk-');
   const image = path.join(scratch.dir, 'disk.img');
   const socket = path.join(scratch.dir, 'blk.sock');
@@ -38,7 +38,7 @@ async function ourDisk(sizeMiB = 64, queues = 1, extra: string[] = []): Promise<
   truncateSync(image, sizeMiB * MiB);
   const start = async (): Promise<Peer> => {
     const p = startPeer(process.execPath, [CLI, 'vhost-user-blk', '--socket', socket, '--file', image, '--queues', String(queues), '--verbose', ...extra]);
-    await waitForSocket(socket, p);
+    if (waitListen) await waitForSocket(socket, p);
     return p;
   };
   let peer: Peer;
@@ -142,6 +142,38 @@ test('vhost-user-blk (ours) killed mid-write-loop and restarted: QEMU reconnects
     const resubmitted = /resubmitting (\d+) request/.exec(disk.peer.output());
     assert.ok(resubmitted && Number(resubmitted[1]) >= 1, `a request was in flight at the kill and resubmitted:\n${disk.peer.output()}`);
     t.diagnostic(`requests in flight at the kill, resubmitted by the new back-end: ${resubmitted[1]}`);
+  } finally {
+    await disk.close();
+  }
+});
+
+test('vhost-user-blk (ours), packed ring (vhost-user-blk-pci packed=on): write, read back, host file checked', { timeout: 180_000 }, async () => {
+  const disk = await ourDisk(64, 2, ['--trace']);
+  try {
+    const range = { start: 8, blocks: 128, blockSize: 4096, seed: 0xacced };
+    const args = vhostUserBlkArgs(disk.socket, { queues: 2 });
+    args[args.length - 1] += ',packed=on';
+    const r = await runGuest({ script: blkWriteReadScript({ device: '/dev/vda', ...range }), qemuArgs: args, cpus: 2 });
+    assert.equal(r.exitCode, 0, `${r.output}\n--- back-end:\n${disk.peer.output()}`);
+    assert.equal(guestSha256(r.output), patternSha256(range), r.output);
+    assertBlocks(readFileSync(disk.image), range);
+    // SET_FEATURES carried VIRTIO_F_RING_PACKED (bit 34): the rings were packed.
+    const set = /SET_FEATURES flags 0x\d+ 8 B ([0-9a-f]{16})/.exec(disk.peer.output());
+    assert.ok(set, disk.peer.output());
+    assert.ok(Buffer.from(set[1]!, 'hex').readBigUInt64LE(0) & (1n << 34n), 'RING_PACKED negotiated');
+  } finally {
+    await disk.close();
+  }
+});
+
+test('vhost-user-blk (ours) connecting to QEMU (chardev server=on, vdevkit --connect)', { timeout: 180_000 }, async () => {
+  const disk = await ourDisk(64, 1, ['--connect'], false);
+  try {
+    const range = { start: 0, blocks: 64, blockSize: 4096, seed: 9 };
+    const r = await runGuest({ script: blkWriteReadScript({ device: '/dev/vda', ...range }), qemuArgs: vhostUserBlkArgs(disk.socket, { server: true }) });
+    assert.equal(r.exitCode, 0, `${r.output}\n--- back-end:\n${disk.peer.output()}`);
+    assertBlocks(readFileSync(disk.image), range);
+    assert.match(disk.peer.output(), /front-end connected/);
   } finally {
     await disk.close();
   }
