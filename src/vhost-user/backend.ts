@@ -67,6 +67,17 @@ export interface VhostUserDevice {
   setMtu?(mtu: number): boolean;
   /** SEND_RARP (offered as RARP when present): the guest's MAC after a migration. */
   sendRarp?(mac: Uint8Array): void;
+  /**
+   * Whether a started but disabled ring is still served (handleQueue called, pop()
+   * returns chains): the spec's rule for a net device's TX rings, which must be
+   * processed and their packets discarded while disabled. Default: not served.
+   */
+  serveDisabled?(queueIndex: number): boolean;
+  /**
+   * The ring is stopping (GET_VRING_BASE, a reset): give back every chain the device
+   * holds popped and not pushed, or the stop waits for them.
+   */
+  queueStopping?(queue: VhostQueue): void;
 }
 
 export interface VhostUserBackendOptions {
@@ -123,7 +134,7 @@ export class VhostQueue {
    */
   pop(): DescChain | null {
     const ring = this.ring;
-    if (!ring || !this.enabled || this.#owner.closed) return null;
+    if (!ring || !this.#served() || this.#owner.closed) return null;
     const again = this.#resubmit.shift();
     if (again) {
       this.inFlight++;
@@ -147,6 +158,26 @@ export class VhostQueue {
     if (ring && !this.#owner.closed) {
       try {
         ring.push(chain, written);
+      } catch (err) {
+        this.#broken(err as Error);
+      }
+    }
+    if (this.inFlight === 0 && this.#drainWaiters.length > 0) {
+      const w = this.#drainWaiters;
+      this.#drainWaiters = [];
+      for (const f of w) f();
+    }
+    this.#owner.maybeRelease();
+  }
+
+  /** Completes several chains, published to the driver at once (DeviceQueue.pushBatch). */
+  pushBatch(chains: readonly DescChain[], written: ArrayLike<number>): void {
+    if (chains.length === 0) return;
+    this.inFlight = Math.max(0, this.inFlight - chains.length);
+    const ring = this.ring;
+    if (ring && !this.#owner.closed) {
+      try {
+        ring.pushBatch(chains, written);
       } catch (err) {
         this.#broken(err as Error);
       }
@@ -198,6 +229,11 @@ export class VhostQueue {
     this.#unsubscribe = null;
     if (this.#poller) clearInterval(this.#poller);
     this.#poller = null;
+    try {
+      this.#owner.device.queueStopping?.(this);
+    } catch (err) {
+      this.#owner.log(`vring ${this.index}: the device's queueStopping threw: ${(err as Error).message}`);
+    }
     if (this.inFlight > 0) await new Promise<void>((resolve) => this.#drainWaiters.push(resolve));
     const ring = this.ring;
     const base = ring ? ring.base() : this.base;
@@ -209,11 +245,11 @@ export class VhostQueue {
 
   /** @internal */
   schedule(): void {
-    if (this.#scheduled || !this.ring || !this.enabled) return;
+    if (this.#scheduled || !this.ring || !this.#served()) return;
     this.#scheduled = true;
     setImmediate(() => {
       this.#scheduled = false;
-      if (!this.ring || !this.enabled || this.#owner.closed) return;
+      if (!this.ring || !this.#served() || this.#owner.closed) return;
       try {
         this.#owner.device.handleQueue(this);
       } catch (err) {
@@ -235,6 +271,11 @@ export class VhostQueue {
     const w = this.#drainWaiters;
     this.#drainWaiters = [];
     for (const f of w) f();
+  }
+
+  /** Enabled, or disabled and the device serves disabled rings of this index. */
+  #served(): boolean {
+    return this.enabled || this.#owner.device.serveDisabled?.(this.index) === true;
   }
 
   #broken(err: Error): void {
