@@ -153,31 +153,20 @@ export class VhostQueue {
 
   /** Completes a chain with `written` bytes written to its device-writable buffers. */
   push(chain: DescChain, written: number): void {
-    if (this.inFlight > 0) this.inFlight--;
-    const ring = this.ring;
-    if (ring && !this.#owner.closed) {
-      try {
-        ring.push(chain, written);
-      } catch (err) {
-        this.#broken(err as Error);
-      }
-    }
-    if (this.inFlight === 0 && this.#drainWaiters.length > 0) {
-      const w = this.#drainWaiters;
-      this.#drainWaiters = [];
-      for (const f of w) f();
-    }
-    this.#owner.maybeRelease();
+    this.#complete(1, (ring) => ring.push(chain, written));
   }
 
   /** Completes several chains, published to the driver at once (DeviceQueue.pushBatch). */
   pushBatch(chains: readonly DescChain[], written: ArrayLike<number>): void {
-    if (chains.length === 0) return;
-    this.inFlight = Math.max(0, this.inFlight - chains.length);
+    if (chains.length > 0) this.#complete(chains.length, (ring) => ring.pushBatch(chains, written));
+  }
+
+  #complete(n: number, write: (ring: DeviceQueue) => void): void {
+    this.inFlight = Math.max(0, this.inFlight - n);
     const ring = this.ring;
     if (ring && !this.#owner.closed) {
       try {
-        ring.pushBatch(chains, written);
+        write(ring);
       } catch (err) {
         this.#broken(err as Error);
       }
