@@ -9,3 +9,6 @@ export type { VfioUserClientOptions, DmaMapOptions } from './vfio-user/client.js
 export { VfioUserDevice } from './vfio-user/client-device.js';
 export { ConnectionError } from './vfio-user/connection.js';
 export * from './virtio/index.js';
+export * from './vhost-user/index.js';
+export { VhostUserBlkDevice } from './devices/vhost-user-blk.js';
+export type { VhostUserBlkOptions, BlkStats } from './devices/vhost-user-blk.js';

@@ -1,0 +1,7 @@
+export { VhostUserBackend, VhostQueue } from './backend.js';
+export type { VhostUserDevice, VhostUserBackendOptions } from './backend.js';
+export { VhostUserError } from './errors.js';
+export type { VhostUserErrorCode } from './errors.js';
+export { MessageChannel } from './channel.js';
+export type { VhostUserMessage } from './channel.js';
+export * as vhostUser from './constants.js';
