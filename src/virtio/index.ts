@@ -13,3 +13,8 @@ export {
   PackedInflightQueue,
 } from './inflight.js';
 export type { InflightQueue, PackedDescs, PackedRecovery } from './inflight.js';
+export { ringLayout, DriverQueueBase } from './driver.js';
+export type { DriverBuffer, DriverQueue, DriverQueueOptions, RingLayout, UsedBuffer } from './driver.js';
+export { SplitDriverQueue } from './driver-split.js';
+export { PackedDriverQueue } from './driver-packed.js';
+export { createDriverQueue } from './driver-queue.js';
