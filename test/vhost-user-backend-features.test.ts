@@ -350,3 +350,88 @@ test('without PROTOCOL_FEATURES the ring is enabled at once; SET_MEM_TABLE with 
     assert.equal(await fe.acked(38, Buffer.concat([Buffer.alloc(8), region(0, MEM, UVA, 0)])), 0n, 'REM_MEM_REG of it');
   });
 });
+
+test('DEVICE_STATE: the blk disk\'s state saved through a pipe, loaded into another, CHECK_DEVICE_STATE; a state of another size refused', async () => {
+  const { VhostUserBlkDevice } = await import('../src/devices/vhost-user-blk.js');
+  const { nativeAddon: native, Fd: FdClass } = await import('../src/sys/index.js');
+  const t = scratch();
+  const src = VhostUserBlkDevice.open({ size: 1 << 20 });
+  const be = VhostUserBackend.listen(t.sock, src);
+  const fe = await RawFrontEnd.connect(t.sock);
+  const PF_DEVICE_STATE = 19;
+  try {
+    assert.ok((await fe.call(15)).readBigUInt64LE(0) & pf(PF_DEVICE_STATE), 'DEVICE_STATE offered (the disk has saveState / loadState)');
+    fe.send(16, u64(pf(PF.REPLY_ACK, PF_DEVICE_STATE)));
+    // SAVE: direction 0, phase 0 (stopped); we keep the read end.
+    const [r, w] = native.pipe(65536).map((n) => new FdClass(n));
+    const save = Buffer.alloc(8);
+    const reply = await fe.call(42, save, [w!]);
+    w!.close();
+    assert.equal(reply.readBigUInt64LE(0), 0x100n, 'success (bits 0-7 zero), no fd returned (bit 8)');
+    assert.equal((await fe.call(43)).readBigUInt64LE(0), 0n, 'CHECK_DEVICE_STATE: ok');
+    const state = Buffer.alloc(64);
+    const n = fs.readSync(r!.value, state, 0, 64, null);
+    r!.close();
+    assert.equal(n, 16);
+    assert.equal(state.toString('latin1', 0, 8), 'vdkblk\x00\x01');
+    assert.equal(state.readBigUInt64LE(8), 2048n, 'capacity in sectors');
+    // LOAD into the same back-end (a destination would be another): the state goes in through a pipe.
+    const load = async (bytes: Buffer): Promise<bigint> => {
+      const [lr, lw] = native.pipe(65536).map((x) => new FdClass(x));
+      const p = Buffer.alloc(8);
+      p.writeUInt32LE(1, 0); // LOAD
+      assert.equal((await fe.call(42, p, [lr!])).readBigUInt64LE(0), 0x100n);
+      lr!.close();
+      fs.writeSync(lw!.value, bytes);
+      lw!.close();
+      return (await fe.call(43)).readBigUInt64LE(0);
+    };
+    assert.equal(await load(state.subarray(0, 16)), 0n, 'its own state loads');
+    const other = Buffer.from(state.subarray(0, 16));
+    other.writeBigUInt64LE(4096n, 8);
+    assert.notEqual(await load(other), 0n, 'a disk of another size: CHECK_DEVICE_STATE fails');
+    const bad = Buffer.alloc(8);
+    bad.writeUInt32LE(0, 0);
+    bad.writeUInt32LE(1, 4); // phase 1 does not exist
+    const [br, bw] = native.pipe(4096).map((x) => new FdClass(x));
+    assert.equal((await fe.call(42, bad, [bw!])).readBigUInt64LE(0) & 0xffn, 1n, 'an unknown phase is refused in the reply');
+    bw!.close();
+    br!.close();
+  } finally {
+    fe.close();
+    be.close();
+    src.close();
+    t.done();
+  }
+});
+
+test('INBAND_NOTIFICATIONS: VRING_KICK serves the ring; with no call fd the back-end sends BACKEND_VRING_CALL; refused without BACKEND_REQ + REPLY_ACK', async () => {
+  await withBackend(async ({ fe }) => {
+    fe.send(16, u64(pf(PF.MQ, 14))); // INBAND without BACKEND_REQ / REPLY_ACK: the connection closes
+    assert.equal(await fe.recv(), null);
+  });
+  await withBackend(async ({ dev, fe, shm, kick, call, err }) => {
+    const proto = pf(PF.REPLY_ACK, PF.BACKEND_REQ, PF.CONFIG, 14);
+    const [mine, theirs] = socketPairFds();
+    await bringUp(fe, shm, kick, call, err, {
+      protocol: proto,
+      before: async (f) => {
+        assert.equal(await f.acked(21, Buffer.alloc(0), [theirs]), 0n);
+        theirs.close();
+      },
+    });
+    const chan = new RawFrontEnd(new UnixSocket(mine));
+    assert.equal(await fe.acked(13, u64(0x100)), 0n, 'SET_VRING_CALL with NOFD: no call fd');
+    offerWritable(shm.view, 4, 0, 0x40000, 8);
+    assert.equal(await fe.acked(35, state(0, 0)), 0n, 'VRING_KICK (in-band)');
+    await dev.waitHeld(1);
+    dev.complete(0, Buffer.from('inband!!'));
+    const m = await chan.recv();
+    assert.ok(m);
+    assert.equal(m.request, 4, 'BACKEND_VRING_CALL');
+    assert.equal(m.flags, VERSION | NEED_REPLY);
+    assert.deepEqual([m.payload.readUInt32LE(0), m.payload.length], [0, 8], 'vring state of ring 0');
+    chan.send(4, u64(0), [], VERSION | REPLY);
+    chan.close();
+  });
+});

@@ -16,7 +16,8 @@
 import fs from 'node:fs';
 import type { DescChain } from '../virtio/types.js';
 import { bit, VirtioFeature as VF } from '../vhost-user/constants.js';
-import type { VhostQueue, VhostUserDevice } from '../vhost-user/backend.js';
+import type { VhostUserDevice } from '../vhost-user/backend.js';
+import type { VirtioQueueHandle } from '../virtio/device-queue-handle.js';
 
 export const SECTOR = 512;
 
@@ -93,7 +94,7 @@ export class VhostUserBlkDevice implements VhostUserDevice {
   readonly #serial: Uint8Array;
   readonly #log: (line: string) => void;
   /** Queues with completions whose notify is scheduled. */
-  #notifyPending = new Set<VhostQueue>();
+  #notifyPending = new Set<VirtioQueueHandle>();
   #closed = false;
   readonly #latencyMs: number;
 
@@ -145,7 +146,7 @@ export class VhostUserBlkDevice implements VhostUserDevice {
     return b;
   }
 
-  handleQueue(q: VhostQueue): void {
+  handleQueue(q: VirtioQueueHandle): void {
     const ring = q.ring;
     if (!ring) return;
     // Everything available per wake-up, kicks off meanwhile; the race of re-enabling them handled.
@@ -161,6 +162,24 @@ export class VhostUserBlkDevice implements VhostUserDevice {
     this.#notifyPending.clear();
   }
 
+  /**
+   * Migration state (vhost-user DEVICE_STATE): the disk keeps nothing beyond the rings and
+   * the image, so this is a version and the capacity, which the destination checks against
+   * its own image (a migration onto a disk of another size is refused).
+   */
+  saveState(): Uint8Array {
+    const b = Buffer.alloc(16);
+    b.write('vdkblk\x00\x01', 0, 'latin1');
+    b.writeBigUInt64LE(BigInt(this.capacity), 8);
+    return b;
+  }
+
+  loadState(state: Uint8Array): boolean {
+    const b = Buffer.from(state.buffer, state.byteOffset, state.byteLength);
+    if (b.length !== 16 || b.toString('latin1', 0, 8) !== 'vdkblk\x00\x01') return false;
+    return b.readBigUInt64LE(8) === BigInt(this.capacity);
+  }
+
   /** Closes the disk file (after the back-end is closed). */
   close(): void {
     if (this.#closed) return;
@@ -168,12 +187,12 @@ export class VhostUserBlkDevice implements VhostUserDevice {
     if (this.#fd !== null) fs.closeSync(this.#fd);
   }
 
-  #complete(q: VhostQueue, chain: DescChain, status: number, dataWritten: number): void {
+  #complete(q: VirtioQueueHandle, chain: DescChain, status: number, dataWritten: number): void {
     if (this.#latencyMs > 0) setTimeout(() => this.#finish(q, chain, status, dataWritten), this.#latencyMs);
     else this.#finish(q, chain, status, dataWritten);
   }
 
-  #finish(q: VhostQueue, chain: DescChain, status: number, dataWritten: number): void {
+  #finish(q: VirtioQueueHandle, chain: DescChain, status: number, dataWritten: number): void {
     if (status === BlkStatus.IOERR) this.stats.errors++;
     const w = chain.writable;
     // The status byte is the last byte of the device-writable buffers.
@@ -189,7 +208,7 @@ export class VhostUserBlkDevice implements VhostUserDevice {
     }
   }
 
-  #submit(q: VhostQueue, chain: DescChain): void {
+  #submit(q: VirtioQueueHandle, chain: DescChain): void {
     if (chain.readableBytes < 16 || chain.writableBytes < 1) {
       // No header or no status byte: nothing can be answered in it; completed empty.
       this.stats.malformed++;
@@ -266,7 +285,7 @@ export class VhostUserBlkDevice implements VhostUserDevice {
   }
 
   /** DISCARD and WRITE_ZEROES: one segment {sector u64, num_sectors u32, flags u32}, written as zeros. */
-  #zero(q: VhostQueue, chain: DescChain, type: number): void {
+  #zero(q: VirtioQueueHandle, chain: DescChain, type: number): void {
     if (type === BlkReq.DISCARD) this.stats.discards++;
     else this.stats.writeZeroes++;
     const segs = chain.readableBytes - 16;

@@ -14,6 +14,7 @@
  * disconnect are resubmitted.
  */
 import { EventEmitter } from 'node:events';
+import fs from 'node:fs';
 import { Fd, closeAll } from '../sys/fd.js';
 import { EventFd } from '../sys/eventfd.js';
 import { SharedMemory } from '../sys/shm.js';
@@ -67,6 +68,13 @@ export interface VhostUserDevice {
   setMtu?(mtu: number): boolean;
   /** SEND_RARP (offered as RARP when present): the guest's MAC after a migration. */
   sendRarp?(mac: Uint8Array): void;
+  /**
+   * Device state for migration (DEVICE_STATE, offered when both are present): what the
+   * device keeps beyond the rings, saved with the rings stopped; loadState returns false
+   * to refuse a state.
+   */
+  saveState?(): Uint8Array;
+  loadState?(state: Uint8Array): boolean;
   /**
    * Whether a started but disabled ring is still served (handleQueue called, pop()
    * returns chains): the spec's rule for a net device's TX rings, which must be
@@ -182,9 +190,12 @@ export class VhostQueue {
   /** Interrupts the driver if it asked for it (event idx / flags) since the last notify. */
   notify(): void {
     const ring = this.ring;
-    if (!ring || !this.call || this.#owner.closed) return;
+    if (!ring || this.#owner.closed) return;
+    if (!this.call && !this.#owner.inbandCalls) return;
     try {
-      if (ring.needsNotify()) this.call.signal(1);
+      if (!ring.needsNotify()) return;
+      if (this.call) this.call.signal(1);
+      else this.#owner.vringCall(this.index);
     } catch (err) {
       this.#owner.log(`vring ${this.index}: notify failed: ${(err as Error).message}`);
     }
@@ -420,6 +431,10 @@ class Session {
         p.expect(8);
         const unknown = f & ~this.#offeredProtocol;
         if (unknown !== 0n) throw new VhostUserError('INVALID', `protocol features 0x${unknown.toString(16)} were not offered`);
+        if (f & bit(PF.INBAND_NOTIFICATIONS) && !(f & bit(PF.BACKEND_REQ) && f & bit(PF.REPLY_ACK))) {
+          // The spec: an error; the back-end should close the connection.
+          throw new VhostUserError('PROTOCOL', 'INBAND_NOTIFICATIONS without BACKEND_REQ and REPLY_ACK');
+        }
         this.protocolFeatures = f;
         return;
       }
@@ -558,6 +573,31 @@ class Session {
         if (!this.device.sendRarp) throw new VhostUserError('UNSUPPORTED', 'the device sends no RARP');
         this.device.sendRarp(Uint8Array.from(msg.payload.subarray(0, 6)));
         return;
+      }
+      case Req.VRING_KICK: {
+        if (!this.hasProtocol(PF.INBAND_NOTIFICATIONS)) throw new VhostUserError('UNSUPPORTED', 'VRING_KICK without INBAND_NOTIFICATIONS');
+        const q = this.#queueAt(p.u32(0));
+        p.expect(8);
+        q.schedule();
+        return;
+      }
+      case Req.SET_DEVICE_STATE_FD:
+        return this.#setDeviceStateFd(msg, p);
+      case Req.CHECK_DEVICE_STATE: {
+        p.expect(0);
+        if (!this.hasProtocol(PF.DEVICE_STATE)) throw new VhostUserError('PROTOCOL', 'CHECK_DEVICE_STATE without DEVICE_STATE');
+        const t = this.#stateTransfer;
+        this.#stateTransfer = null;
+        let ok = t !== null;
+        if (t) {
+          try {
+            await t;
+          } catch (err) {
+            this.log(`device state transfer: ${(err as Error).message}`);
+            ok = false;
+          }
+        }
+        return { payload: u64(ok ? 0n : 1n) };
       }
       case Req.SET_VRING_ENDIAN:
         throw new VhostUserError('UNSUPPORTED', 'CROSS_ENDIAN was not offered (legacy big-endian rings)');
@@ -846,6 +886,52 @@ class Session {
     if (reply.payload.length < 8 || reply.payload.readBigUInt64LE(0) !== 0n) throw new VhostUserError('INVALID', 'the front-end failed CONFIG_CHANGE_MSG');
   }
 
+  /** The device state transfer SET_DEVICE_STATE_FD started (CHECK_DEVICE_STATE waits for it). */
+  #stateTransfer: Promise<void> | null = null;
+
+  /** INBAND_NOTIFICATIONS: a ring without a call fd interrupts with BACKEND_VRING_CALL. */
+  get inbandCalls(): boolean {
+    return this.hasProtocol(PF.INBAND_NOTIFICATIONS) && this.#backendChannel !== null;
+  }
+
+  /** BACKEND_VRING_CALL for ring `index` (in-band; acked, as the spec requires REPLY_ACK with it). */
+  vringCall(index: number): void {
+    const ch = this.#backendChannel;
+    if (!ch) return;
+    ch.send(BackendReq.VRING_CALL, FLAG_VERSION | FLAG_NEED_REPLY, vringState(index, 0));
+    this.#backendReplies.push((m) => {
+      if (m.payload.length < 8 || m.payload.readBigUInt64LE(0) !== 0n) this.log(`vring ${index}: the front-end failed BACKEND_VRING_CALL`);
+    });
+  }
+
+  /**
+   * SET_DEVICE_STATE_FD: the device's state written to (SAVE) or read from (LOAD) the
+   * front-end's pipe, in the background; the reply says we give no fd back (bit 8).
+   */
+  #setDeviceStateFd(msg: VhostUserMessage, p: Payload): { payload: Uint8Array } {
+    p.expect(8);
+    const direction = p.u32(0);
+    const phase = p.u32(4);
+    if (!this.hasProtocol(PF.DEVICE_STATE) || !this.device.saveState || !this.device.loadState) {
+      throw new VhostUserError('PROTOCOL', 'SET_DEVICE_STATE_FD without DEVICE_STATE');
+    }
+    const fd = onlyFd(msg, 'SET_DEVICE_STATE_FD');
+    // A refusal is a reply with non-zero low bits (and no fd of ours), not a closed connection.
+    const refuse = (why: string): { payload: Uint8Array } => {
+      fd.close();
+      this.log(`SET_DEVICE_STATE_FD: ${why}`);
+      return { payload: u64(0x101n) };
+    };
+    if (direction > 1 || phase !== 0) return refuse(`direction ${direction}, phase ${phase} (only SAVE / LOAD in the stopped phase)`);
+    if (this.queues.some((q) => q.started)) return refuse('a ring runs (the device must be stopped)');
+    const device = this.device;
+    this.#stateTransfer = direction === 0 ? writeAllFd(fd, device.saveState!()) : readAllFd(fd).then((state) => {
+      if (device.loadState!(state) === false) throw new Error(`the device refused a state of ${state.length} bytes`);
+    });
+    this.#stateTransfer.catch(() => undefined); // reported by CHECK_DEVICE_STATE
+    return { payload: u64(0x100n) }; // success, no fd of ours
+  }
+
   /** Signals the log eventfd (the front-end may wait on it after a log change). */
   logChanged(): void {
     this.#logFd?.signal(1);
@@ -951,6 +1037,57 @@ function mapAt(fd: Fd, offset: number, size: number): { shm: SharedMemory; skip:
     fd.close();
     throw err;
   }
+}
+
+function vringState(index: number, num: number): Buffer {
+  const b = Buffer.alloc(8);
+  b.writeUInt32LE(index, 0);
+  b.writeUInt32LE(num, 4);
+  return b;
+}
+
+/** One read or write on the thread pool; a non-blocking fd that is not ready is retried a millisecond later. */
+async function pipeIo(op: 'read' | 'write', fd: Fd, buf: Uint8Array, at: number, len: number): Promise<number> {
+  for (;;) {
+    try {
+      return await new Promise<number>((resolve, reject) => {
+        const cb = (e: NodeJS.ErrnoException | null, n: number): void => (e ? reject(e) : resolve(n));
+        if (op === 'read') fs.read(fd.value, buf, at, len, null, cb);
+        else fs.write(fd.value, buf, at, len, null, cb);
+      });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EAGAIN') throw err;
+      await new Promise((r) => setTimeout(r, 1));
+    }
+  }
+}
+
+/** Writes all of `data` to a pipe-like fd, then closes it (EOF ends the state). */
+async function writeAllFd(fd: Fd, data: Uint8Array): Promise<void> {
+  try {
+    for (let at = 0; at < data.length; ) at += await pipeIo('write', fd, data, at, data.length - at);
+  } finally {
+    fd.close();
+  }
+}
+
+/** Reads a pipe-like fd to EOF (at most 64 MiB), then closes it. */
+async function readAllFd(fd: Fd): Promise<Uint8Array> {
+  const parts: Buffer[] = [];
+  let total = 0;
+  try {
+    for (;;) {
+      const buf = Buffer.allocUnsafe(65536);
+      const n = await pipeIo('read', fd, buf, 0, buf.length);
+      if (n === 0) break;
+      total += n;
+      if (total > 64 * 1024 * 1024) throw new Error('device state over 64 MiB');
+      parts.push(buf.subarray(0, n));
+    }
+  } finally {
+    fd.close();
+  }
+  return Buffer.concat(parts);
 }
 
 function u64(v: bigint): Buffer {
@@ -1073,6 +1210,8 @@ export class VhostUserBackend extends EventEmitter<BackendEvents> {
     if (this.#options.inflight !== false) f |= bit(PF.INFLIGHT_SHMFD);
     if (d.setMtu) f |= bit(PF.NET_MTU);
     if (d.sendRarp) f |= bit(PF.RARP);
+    if (d.saveState && d.loadState) f |= bit(PF.DEVICE_STATE);
+    f |= bit(PF.INBAND_NOTIFICATIONS);
     return f;
   }
 
