@@ -78,6 +78,8 @@ export class PackedQueue extends BaseQueue {
           this.#availWrap = !this.#availWrap;
         }
         this.resubmitList = r.entries;
+        // Their descriptors stay counted until they are pushed (resubmitted or not).
+        this.#descsInFlight = r.descriptors;
       }
     }
   }
@@ -279,6 +281,7 @@ export class PackedQueue extends BaseQueue {
   protected rebuild(entry: number): Chain {
     const c = this.#build(this.#inflight!.descriptorsOf(entry, this.#d));
     c.slot = entry;
+    this.#descsInFlight -= c.descCount; // counted since the queue was created
     this.#track(c);
     return c;
   }
