@@ -171,6 +171,25 @@ test('inflight split: a crash before any completion keeps every head in flight (
   assert.equal(q2.base(), 7);
 });
 
+test('inflight: a region for a larger queue size serves a smaller ring (the driver shrank it)', () => {
+  const { guest, dv } = splitGuest();
+  const inflight = new Uint8Array(InflightRegion.size(1, 2 * N, false));
+  const region = new InflightRegion(inflight, 1, 2 * N, false);
+  const make = () =>
+    createDeviceQueue({ memory: memoryOver(guest), size: N, packed: false, desc: DESC, driver: AVAIL, device: USEDR, eventIdx: false, indirect: false, inflight: region.queue(0) });
+  availPublish(dv, AVAIL, N, 2);
+  make().pop();
+  assert.deepEqual(
+    make().resubmit().map((c) => c.id),
+    [2],
+  );
+  const small = new InflightRegion(new Uint8Array(InflightRegion.size(1, N / 2, false)), 1, N / 2, false);
+  throwsCode(
+    () => createDeviceQueue({ memory: memoryOver(guest), size: N, packed: false, desc: DESC, driver: AVAIL, device: USEDR, eventIdx: false, indirect: false, inflight: small.queue(0) }),
+    'INFLIGHT_LAYOUT',
+  );
+});
+
 /** Packed ring of 8: chain A (ids on last: 1) slots 0-1, B (2) slot 2, C (3) slot 3. */
 function packedGuest(): { guest: Uint8Array; dv: DataView } {
   const guest = new Uint8Array(0x10000);

@@ -108,7 +108,8 @@ export abstract class BaseQueue implements DeviceQueue {
     if (!Number.isInteger(max) || max < 1 || max > 65536) throw new RangeError(`bad maxChainLength ${String(max)}`);
     this.maxChain = max;
     this.opts = o;
-    if (o.inflight && (o.inflight.packed !== packed || o.inflight.size !== size)) {
+    // The region's queue size is the one GET_INFLIGHT_FD gave; the driver may have set a smaller ring.
+    if (o.inflight && (o.inflight.packed !== packed || o.inflight.size < size)) {
       throw new VirtioError(
         'INFLIGHT_LAYOUT',
         `inflight region for a ${o.inflight.packed ? 'packed' : 'split'} queue of ${o.inflight.size}, not this one`,

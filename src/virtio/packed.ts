@@ -66,8 +66,14 @@ export class PackedQueue extends BaseQueue {
     this.views();
     if (this.#inflight !== null) {
       const fresh = this.#inflight.fresh;
-      const r = this.#inflight.attach(this.#usedIdx, this.#usedWrap, (slot) => Atomics.load(this.#ring16, slot * 8 + 7));
+      const r = this.#inflight.attach(this.#usedIdx, this.#usedWrap, (slot) => {
+        if (slot >= n) throw new VirtioError('INFLIGHT_LAYOUT', `inflight old_used_idx ${slot} is past a ring of ${n}`);
+        return Atomics.load(this.#ring16, slot * 8 + 7);
+      });
       if (!fresh) {
+        if (r.usedIdx >= n || r.descriptors > n) {
+          throw new VirtioError('INFLIGHT_LAYOUT', `inflight used_idx ${r.usedIdx} with ${r.descriptors} descriptors in flight on a ring of ${n}`);
+        }
         // After a reconnect the avail side is the used side plus what is in flight.
         this.#usedIdx = r.usedIdx;
         this.#usedWrap = r.usedWrap;

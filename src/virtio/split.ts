@@ -223,6 +223,7 @@ export class SplitQueue extends BaseQueue {
   }
 
   protected rebuild(head: number): Chain {
+    if (head >= this.size) throw new VirtioError('INFLIGHT_LAYOUT', `inflight head ${head} is not below the ring size ${this.size}`);
     if (this.#chains[head] !== undefined) throw new VirtioError('ID_IN_USE', `head ${head} is already in flight`);
     const c = this.#walk(head);
     this.#track(c);
