@@ -11,7 +11,8 @@ Commands:
   probe       conformance check of any vfio-user server
   migrate     live-migrate a device between two vfio-user servers
   vhost-user-blk  serve a virtio-blk disk over vhost-user (vdevkit vhost-user-blk --help)
-  demo [sys]  run the demo: a vfio-user device served, driven and migrated
+  demo [sys]  run the demo: a virtio-blk disk over vhost-user driven by our
+              front-end; a vfio-user device served, driven and migrated
               (sys: two processes sharing a memfd and eventfds)
   version     print the version
   help        print this help
@@ -57,6 +58,8 @@ async function main(argv: string[]): Promise<number> {
         const { runSysDemo } = await import('../demo/sys-demo.js');
         await runSysDemo();
       } else {
+        const { runVhostUserDemo } = await import('../demo/vhost-user-demo.js');
+        await runVhostUserDemo();
         const { runVfioUserDemo } = await import('../demo/vfio-user-demo.js');
         await runVfioUserDemo();
       }
