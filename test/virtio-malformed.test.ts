@@ -207,3 +207,64 @@ test('guest memory: ranges are checked before any view is made', () => {
     throwsCode(() => memory.slices(gpa, len), 'GPA_OUT_OF_RANGE');
   }
 });
+
+/** mulberry32: a reproducible stream of random u32. */
+function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = Math.imul(a ^ (a >>> 15), 1 | a);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return (t ^ (t >>> 14)) >>> 0;
+  };
+}
+
+test('fuzz: random rings and tables only ever give chains inside memory or VirtioError', () => {
+  const outcomes = new Map<string, number>();
+  const count = (k: string): void => void outcomes.set(k, (outcomes.get(k) ?? 0) + 1);
+  for (const packed of [false, true]) {
+    for (let seed = 1; seed <= 300; seed++) {
+      const next = rng(seed * 7919 + (packed ? 1 : 0));
+      const g = guarded(true, packed);
+      const small = (): number => next() % 0x7000; // addresses mostly inside memory, some tables overlapping rings
+      // Descriptor table / ring, avail ring and two indirect tables with random but plausible fields.
+      for (const table of [DESC, T, T + 0x100]) {
+        for (let i = 0; i < 16; i++) {
+          const r = next();
+          const flags = packed ? (r & 0x8087) | (i % 3 === 0 ? 0x80 : 0) : r & 7;
+          const addr = r % 23 === 0 ? 2 ** 40 + small() : r % 5 === 0 ? T + (r % 3) * 0x100 : small();
+          const len = r % 29 === 0 ? 0xffff_fff0 : r % 7 === 0 ? 16 * (1 + (r % 20)) : next() % 0x300;
+          if (packed) packedDesc(g.dv, table, i, addr, len, next() % 12, flags);
+          else splitDesc(g.dv, table, i, addr, len, flags, next() % (r % 11 === 0 ? 40 : N));
+        }
+      }
+      if (!packed) {
+        for (let i = 0; i < N; i++) g.dv.setUint16(AVAIL + 4 + 2 * i, next() % (next() % 13 === 0 ? 20 : N), true);
+        g.dv.setUint16(AVAIL + 2, next() % (N + 3), true);
+      }
+      const q = g.q();
+      for (let k = 0; k < 2 * N; k++) {
+        let c;
+        try {
+          c = q.pop();
+        } catch (err) {
+          assert.ok(err instanceof Error && err.name === 'VirtioError', `seed ${seed}: ${String(err)}`);
+          assert.ok(q.broken !== null);
+          count(q.broken.code);
+          break;
+        }
+        if (c === null) break;
+        count(packed ? 'packed chain' : 'split chain');
+        for (const v of [...c.readable, ...c.writable]) {
+          assert.ok(v.byteOffset >= GUARD && v.byteOffset + v.length <= GUARD + MEM, `seed ${seed}: a view outside memory`);
+        }
+        assert.ok(c.readableBytes + c.writableBytes <= 0xffff_ffff);
+        if (k % 2 === 0) q.push(c, c.writableBytes > 0 ? next() % Math.min(c.writableBytes + 1, 0x1000) : 0);
+      }
+      assert.ok(g.guardsIntact(), `seed ${seed}: guard bytes written`);
+    }
+  }
+  // The inputs reach both outcomes and many checks.
+  assert.ok((outcomes.get('split chain') ?? 0) > 20 && (outcomes.get('packed chain') ?? 0) > 20, JSON.stringify([...outcomes]));
+  assert.ok(outcomes.size >= 8, JSON.stringify([...outcomes]));
+});
