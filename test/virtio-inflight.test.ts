@@ -190,6 +190,32 @@ test('inflight: a region for a larger queue size serves a smaller ring (the driv
   );
 });
 
+test('inflight split: a crash after a batch of two was published clears both', () => {
+  const { guest, dv } = splitGuest();
+  const inflight = new Uint8Array(InflightRegion.size(2, N, false));
+  const idv = new DataView(inflight.buffer);
+  availPublish(dv, AVAIL, N, 3, 1, 4);
+  const q1 = open(guest, inflight, false);
+  q1.pop();
+  q1.pop();
+  q1.pop();
+  // By hand, as push() does it for a batch: heads 4 then 1 linked into the last-batch list, used idx += 2.
+  for (const [slot, head] of [4, 1].entries()) {
+    dv.setUint32(USEDR + 4 + 8 * slot, head, true);
+    idv.setUint16(sEntry(head) + 6, idv.getUint16(QOFF + 12, true), true);
+    idv.setUint16(QOFF + 12, head, true);
+  }
+  dv.setUint16(USEDR + 2, 2, true);
+  const q2 = open(guest, inflight, false);
+  assert.deepEqual(
+    q2.resubmit().map((c) => c.id),
+    [3],
+  );
+  assert.equal(idv.getUint8(sEntry(1)), 0);
+  assert.equal(idv.getUint8(sEntry(4)), 0);
+  assert.equal(q2.base(), 3);
+});
+
 /** Packed ring of 8: chain A (ids on last: 1) slots 0-1, B (2) slot 2, C (3) slot 3. */
 function packedGuest(): { guest: Uint8Array; dv: DataView } {
   const guest = new Uint8Array(0x10000);

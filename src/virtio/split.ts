@@ -43,6 +43,7 @@ export class SplitQueue extends BaseQueue {
     if (!Number.isInteger(base) || base < 0 || base > 0xffff) throw ringError(`bad split vring base ${String(base)}`);
     this.#mask = this.size - 1;
     this.#usedLog = o.logUsedAddr ?? o.device;
+    if (!Number.isSafeInteger(this.#usedLog) || this.#usedLog < 0) throw ringError(`bad used ring log address ${String(this.#usedLog)}`);
     this.#chains = new Array<Chain | undefined>(this.size).fill(undefined);
     if (o.inflight && !(o.inflight instanceof SplitInflightQueue)) throw new TypeError('not a split inflight region');
     this.#inflight = o.inflight ?? null;
