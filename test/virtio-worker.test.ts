@@ -20,6 +20,8 @@ const MEM = BUF + N * 256;
 const KICK = 0;
 const IRQ = 1;
 const STOP = 2;
+/** A wait longer than this without a kick / interrupt while work is pending counts as lost (a 2 s stall of the other thread is not expected). */
+const WAIT_MS = 2000;
 
 interface Setup {
   guest: SharedArrayBuffer;
@@ -64,7 +66,7 @@ function device({ guest, ctl, eventIdx, packed }: Setup): void {
     if (Atomics.load(c32, STOP) !== 0) break;
     const seen = Atomics.load(c32, KICK);
     if (q.enableNotifications()) continue;
-    timedOut = Atomics.wait(c32, KICK, seen, 500) === 'timed-out';
+    timedOut = Atomics.wait(c32, KICK, seen, WAIT_MS) === 'timed-out';
   }
   parentPort!.postMessage({ lostKicks, processed });
 }
@@ -142,7 +144,7 @@ async function run(eventIdx: boolean, total: number): Promise<void> {
     if (eventIdx) Atomics.store(avail16, 2 + N, lastUsed);
     else Atomics.store(avail16, 0, 0);
     if (Atomics.load(used16, 1) !== lastUsed) continue;
-    if (Atomics.wait(c32, IRQ, seen, 500) === 'timed-out' && Atomics.load(used16, 1) !== lastUsed) lostIrqs++;
+    if (Atomics.wait(c32, IRQ, seen, WAIT_MS) === 'timed-out' && Atomics.load(used16, 1) !== lastUsed) lostIrqs++;
     if (!eventIdx) Atomics.store(avail16, 0, NO_INTERRUPT);
   }
   await device.stop(total, lostIrqs);
@@ -270,7 +272,7 @@ async function runPacked(eventIdx: boolean, total: number): Promise<void> {
     const f = Atomics.load(ring16, s * 8 + 7);
     const usedNow = ((f & AVAIL_F) !== 0) === wrapOf(upos) && ((f & USED_F) !== 0) === wrapOf(upos);
     if (!usedNow) {
-      const r = Atomics.wait(c32, IRQ, seen, 500);
+      const r = Atomics.wait(c32, IRQ, seen, WAIT_MS);
       const f2 = Atomics.load(ring16, s * 8 + 7);
       if (r === 'timed-out' && ((f2 & AVAIL_F) !== 0) === wrapOf(upos) && ((f2 & USED_F) !== 0) === wrapOf(upos)) lostIrqs++;
     }
