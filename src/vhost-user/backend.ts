@@ -370,6 +370,8 @@ class Session {
         reply = r.payload;
         fdsOut = r.fds ?? null;
       } else reply = null;
+      // fds the request does not take (handlers pop what they keep) are closed, never kept.
+      closeAll(msg.fds);
     } catch (err) {
       closeAll(msg.fds);
       const e = err as Error;
@@ -530,8 +532,16 @@ class Session {
         p.expect(0);
         if (!this.hasProtocol(PF.BACKEND_REQ)) throw new VhostUserError('UNSUPPORTED', 'SET_BACKEND_REQ_FD without BACKEND_REQ');
         const fd = onlyFd(msg, 'SET_BACKEND_REQ_FD');
+        let sock: UnixSocket;
+        try {
+          if ((fd.stat().mode & 0o170000) !== 0o140000) throw new VhostUserError('INVALID', 'SET_BACKEND_REQ_FD: the fd is not a socket');
+          sock = new UnixSocket(fd);
+        } catch (err) {
+          fd.close();
+          throw err;
+        }
         this.#backendChannel?.close();
-        const ch = new MessageChannel(new UnixSocket(fd));
+        const ch = new MessageChannel(sock);
         ch.on('message', (m) => {
           closeAll(m.fds);
           const w = this.#backendReplies.shift();
@@ -820,7 +830,7 @@ class Session {
     if (p.length < 20) throw new VhostUserError('PROTOCOL', `GET_INFLIGHT_FD payload of ${p.length} bytes (at least 20)`);
     const numQueues = p.u16(16);
     const queueSize = p.u16(18);
-    if (numQueues < 1 || numQueues > this.queues.length || queueSize < 1) {
+    if (numQueues < 1 || numQueues > this.queues.length || queueSize < 1 || queueSize > (this.device.maxQueueSize ?? 32768)) {
       throw new VhostUserError('PROTOCOL', `GET_INFLIGHT_FD for ${numQueues} queues of ${queueSize}`);
     }
     const packed = this.has(VF.RING_PACKED);
@@ -842,22 +852,29 @@ class Session {
     const offset = p.addr(8);
     const numQueues = p.u16(16);
     const queueSize = p.u16(18);
-    const fd = onlyFd(msg, 'SET_INFLIGHT_FD');
     const packed = this.has(VF.RING_PACKED);
-    const need = numQueues * inflightQueueSize(queueSize, packed);
-    if (numQueues < 1 || numQueues > this.queues.length || queueSize < 1 || size < need) {
-      fd.close();
-      throw new VhostUserError('INVALID', `SET_INFLIGHT_FD: ${size} bytes for ${numQueues} queues of ${queueSize} (need ${need})`);
+    if (numQueues < 1 || numQueues > this.queues.length || queueSize < 1 || queueSize > (this.device.maxQueueSize ?? 32768)) {
+      throw new VhostUserError('INVALID', `SET_INFLIGHT_FD for ${numQueues} queues of ${queueSize}`);
     }
+    const need = numQueues * inflightQueueSize(queueSize, packed);
+    if (size < need) throw new VhostUserError('INVALID', `SET_INFLIGHT_FD: ${size} bytes for ${numQueues} queues of ${queueSize} (need ${need})`);
+    const fd = onlyFd(msg, 'SET_INFLIGHT_FD');
     const { shm, skip } = mapAt(fd, offset, size);
     this.#adoptInflight(shm, numQueues, queueSize, packed, false, skip);
   }
 
   #adoptInflight(shm: SharedMemory, numQueues: number, queueSize: number, packed: boolean, fresh: boolean, skip = 0): void {
-    this.inflight?.shm.close();
     const bytes = shm.bytes.subarray(skip);
     if (fresh) bytes.fill(0);
-    this.inflight = { shm, region: new InflightRegion(bytes, numQueues, queueSize, packed), numQueues, queueSize };
+    let region: InflightRegion;
+    try {
+      region = new InflightRegion(bytes, numQueues, queueSize, packed);
+    } catch (err) {
+      shm.close();
+      throw new VhostUserError('INVALID', `inflight region: ${(err as Error).message}`);
+    }
+    this.inflight?.shm.close();
+    this.inflight = { shm, region, numQueues, queueSize };
   }
 
   async #resetDevice(): Promise<void> {
@@ -925,7 +942,10 @@ class Session {
     if (direction > 1 || phase !== 0) return refuse(`direction ${direction}, phase ${phase} (only SAVE / LOAD in the stopped phase)`);
     if (this.queues.some((q) => q.started)) return refuse('a ring runs (the device must be stopped)');
     const device = this.device;
-    this.#stateTransfer = direction === 0 ? writeAllFd(fd, device.saveState!()) : readAllFd(fd).then((state) => {
+    // The transfer ends with the session, or after 60 s without EOF: it never outlives its front-end.
+    const deadline = Date.now() + 60_000;
+    const gone = (): boolean => this.closed || Date.now() > deadline;
+    this.#stateTransfer = direction === 0 ? writeAllFd(fd, device.saveState!(), gone) : readAllFd(fd, gone).then((state) => {
       if (device.loadState!(state) === false) throw new Error(`the device refused a state of ${state.length} bytes`);
     });
     this.#stateTransfer.catch(() => undefined); // reported by CHECK_DEVICE_STATE
@@ -1047,8 +1067,9 @@ function vringState(index: number, num: number): Buffer {
 }
 
 /** One read or write on the thread pool; a non-blocking fd that is not ready is retried a millisecond later. */
-async function pipeIo(op: 'read' | 'write', fd: Fd, buf: Uint8Array, at: number, len: number): Promise<number> {
+async function pipeIo(op: 'read' | 'write', fd: Fd, buf: Uint8Array, at: number, len: number, gone: () => boolean): Promise<number> {
   for (;;) {
+    if (gone()) throw new VhostUserError('DISCONNECTED', 'the front-end went away during the device state transfer');
     try {
       return await new Promise<number>((resolve, reject) => {
         const cb = (e: NodeJS.ErrnoException | null, n: number): void => (e ? reject(e) : resolve(n));
@@ -1063,22 +1084,22 @@ async function pipeIo(op: 'read' | 'write', fd: Fd, buf: Uint8Array, at: number,
 }
 
 /** Writes all of `data` to a pipe-like fd, then closes it (EOF ends the state). */
-async function writeAllFd(fd: Fd, data: Uint8Array): Promise<void> {
+async function writeAllFd(fd: Fd, data: Uint8Array, gone: () => boolean): Promise<void> {
   try {
-    for (let at = 0; at < data.length; ) at += await pipeIo('write', fd, data, at, data.length - at);
+    for (let at = 0; at < data.length; ) at += await pipeIo('write', fd, data, at, data.length - at, gone);
   } finally {
     fd.close();
   }
 }
 
 /** Reads a pipe-like fd to EOF (at most 64 MiB), then closes it. */
-async function readAllFd(fd: Fd): Promise<Uint8Array> {
+async function readAllFd(fd: Fd, gone: () => boolean): Promise<Uint8Array> {
   const parts: Buffer[] = [];
   let total = 0;
   try {
     for (;;) {
       const buf = Buffer.allocUnsafe(65536);
-      const n = await pipeIo('read', fd, buf, 0, buf.length);
+      const n = await pipeIo('read', fd, buf, 0, buf.length, gone);
       if (n === 0) break;
       total += n;
       if (total > 64 * 1024 * 1024) throw new Error('device state over 64 MiB');
