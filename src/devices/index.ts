@@ -3,10 +3,22 @@ import type { VfioUserDeviceSpec } from '../vfio-user/device.js';
 import { gpioDevice } from './gpio.js';
 import { sampleDevice } from './sample.js';
 import { serverSampleDevice } from './server-sample.js';
+import { virtioBlkPciDevice } from './virtio-blk-pci.js';
+
+/** A device option on the command line (`vdevkit serve <device> --name VALUE`). */
+export interface DeviceOption {
+  type: 'string' | 'boolean';
+  help: string;
+}
 
 export interface DeviceEntry {
   description: string;
-  create(options: { log: (line: string) => void }): VfioUserDeviceSpec;
+  /** The device's own command-line options, by long name. */
+  options?: Record<string, DeviceOption>;
+  /** `values`: the device's options given on the command line. */
+  create(options: { log: (line: string) => void; values?: Record<string, string | boolean | undefined> }): VfioUserDeviceSpec;
+  /** Called when the server stopped (close files, eventfds). */
+  dispose?(spec: VfioUserDeviceSpec): void;
 }
 
 export const devices: Record<string, DeviceEntry> = {
@@ -22,6 +34,27 @@ export const devices: Record<string, DeviceEntry> = {
     description: "libvfio-user's samples/server: time_t BAR0 timer, INTx and DMA, sparse-mmap BAR1, its migration stream (0xdead:0xbeef)",
     create: ({ log }) => serverSampleDevice({ log }),
   },
+  'virtio-blk': {
+    description: 'a virtio-blk disk as a virtio PCI modern device (0x1af4:0x1042), the vhost-user-blk device behind it: --file IMAGE',
+    options: {
+      file: { type: 'string', help: 'the disk image (default: a null disk of 1 GiB)' },
+      'read-only': { type: 'boolean', help: 'refuse writes (VIRTIO_BLK_F_RO)' },
+      queues: { type: 'string', help: 'request queues (default 1)' },
+      serial: { type: 'string', help: 'the GET_ID answer (default vdevkit-blk)' },
+    },
+    create: ({ log, values = {} }) => {
+      const queues = values.queues === undefined ? undefined : Number(values.queues);
+      if (queues !== undefined && !(Number.isInteger(queues) && queues >= 1)) throw new RangeError('--queues: a positive integer');
+      return virtioBlkPciDevice({
+        ...(typeof values.file === 'string' ? { file: values.file } : {}),
+        ...(values['read-only'] === true ? { readOnly: true } : {}),
+        ...(queues !== undefined ? { queues } : {}),
+        ...(typeof values.serial === 'string' ? { serial: values.serial } : {}),
+        log,
+      });
+    },
+    dispose: (spec) => (spec as ReturnType<typeof virtioBlkPciDevice>).close(),
+  },
 };
 
-export { gpioDevice, sampleDevice, serverSampleDevice };
+export { gpioDevice, sampleDevice, serverSampleDevice, virtioBlkPciDevice };

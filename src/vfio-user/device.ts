@@ -122,6 +122,17 @@ export interface DmaAccess {
   view(iova: number, length: number, options?: { write?: boolean }): Uint8Array | null;
   /** Marks a range dirty (after writing through a view kept for a while). */
   markDirty(iova: number, length: number): void;
+  /**
+   * Keeps the fd-backed windows holding [iova, iova + length) mapped until the
+   * returned function is called (once; later calls do nothing): for I/O that
+   * runs outside the event loop into view()s (a readv on libuv's thread pool),
+   * which must not see the memory unmapped under it. Meanwhile a DMA_UNMAP of
+   * such a window takes it out of the table at once (dmaUnmapped runs, no new
+   * access finds it) but is answered, and the mapping closed, only after the
+   * release; a client that disconnects has it closed at the release. Windows
+   * without fd in the range are skipped; a range not mapped is ENOENT.
+   */
+  hold(iova: number, length: number): () => void;
   /** The windows mapped now. */
   windows(): DmaWindow[];
 }

@@ -540,6 +540,16 @@ export class Session {
         return shm.subarray(seg.regionOffset, length);
       },
       markDirty: (iova, length) => session.dma.markDirty(iova, length),
+      hold(iova, length) {
+        const held = [...new Set(session.dma.lookup(iova, length).map((s) => s.region))].filter((r) => r.handle.shm !== null);
+        for (const r of held) r.handle.pins++;
+        let released = false;
+        return () => {
+          if (released) return;
+          released = true;
+          for (const r of held) session.#unpin(r);
+        };
+      },
       windows: () => session.dma.regions().map(windowOf),
     };
     return {
@@ -651,12 +661,15 @@ export class Session {
     } finally {
       // What reached the client may be part of it: all of it counts as dirty.
       for (const seg of segs) this.dma.markDirty(seg.iova, seg.length);
-      for (const r of pinned) {
-        if (--r.handle.pins === 0 && r.handle.closeWhenUnpinned) {
-          r.handle.shm?.close();
-          r.handle.onUnpinned?.();
-        }
-      }
+      for (const r of pinned) this.#unpin(r);
+    }
+  }
+
+  /** Drops one pin of a window; the last one closes a window unmapped meanwhile and answers its DMA_UNMAP. */
+  #unpin(r: DmaRegion<DmaHandle>): void {
+    if (--r.handle.pins === 0 && r.handle.closeWhenUnpinned) {
+      r.handle.shm?.close();
+      r.handle.onUnpinned?.();
     }
   }
 }

@@ -18,3 +18,4 @@ export type { DriverBuffer, DriverQueue, DriverQueueOptions, RingLayout, UsedBuf
 export { SplitDriverQueue } from './driver-split.js';
 export { PackedDriverQueue } from './driver-packed.js';
 export { createDriverQueue } from './driver-queue.js';
+export type { VirtioQueueHandle, VirtioDeviceModel } from './device-queue-handle.js';

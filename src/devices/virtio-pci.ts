@@ -1,0 +1,990 @@
+/**
+ * A virtio device served over vfio-user as a whole PCI device: the virtio
+ * PCI modern transport (virtio 1.2 section 4.1) around any VirtioDeviceModel
+ * (the blk device of vhost-user-blk.ts is one), on the same ring engine
+ * (src/virtio/) the vhost-user back-end uses.
+ *
+ *   const disk = VhostUserBlkDevice.open({ file: 'disk.img' });
+ *   VfioUserServer.listen('/tmp/vblk.sock', { device: virtioPciDevice(disk, { deviceId: 2 }) });
+ *
+ * PCI identity: vendor 0x1af4, device 0x1040 + the virtio device id,
+ * revision 1 (a modern-only device), subsystem 0x1af4 / the virtio device id.
+ *
+ * BAR4 (16 KiB, 32-bit memory, served by callbacks) holds the virtio
+ * structures, each described by a vendor capability (cap_vndr 0x09) in
+ * config space:
+ *
+ *   0x0000  common cfg (virtio_pci_common_cfg, 60 bytes)     cfg_type 1
+ *   0x1000  ISR status (1 byte, read to clear)               cfg_type 3
+ *   0x2000  device cfg (the device's config())               cfg_type 4
+ *   0x3000  notify area, queue n at 0x3000 + 4 n             cfg_type 2, notify_off_multiplier 4
+ *
+ * BAR1 holds the MSI-X table (vector 0 .. numQueues: one for config, one per
+ * queue; the driver picks) and the PBA. INTx is offered too (with ISR).
+ *
+ * Queue notifications: a REGION_WRITE to the notify area, or the queue's
+ * ioeventfd (offered with GET_REGION_IO_FDS on BAR4, one per queue, any
+ * access size). Interrupts: the queue's MSI-X vector when the driver gave one
+ * (queue_msix_vector), else ISR bit 0 and INTx.
+ *
+ * Queue memory: IOVA = guest-physical address. Windows the client mapped
+ * with an fd, readable and writable, are guest memory for the ring engine
+ * (read and written in place). A window without fd is reached only by
+ * DMA_READ / DMA_WRITE messages, which the synchronous engine cannot use: a
+ * ring or a buffer there breaks the queue (DEVICE_NEEDS_RESET, a log line
+ * that says why). Read-only windows are not used either.
+ *
+ * Migration (records mode): at STOP the device quiesces as the vhost-user
+ * back-end does at GET_VRING_BASE: no new requests are taken, those in flight
+ * complete (into the rings, with their interrupts), then the state is saved:
+ * the common cfg registers, ISR, and per queue its size, vector, enable,
+ * addresses and ring base (next avail index; nothing is in flight). The
+ * destination loads it and starts the rings at RUNNING; every started queue
+ * is then looked at once, so buffers made available while the device was
+ * stopped are served. Dirty pages: every ring write and the bytes written
+ * into device-writable buffers go to the server's DMA log.
+ */
+import { EventFd } from '../sys/index.js';
+import { VfioError, Errno } from '../vfio/errors.js';
+import { GuestMemory, type DirtyLog } from '../virtio/memory.js';
+import { createDeviceQueue, type DeviceQueue } from '../virtio/queue.js';
+import { VirtioError, hex } from '../virtio/errors.js';
+import type { DescChain, GuestMemoryView } from '../virtio/types.js';
+import type { VirtioDeviceModel, VirtioQueueHandle } from '../virtio/device-queue-handle.js';
+import type { DeviceContext, DmaWindow, IoEventFdSpec, VfioUserDeviceSpec } from '../vfio-user/device.js';
+
+export const VIRTIO_PCI_VENDOR_ID = 0x1af4;
+/** Modern devices: 0x1040 + the virtio device id. */
+export const VIRTIO_PCI_DEVICE_ID_BASE = 0x1040;
+
+/** virtio_pci_cap cfg_type values (4.1.4). */
+export const VirtioPciCapType = { COMMON: 1, NOTIFY: 2, ISR: 3, DEVICE: 4, PCI: 5 } as const;
+
+/** device_status bits (2.1). */
+export const VirtioStatus = {
+  ACKNOWLEDGE: 1,
+  DRIVER: 2,
+  DRIVER_OK: 4,
+  FEATURES_OK: 8,
+  DEVICE_NEEDS_RESET: 64,
+  FAILED: 128,
+} as const;
+
+export const VIRTIO_MSI_NO_VECTOR = 0xffff;
+
+/** Byte offsets in struct virtio_pci_common_cfg (4.1.4.3). */
+export const CommonCfg = {
+  DEVICE_FEATURE_SELECT: 0,
+  DEVICE_FEATURE: 4,
+  DRIVER_FEATURE_SELECT: 8,
+  DRIVER_FEATURE: 12,
+  CONFIG_MSIX_VECTOR: 16,
+  NUM_QUEUES: 18,
+  DEVICE_STATUS: 20,
+  CONFIG_GENERATION: 21,
+  QUEUE_SELECT: 22,
+  QUEUE_SIZE: 24,
+  QUEUE_MSIX_VECTOR: 26,
+  QUEUE_ENABLE: 28,
+  QUEUE_NOTIFY_OFF: 30,
+  QUEUE_DESC: 32,
+  QUEUE_DRIVER: 40,
+  QUEUE_DEVICE: 48,
+  QUEUE_NOTIFY_DATA: 56,
+  QUEUE_RESET: 58,
+  SIZE: 60,
+} as const;
+
+/** Where the structures are (BAR4) and the MSI-X table (BAR1). */
+export const VirtioPciLayout = {
+  BAR: 4,
+  BAR_SIZE: 0x4000,
+  COMMON: 0x0000,
+  ISR: 0x1000,
+  DEVICE: 0x2000,
+  DEVICE_SIZE: 0x1000,
+  NOTIFY: 0x3000,
+  NOTIFY_SIZE: 0x1000,
+  NOTIFY_OFF_MULTIPLIER: 4,
+  MSIX_BAR: 1,
+} as const;
+
+/** Feature bits the transport handles (the rest of the device's are dropped). */
+const F_INDIRECT_DESC = 28;
+const F_EVENT_IDX = 29;
+const F_VERSION_1 = 32;
+const F_ACCESS_PLATFORM = 33;
+const F_RING_PACKED = 34;
+const bit = (n: number): bigint => 1n << BigInt(n);
+/** Device-type bits 0..23, and the ring features the engine implements. */
+const TRANSPORT_FEATURES = (bit(24) - 1n) | bit(F_INDIRECT_DESC) | bit(F_EVENT_IDX) | bit(F_VERSION_1) | bit(F_RING_PACKED);
+
+const MAX_QUEUES = VirtioPciLayout.NOTIFY_SIZE / VirtioPciLayout.NOTIFY_OFF_MULTIPLIER;
+const STATE_MAGIC = 'vdkvpci\x01';
+const STATE_HEAD = 48;
+const STATE_QUEUE = 40;
+
+export interface VirtioPciOptions {
+  /** The virtio device id (1 net, 2 block, ...): PCI device id 0x1040 + id. */
+  deviceId: number;
+  /** PCI class code (default: 0x010000 for block, 0x020000 for net, 0xff0000 otherwise). */
+  classCode?: number;
+  /** PCI subsystem id (default: the virtio device id); the subsystem vendor is 0x1af4. */
+  subsystemId?: number;
+  /** Offer VIRTIO_F_ACCESS_PLATFORM (the driver then gives IOVAs through its DMA API; default false: IOVA = GPA). */
+  accessPlatform?: boolean;
+  /** Offer one ioeventfd per queue on the notify area with GET_REGION_IO_FDS (default true). */
+  ioeventfds?: boolean;
+  /** Name for the server's logs. */
+  name?: string;
+  log?: (line: string) => void;
+}
+
+/** The spec, with the transport (for tests and statistics) and close() (the ioeventfds). */
+export type VirtioPciDeviceSpec = VfioUserDeviceSpec & { readonly transport: VirtioPciTransport; close(): void };
+
+/**
+ * Builds the vfio-user device spec of `device` behind the virtio PCI modern
+ * transport. One spec per server: it holds the transport's state.
+ */
+export function virtioPciDevice(device: VirtioDeviceModel, options: VirtioPciOptions): VirtioPciDeviceSpec {
+  const t = new VirtioPciTransport(device, options);
+  const L = VirtioPciLayout;
+  const vectors = 1 + device.numQueues;
+  const tableBytes = vectors * 16;
+  const pbaOffset = Math.ceil(tableBytes / 64) * 64;
+  let msixSize = 4096;
+  while (msixSize < pbaOffset + Math.ceil(vectors / 64) * 8) msixSize *= 2;
+  const cap = (type: number, offset: number, length: number, extra?: number): number[] => {
+    // virtio_pci_cap from cfg_type on (the library writes cap_vndr, cap_next, cap_len):
+    // cfg_type, bar, id, padding[2], offset (le32), length (le32) [, notify_off_multiplier (le32)].
+    const p = [type, L.BAR, 0, 0, 0, ...le32(offset), ...le32(length)];
+    if (extra !== undefined) p.push(...le32(extra));
+    return p;
+  };
+  const classCode = options.classCode ?? (options.deviceId === 2 ? 0x010000 : options.deviceId === 1 ? 0x020000 : 0xff0000);
+  const spec: VfioUserDeviceSpec = {
+    name: options.name ?? `virtio-pci (device ${options.deviceId})`,
+    pci: {
+      vendorId: VIRTIO_PCI_VENDOR_ID,
+      deviceId: VIRTIO_PCI_DEVICE_ID_BASE + options.deviceId,
+      subsystemVendorId: VIRTIO_PCI_VENDOR_ID,
+      subsystemId: options.subsystemId ?? options.deviceId,
+      revision: 1,
+      classCode,
+      capabilities: [
+        { type: 'vendor', readOnly: true, payload: cap(VirtioPciCapType.COMMON, L.COMMON, CommonCfg.SIZE) },
+        {
+          type: 'vendor',
+          readOnly: true,
+          payload: cap(VirtioPciCapType.NOTIFY, L.NOTIFY, device.numQueues * L.NOTIFY_OFF_MULTIPLIER, L.NOTIFY_OFF_MULTIPLIER),
+        },
+        { type: 'vendor', readOnly: true, payload: cap(VirtioPciCapType.ISR, L.ISR, 1) },
+        { type: 'vendor', readOnly: true, payload: cap(VirtioPciCapType.DEVICE, L.DEVICE, t.configSize) },
+      ],
+    },
+    regions: {
+      [L.MSIX_BAR]: { size: msixSize },
+      [L.BAR]: {
+        size: L.BAR_SIZE,
+        read: (offset, out) => t.barRead(offset, out),
+        write: (offset, data) => t.barWrite(offset, data),
+        ...(t.ioEventFds.length > 0 ? { ioEventFds: t.ioEventFds } : {}),
+      },
+    },
+    irqs: { intx: true, msix: vectors, msixBar: { bar: L.MSIX_BAR, tableOffset: 0, pbaOffset } },
+    attach: (ctx) => t.attach(ctx),
+    detach: () => t.detach(),
+    reset: () => t.deviceReset(),
+    dmaMapped: (w) => t.dmaMapped(w),
+    dmaUnmapped: (w) => t.dmaUnmapped(w),
+    migration: {
+      save: () => t.save(),
+      load: (data) => t.load(data),
+      transition: (from, to) => t.transition(from, to),
+    },
+  };
+  return Object.assign(spec, { transport: t, close: () => t.close() });
+}
+
+function le32(v: number): number[] {
+  return [v & 0xff, (v >>> 8) & 0xff, (v >>> 16) & 0xff, (v >>> 24) & 0xff];
+}
+
+const RUNNING_STATES = new Set(['RUNNING', 'PRE_COPY', 'RUNNING_P2P', 'PRE_COPY_P2P']);
+
+/**
+ * Guest memory for the ring engine: the client's fd-backed, read-write DMA
+ * windows (IOVA = GPA). The others are remembered to explain a failure.
+ */
+class DmaMemory implements GuestMemoryView {
+  readonly mapped = new GuestMemory();
+  /** Windows the engine cannot use (no fd, or not both readable and writable). */
+  readonly unusable: DmaWindow[] = [];
+
+  get generation(): number {
+    return this.mapped.generation;
+  }
+
+  view(gpa: number, length: number): Uint8Array | null {
+    try {
+      return this.mapped.view(gpa, length);
+    } catch (err) {
+      throw this.#explain(err, gpa, length);
+    }
+  }
+
+  slices(gpa: number, length: number): Uint8Array[] {
+    try {
+      return this.mapped.slices(gpa, length);
+    } catch (err) {
+      throw this.#explain(err, gpa, length);
+    }
+  }
+
+  uvaToGpa(uva: number): number {
+    return uva; // no front-end virtual addresses in PCI: IOVA = GPA
+  }
+
+  /** True when [gpa, +length) lies in usable windows. */
+  has(gpa: number, length: number): boolean {
+    try {
+      this.mapped.slices(gpa, length);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  /** The unusable window overlapping [gpa, +length), if any. */
+  unusableAt(gpa: number, length: number): DmaWindow | undefined {
+    return this.unusable.find((w) => gpa < w.iova + w.size && w.iova < gpa + Math.max(1, length));
+  }
+
+  #explain(err: unknown, gpa: number, length: number): unknown {
+    const w = this.unusableAt(gpa, length);
+    if (!(err instanceof VirtioError) || !w) return err;
+    return new VirtioError(
+      'GPA_OUT_OF_RANGE',
+      `[${hex(gpa)}, +${length}) is in the DMA window [${hex(w.iova)}, +${hex(w.size)}), which ${whyUnusable(w)}`,
+    );
+  }
+}
+
+function whyUnusable(w: DmaWindow): string {
+  if (!w.mapped) return 'the client mapped without an fd: it is reached by DMA_READ/DMA_WRITE messages only, which the synchronous ring engine cannot use';
+  return `is ${w.readable ? 'read-only' : 'write-only'}: rings and buffers need a readable and writable window`;
+}
+
+/** One virtqueue of the PCI transport: its common cfg registers and the ring engine's queue. */
+export class PciQueue implements VirtioQueueHandle {
+  readonly index: number;
+  /** queue_size (reads the maximum after reset). */
+  size: number;
+  readonly maxSize: number;
+  vector = VIRTIO_MSI_NO_VECTOR;
+  enabled = false;
+  desc = 0;
+  driver = 0;
+  device = 0;
+  /** The ring's base to start from (split: next avail idx; packed: the engine's encoding). */
+  base = 0;
+  ring: DeviceQueue | null = null;
+  /** Chains popped and not yet pushed. */
+  inFlight = 0;
+  /** A kick came while the device was stopped (migration). */
+  kickPending = false;
+  /** An interrupt was due while the device was stopped. */
+  irqPending = false;
+  /** Chains popped, by the ring they came from (pushes to a ring since replaced are dropped). */
+  readonly #from = new WeakMap<DescChain, DeviceQueue>();
+  #scheduled = false;
+  #drainWaiters: (() => void)[] = [];
+  readonly #t: VirtioPciTransport;
+
+  /** @internal */
+  constructor(index: number, maxSize: number, t: VirtioPciTransport) {
+    this.index = index;
+    this.maxSize = maxSize;
+    this.size = maxSize;
+    this.#t = t;
+  }
+
+  get features(): bigint {
+    return this.#t.driverFeatures;
+  }
+
+  pop(): DescChain | null {
+    const ring = this.ring;
+    if (!ring || !this.#t.serving) return null;
+    let chain: DescChain | null;
+    try {
+      chain = ring.pop();
+    } catch (err) {
+      this.#t.queueBroken(this, err as Error);
+      return null;
+    }
+    if (chain) {
+      this.#from.set(chain, ring);
+      this.inFlight++;
+      this.#t.busy(1);
+    }
+    return chain;
+  }
+
+  push(chain: DescChain, written: number): void {
+    this.#complete([chain], (ring) => ring.push(chain, written));
+  }
+
+  pushBatch(chains: readonly DescChain[], written: ArrayLike<number>): void {
+    if (chains.length > 0) this.#complete(chains, (ring) => ring.pushBatch(chains, written));
+  }
+
+  #complete(chains: readonly DescChain[], write: (ring: DeviceQueue) => void): void {
+    const ring = this.ring;
+    const ours = ring !== null && chains.every((c) => this.#from.get(c) === ring);
+    let n = 0;
+    for (const c of chains) if (this.#from.delete(c)) n++;
+    if (ours) {
+      try {
+        write(ring);
+      } catch (err) {
+        if (err instanceof VirtioError && err.code === 'USED_ID') this.#t.log(`queue ${this.index}: ${err.message}`);
+        else this.#t.queueBroken(this, err as Error);
+      }
+    }
+    // A completion for a ring that was reset (or replaced) is dropped: that ring is gone.
+    this.inFlight = Math.max(0, this.inFlight - n);
+    this.#t.busy(-n);
+    if (this.inFlight === 0 && this.#drainWaiters.length > 0) {
+      const w = this.#drainWaiters;
+      this.#drainWaiters = [];
+      for (const f of w) f();
+    }
+  }
+
+  notify(): void {
+    const ring = this.ring;
+    if (!ring) return;
+    try {
+      if (!ring.needsNotify()) return;
+    } catch (err) {
+      this.#t.log(`queue ${this.index}: notify failed: ${(err as Error).message}`);
+      return;
+    }
+    if (this.#t.interruptsAllowed) this.#t.interrupt(this);
+    else this.irqPending = true;
+  }
+
+  /** Resolves once nothing is in flight. */
+  drained(): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.#drainWaiters.push(resolve));
+  }
+
+  /** Runs the device's handler for this queue soon (once per turn of the event loop). */
+  schedule(): void {
+    if (this.#scheduled) return;
+    this.#scheduled = true;
+    setImmediate(() => {
+      this.#scheduled = false;
+      if (this.ring && this.#t.serving) this.#t.handle(this);
+    });
+  }
+
+  /** Back to the state after reset (the ring dropped; completions still due are discarded). */
+  resetRegisters(): void {
+    this.ring = null;
+    this.size = this.maxSize;
+    this.vector = VIRTIO_MSI_NO_VECTOR;
+    this.enabled = false;
+    this.desc = 0;
+    this.driver = 0;
+    this.device = 0;
+    this.base = 0;
+    this.kickPending = false;
+    this.irqPending = false;
+  }
+}
+
+/** Counters for tests and logs. */
+export interface VirtioPciStats {
+  kicks: number;
+  ioeventfdKicks: number;
+  interrupts: number;
+  resets: number;
+  brokenQueues: number;
+}
+
+/** The transport's state: common cfg registers, queues, interrupts, DMA memory, migration. */
+export class VirtioPciTransport {
+  readonly device: VirtioDeviceModel;
+  readonly queues: PciQueue[];
+  readonly memory = new DmaMemory();
+  readonly ioEventFds: IoEventFdSpec[] = [];
+  readonly stats: VirtioPciStats = { kicks: 0, ioeventfdKicks: 0, interrupts: 0, resets: 0, brokenQueues: 0 };
+  /** The features offered (device features the transport supports). */
+  readonly offered: bigint;
+  readonly configSize: number;
+  readonly vectors: number;
+  driverFeatures = 0n;
+  deviceFeatureSelect = 0;
+  driverFeatureSelect = 0;
+  configVector = VIRTIO_MSI_NO_VECTOR;
+  status = 0;
+  configGeneration = 0;
+  queueSelect = 0;
+  isr = 0;
+  readonly #log: (line: string) => void;
+  #ctx: DeviceContext | null = null;
+  /** False from a migration's STOP until RUNNING: no new requests, kicks remembered. */
+  #running = true;
+  /** False once a STOP completed: interrupts are held until RUNNING. */
+  #irqsAllowed = true;
+  /** A driver reset (status 0) waiting for requests in flight; status reads this meanwhile. */
+  #resetShown: number | null = null;
+  #resetDone: Promise<void> | null = null;
+  #quiesced: Promise<void> | null = null;
+  /** Chains in flight on every queue, and the window holds kept while any is. */
+  #busy = 0;
+  readonly #holds = new Map<string, () => void>();
+  /** Holds of windows unmapped while busy: released when nothing is in flight. */
+  #retired: (() => void)[] = [];
+  readonly #unsubscribe: (() => void)[] = [];
+  readonly #dirtyLog: DirtyLog;
+  #configWriteLogged = false;
+
+  constructor(device: VirtioDeviceModel, options: VirtioPciOptions) {
+    this.device = device;
+    this.#log = options.log ?? (() => undefined);
+    if (!Number.isInteger(options.deviceId) || options.deviceId < 1 || options.deviceId > 0xffff - VIRTIO_PCI_DEVICE_ID_BASE) {
+      throw new RangeError(`virtio device id ${options.deviceId}`);
+    }
+    const n = device.numQueues;
+    if (!Number.isInteger(n) || n < 1 || n > MAX_QUEUES) throw new RangeError(`numQueues ${n}: 1..${MAX_QUEUES}`);
+    let max = Math.min(device.maxQueueSize ?? 32768, 32768);
+    let p = 1;
+    while (p * 2 <= max) p *= 2;
+    max = p; // a power of two: valid for split and packed rings
+    this.queues = Array.from({ length: n }, (_, i) => new PciQueue(i, max, this));
+    this.vectors = 1 + n;
+    let offered = device.features & TRANSPORT_FEATURES;
+    if (options.accessPlatform) offered |= bit(F_ACCESS_PLATFORM);
+    if (!(offered & bit(F_VERSION_1))) throw new RangeError('the device must offer VIRTIO_F_VERSION_1 (a modern device)');
+    this.offered = offered;
+    const cfg = device.config?.() ?? new Uint8Array(0);
+    if (cfg.length > VirtioPciLayout.DEVICE_SIZE) throw new RangeError(`device config of ${cfg.length} bytes`);
+    this.configSize = cfg.length;
+    const t = this;
+    this.#dirtyLog = {
+      bytes: new Uint8Array(0),
+      overflow: 0,
+      mark(gpa: number, length: number) {
+        t.#ctx?.dma.markDirty(gpa, length);
+      },
+    };
+    if (options.ioeventfds ?? true) {
+      for (const q of this.queues) {
+        const eventfd = EventFd.create();
+        this.ioEventFds.push({ offset: VirtioPciLayout.NOTIFY + q.index * VirtioPciLayout.NOTIFY_OFF_MULTIPLIER, size: 0, eventfd });
+        this.#unsubscribe.push(
+          eventfd.subscribe(() => {
+            this.stats.ioeventfdKicks++;
+            this.kick(q);
+          }),
+        );
+      }
+    }
+  }
+
+  log(line: string): void {
+    this.#log(line);
+  }
+
+  /** Whether new requests are taken (not stopped, not resetting). */
+  get serving(): boolean {
+    return this.#running && this.#resetShown === null;
+  }
+
+  get interruptsAllowed(): boolean {
+    return this.#irqsAllowed;
+  }
+
+  get running(): boolean {
+    return this.#running;
+  }
+
+  /** Closes the ioeventfds (after the server is closed). */
+  close(): void {
+    for (const u of this.#unsubscribe.splice(0)) u();
+    for (const e of this.ioEventFds) e.eventfd.close();
+    this.#releaseHolds();
+  }
+
+  // --- the server's hooks ---
+
+  attach(ctx: DeviceContext): void {
+    this.#ctx = ctx;
+  }
+
+  detach(): void {
+    this.#ctx = null;
+  }
+
+  dmaMapped(w: DmaWindow): void {
+    const ctx = this.#ctx;
+    if (!ctx) return;
+    const bytes = w.mapped && w.readable && w.writable ? ctx.dma.view(w.iova, w.size) : null;
+    if (!bytes) {
+      this.memory.unusable.push(w);
+      return;
+    }
+    this.memory.mapped.add({ guestPhysAddr: w.iova, size: w.size, userAddr: w.iova, mmapOffset: 0 }, bytes);
+    if (this.#busy > 0) this.#hold(w);
+    // A ring waiting for its memory (a restored device whose client maps after RUNNING).
+    for (const q of this.queues) if (q.enabled && !q.ring) this.#start(q);
+  }
+
+  dmaUnmapped(w: DmaWindow): void {
+    const i = this.memory.unusable.findIndex((u) => u.iova === w.iova && u.size === w.size);
+    if (i >= 0) this.memory.unusable.splice(i, 1);
+    else this.memory.mapped.remove({ guestPhysAddr: w.iova, size: w.size, userAddr: w.iova });
+    const key = `${w.iova}:${w.size}`;
+    const held = this.#holds.get(key);
+    if (held) {
+      this.#holds.delete(key);
+      this.#retired.push(held);
+    }
+    // A hold taken on it stays until nothing is in flight: the I/O may still write there.
+  }
+
+  /** DEVICE_RESET: a reset of the virtio device, once requests in flight are done. */
+  async deviceReset(): Promise<void> {
+    this.#driverReset();
+    await this.#resetDone;
+  }
+
+  // --- BAR4 ---
+
+  barRead(offset: number, out: Uint8Array): void {
+    const L = VirtioPciLayout;
+    out.fill(0);
+    const end = offset + out.length;
+    const copy = (base: number, bytes: Uint8Array): void => {
+      const from = Math.max(offset, base);
+      const to = Math.min(end, base + bytes.length);
+      if (from < to) out.set(bytes.subarray(from - base, to - base), from - offset);
+    };
+    if (offset < L.COMMON + CommonCfg.SIZE && end > L.COMMON) copy(L.COMMON, this.#commonImage());
+    if (offset <= L.ISR && end > L.ISR) {
+      out[L.ISR - offset] = this.isr;
+      this.isr = 0; // read to clear (4.1.4.5)
+    }
+    if (offset < L.DEVICE + this.configSize && end > L.DEVICE) copy(L.DEVICE, this.device.config?.() ?? new Uint8Array(0));
+  }
+
+  barWrite(offset: number, data: Uint8Array): void {
+    const L = VirtioPciLayout;
+    const end = offset + data.length;
+    if (offset < L.COMMON + CommonCfg.SIZE && end > L.COMMON) this.#commonWrite(offset - L.COMMON, data);
+    if (offset >= L.NOTIFY && offset < L.NOTIFY + L.NOTIFY_SIZE) {
+      const q = this.queues[Math.floor((offset - L.NOTIFY) / L.NOTIFY_OFF_MULTIPLIER)];
+      if (q) {
+        this.stats.kicks++;
+        this.kick(q);
+      }
+    }
+    if (offset < L.DEVICE + L.DEVICE_SIZE && end > L.DEVICE && !this.#configWriteLogged) {
+      this.#configWriteLogged = true;
+      this.#log('the driver wrote the device config: ignored (no writable config fields)');
+    }
+  }
+
+  /** virtio_pci_common_cfg as the driver reads it now. */
+  #commonImage(): Uint8Array {
+    const b = new Uint8Array(CommonCfg.SIZE);
+    const v = new DataView(b.buffer);
+    const C = CommonCfg;
+    v.setUint32(C.DEVICE_FEATURE_SELECT, this.deviceFeatureSelect, true);
+    const sel = this.deviceFeatureSelect;
+    v.setUint32(C.DEVICE_FEATURE, sel < 2 ? Number((this.offered >> BigInt(32 * sel)) & 0xffffffffn) : 0, true);
+    v.setUint32(C.DRIVER_FEATURE_SELECT, this.driverFeatureSelect, true);
+    const dsel = this.driverFeatureSelect;
+    v.setUint32(C.DRIVER_FEATURE, dsel < 2 ? Number((this.driverFeatures >> BigInt(32 * dsel)) & 0xffffffffn) : 0, true);
+    v.setUint16(C.CONFIG_MSIX_VECTOR, this.configVector, true);
+    v.setUint16(C.NUM_QUEUES, this.queues.length, true);
+    v.setUint8(C.DEVICE_STATUS, this.#resetShown ?? this.status);
+    v.setUint8(C.CONFIG_GENERATION, this.configGeneration & 0xff);
+    v.setUint16(C.QUEUE_SELECT, this.queueSelect, true);
+    const q = this.queues[this.queueSelect];
+    if (q) {
+      v.setUint16(C.QUEUE_SIZE, q.size, true);
+      v.setUint16(C.QUEUE_MSIX_VECTOR, q.vector, true);
+      v.setUint16(C.QUEUE_ENABLE, q.enabled ? 1 : 0, true);
+      v.setUint16(C.QUEUE_NOTIFY_OFF, q.index, true);
+      v.setBigUint64(C.QUEUE_DESC, BigInt(q.desc), true);
+      v.setBigUint64(C.QUEUE_DRIVER, BigInt(q.driver), true);
+      v.setBigUint64(C.QUEUE_DEVICE, BigInt(q.device), true);
+    }
+    return b;
+  }
+
+  /** A write to the common cfg: each field it touches takes its new value, in offset order. */
+  #commonWrite(offset: number, data: Uint8Array): void {
+    const C = CommonCfg;
+    const start = Math.max(0, offset);
+    const end = Math.min(C.SIZE, offset + data.length);
+    if (start >= end) return;
+    const next = this.#commonImage();
+    next.set(data.subarray(start - offset, end - offset), start);
+    const v = new DataView(next.buffer);
+    const touched = (at: number, size: number): boolean => at < end && start < at + size;
+    const resetting = this.#resetShown !== null;
+    if (touched(C.DEVICE_FEATURE_SELECT, 4)) this.deviceFeatureSelect = v.getUint32(C.DEVICE_FEATURE_SELECT, true);
+    if (touched(C.DRIVER_FEATURE_SELECT, 4)) this.driverFeatureSelect = v.getUint32(C.DRIVER_FEATURE_SELECT, true);
+    if (touched(C.DRIVER_FEATURE, 4) && this.driverFeatureSelect < 2 && !(this.status & VirtioStatus.FEATURES_OK)) {
+      const shift = BigInt(32 * this.driverFeatureSelect);
+      const word = BigInt(v.getUint32(C.DRIVER_FEATURE, true));
+      this.driverFeatures = (this.driverFeatures & ~(0xffffffffn << shift)) | (word << shift);
+    }
+    if (touched(C.CONFIG_MSIX_VECTOR, 2)) this.configVector = this.#vector(v.getUint16(C.CONFIG_MSIX_VECTOR, true));
+    if (touched(C.DEVICE_STATUS, 1)) this.#statusWrite(v.getUint8(C.DEVICE_STATUS));
+    if (touched(C.QUEUE_SELECT, 2)) this.queueSelect = v.getUint16(C.QUEUE_SELECT, true);
+    const q = this.queues[this.queueSelect];
+    if (!q || resetting) return;
+    if (touched(C.QUEUE_MSIX_VECTOR, 2)) q.vector = this.#vector(v.getUint16(C.QUEUE_MSIX_VECTOR, true));
+    if (!q.enabled) {
+      // The driver may not change a queue's size or addresses once enabled (4.1.4.3.2).
+      if (touched(C.QUEUE_SIZE, 2)) q.size = v.getUint16(C.QUEUE_SIZE, true);
+      if (touched(C.QUEUE_DESC, 8)) q.desc = Number(v.getBigUint64(C.QUEUE_DESC, true));
+      if (touched(C.QUEUE_DRIVER, 8)) q.driver = Number(v.getBigUint64(C.QUEUE_DRIVER, true));
+      if (touched(C.QUEUE_DEVICE, 8)) q.device = Number(v.getBigUint64(C.QUEUE_DEVICE, true));
+    }
+    if (touched(C.QUEUE_ENABLE, 2) && v.getUint16(C.QUEUE_ENABLE, true) === 1 && !q.enabled) {
+      q.enabled = true;
+      this.#start(q);
+    }
+  }
+
+  /** A vector the device can use, or NO_VECTOR (4.1.5.1.2: the device reports NO_VECTOR for one it cannot map). */
+  #vector(v: number): number {
+    return v < this.vectors ? v : VIRTIO_MSI_NO_VECTOR;
+  }
+
+  #statusWrite(value: number): void {
+    if (value === 0) {
+      this.#driverReset();
+      return;
+    }
+    if (this.#resetShown !== null) return; // still resetting: the driver waits for 0
+    const S = VirtioStatus;
+    let v = (value & ~S.DEVICE_NEEDS_RESET) | (this.status & S.DEVICE_NEEDS_RESET);
+    const added = v & ~this.status;
+    if (added & S.FEATURES_OK) {
+      const f = this.driverFeatures;
+      if ((f & ~this.offered) !== 0n || !(f & bit(F_VERSION_1))) {
+        this.#log(`FEATURES_OK refused: driver features 0x${f.toString(16)} (offered 0x${this.offered.toString(16)}, VERSION_1 required)`);
+        v &= ~S.FEATURES_OK;
+      } else {
+        this.device.setFeatures?.(f);
+      }
+    }
+    this.status = v;
+    if (added & S.DRIVER_OK) {
+      if (!(v & S.FEATURES_OK)) this.#log('DRIVER_OK without FEATURES_OK: queues not started');
+      else for (const q of this.queues) this.#start(q);
+    }
+  }
+
+  /**
+   * Status 0 (or DEVICE_RESET): queues stop at once (no new requests; what
+   * completes afterwards is dropped), and the status reads as before until
+   * the requests in flight are done, since their I/O may still write into
+   * guest memory; then every register is back to its reset value.
+   */
+  #driverReset(): void {
+    if (this.#resetShown !== null) return;
+    this.stats.resets++;
+    this.#resetShown = this.status;
+    this.#stopping();
+    for (const q of this.queues) q.ring = null;
+    this.#resetDone = Promise.all(this.queues.map((q) => q.drained())).then(() => {
+      for (const q of this.queues) q.resetRegisters();
+      this.driverFeatures = 0n;
+      this.deviceFeatureSelect = 0;
+      this.driverFeatureSelect = 0;
+      this.configVector = VIRTIO_MSI_NO_VECTOR;
+      this.status = 0;
+      this.queueSelect = 0;
+      this.isr = 0;
+      try {
+        this.device.reset?.();
+      } catch (err) {
+        this.#log(`the device's reset threw: ${(err as Error).message}`);
+      }
+      this.#resetShown = null;
+    });
+  }
+
+  // --- queues ---
+
+  /** Tells the device its running queues stop: it gives back the chains it holds. */
+  #stopping(): void {
+    for (const q of this.queues) {
+      try {
+        if (q.ring) this.device.queueStopping?.(q);
+      } catch (err) {
+        this.#log(`queue ${q.index}: queueStopping threw: ${(err as Error).message}`);
+      }
+    }
+  }
+
+  /** Builds the ring of an enabled queue once the driver is ready (DRIVER_OK) and the device runs. */
+  #start(q: PciQueue): void {
+    if (q.ring || !q.enabled || !this.#running || this.#resetShown !== null) return;
+    const S = VirtioStatus;
+    if ((this.status & (S.DRIVER_OK | S.FEATURES_OK)) !== (S.DRIVER_OK | S.FEATURES_OK)) return;
+    if (this.status & S.DEVICE_NEEDS_RESET) return;
+    const f = this.driverFeatures;
+    const packed = (f & bit(F_RING_PACKED)) !== 0n;
+    const eventIdx = (f & bit(F_EVENT_IDX)) !== 0n;
+    const n = q.size;
+    const areas: [string, number, number][] = packed
+      ? [['descriptor ring', q.desc, 16 * n], ['driver area', q.driver, 4], ['device area', q.device, 4]]
+      : [['descriptor table', q.desc, 16 * n], ['avail ring', q.driver, 4 + 2 * n + (eventIdx ? 2 : 0)], ['used ring', q.device, 4 + 8 * n + (eventIdx ? 2 : 0)]];
+    for (const [what, gpa, len] of areas) {
+      if (this.memory.has(gpa, len)) continue;
+      const w = this.memory.unusableAt(gpa, len);
+      if (w) {
+        this.queueBroken(q, new VirtioError('RING_LAYOUT', `queue ${q.index}: the ${what} at ${hex(gpa)} is in the DMA window [${hex(w.iova)}, +${hex(w.size)}), which ${whyUnusable(w)}`));
+      } else {
+        this.#log(`queue ${q.index}: the ${what} [${hex(gpa)}, +${len}) is not in the DMA windows mapped: waiting for them`);
+      }
+      return;
+    }
+    if (n < 1 || n > q.maxSize) {
+      this.queueBroken(q, new VirtioError('RING_LAYOUT', `queue ${q.index}: size ${n} (1..${q.maxSize})`));
+      return;
+    }
+    try {
+      q.ring = createDeviceQueue({
+        memory: this.memory,
+        size: n,
+        packed,
+        desc: q.desc,
+        driver: q.driver,
+        device: q.device,
+        eventIdx,
+        indirect: (f & bit(F_INDIRECT_DESC)) !== 0n,
+        base: q.base,
+        log: this.#dirtyLog,
+      });
+    } catch (err) {
+      this.queueBroken(q, err as Error);
+      return;
+    }
+    q.schedule(); // buffers may be waiting already
+  }
+
+  kick(q: PciQueue): void {
+    if (!this.#running) {
+      q.kickPending = true;
+      return;
+    }
+    if (!q.ring) this.#start(q);
+    if (q.ring) q.schedule();
+  }
+
+  /** @internal The device's handler, guarded. */
+  handle(q: PciQueue): void {
+    try {
+      this.device.handleQueue(q);
+    } catch (err) {
+      this.#log(`queue ${q.index}: the device's handler threw: ${(err as Error).message}`);
+    }
+  }
+
+  /** A malformed ring or chain: the queue stops and the device asks for a reset (DEVICE_NEEDS_RESET, a config interrupt). */
+  queueBroken(q: PciQueue, err: Error): void {
+    this.stats.brokenQueues++;
+    this.#log(`queue ${q.index} broken: ${err.message}`);
+    if (this.status & VirtioStatus.DEVICE_NEEDS_RESET) return;
+    this.status |= VirtioStatus.DEVICE_NEEDS_RESET;
+    if (this.status & VirtioStatus.DRIVER_OK) this.configChanged();
+  }
+
+  /** The device config (or DEVICE_NEEDS_RESET) changed: config_generation moves, config interrupt. */
+  configChanged(): void {
+    this.configGeneration = (this.configGeneration + 1) & 0xff;
+    this.isr |= 2;
+    this.#raise(this.configVector);
+  }
+
+  /** @internal A used-buffer notification for `q`. */
+  interrupt(q: PciQueue): void {
+    this.isr |= 1;
+    this.#raise(q.vector);
+  }
+
+  #raise(vector: number): void {
+    const ctx = this.#ctx;
+    if (!ctx) return;
+    this.stats.interrupts++;
+    if (vector !== VIRTIO_MSI_NO_VECTOR) ctx.trigger('msix', vector);
+    else ctx.trigger('intx');
+  }
+
+  /** @internal Chains in flight went up or down by n: while any is, the DMA windows stay mapped. */
+  busy(n: number): void {
+    const before = this.#busy;
+    this.#busy = Math.max(0, before + n);
+    if (before === 0 && this.#busy > 0) {
+      for (const w of this.#ctx?.dma.windows() ?? []) if (w.mapped) this.#hold(w);
+    } else if (before > 0 && this.#busy === 0) {
+      this.#releaseHolds();
+    }
+  }
+
+  #hold(w: DmaWindow): void {
+    const key = `${w.iova}:${w.size}`;
+    if (this.#holds.has(key) || !this.#ctx) return;
+    try {
+      this.#holds.set(key, this.#ctx.dma.hold(w.iova, w.size));
+    } catch (err) {
+      this.#log(`hold of DMA window ${hex(w.iova)}: ${(err as Error).message}`);
+    }
+  }
+
+  #releaseHolds(): void {
+    const all = [...this.#holds.values(), ...this.#retired];
+    this.#holds.clear();
+    this.#retired = [];
+    for (const release of all) release();
+  }
+
+  // --- migration ---
+
+  async transition(from: string, to: string): Promise<void> {
+    const wasRunning = RUNNING_STATES.has(from);
+    const nowRunning = RUNNING_STATES.has(to);
+    if (wasRunning && !nowRunning) await this.#quiesce();
+    else if (!wasRunning && nowRunning) this.#resume();
+  }
+
+  /**
+   * Leaving RUNNING: no new requests; the requests in flight complete (their
+   * used entries and interrupts reach the driver); then interrupts are held.
+   */
+  #quiesce(): Promise<void> {
+    if (this.#quiesced) return this.#quiesced;
+    this.#running = false;
+    this.#stopping();
+    this.#quiesced = Promise.all(this.queues.map((q) => q.drained())).then(() => {
+      for (const q of this.queues) q.notify(); // the interrupts the last completions are due
+      this.#irqsAllowed = false;
+    });
+    return this.#quiesced;
+  }
+
+  #resume(): void {
+    this.#running = true;
+    this.#irqsAllowed = true;
+    this.#quiesced = null;
+    for (const q of this.queues) {
+      if (!q.ring) this.#start(q);
+      if (q.irqPending) {
+        q.irqPending = false;
+        this.interrupt(q);
+      }
+      q.kickPending = false;
+      // Buffers made available while stopped (their kick went elsewhere, or was held): look once.
+      if (q.ring) q.schedule();
+    }
+  }
+
+  /** STOP_COPY: the state, once quiesced (nothing in flight). */
+  async save(): Promise<Uint8Array> {
+    await this.#quiesce();
+    if (this.#resetShown !== null) await this.#resetDone;
+    const cfg = this.device.config?.() ?? new Uint8Array(0);
+    const out = Buffer.alloc(STATE_HEAD + this.queues.length * STATE_QUEUE + cfg.length);
+    out.write(STATE_MAGIC, 0, 'latin1');
+    out.writeUInt32LE(this.queues.length, 8);
+    out.writeUInt32LE(cfg.length, 12);
+    out.writeBigUInt64LE(this.offered, 16);
+    out.writeBigUInt64LE(this.driverFeatures, 24);
+    out.writeUInt32LE(this.deviceFeatureSelect, 32);
+    out.writeUInt32LE(this.driverFeatureSelect, 36);
+    out.writeUInt16LE(this.configVector, 40);
+    out.writeUInt8(this.status, 42);
+    out.writeUInt8(this.isr, 43);
+    out.writeUInt8(this.configGeneration, 44);
+    out.writeUInt16LE(this.queueSelect, 46);
+    let o = STATE_HEAD;
+    for (const q of this.queues) {
+      out.writeUInt16LE(q.size, o);
+      out.writeUInt16LE(q.vector, o + 2);
+      out.writeUInt8((q.enabled ? 1 : 0) | (q.ring ? 2 : 0) | (q.irqPending ? 4 : 0), o + 4);
+      out.writeUInt32LE(q.ring ? q.ring.base() : q.base, o + 8);
+      out.writeBigUInt64LE(BigInt(q.desc), o + 16);
+      out.writeBigUInt64LE(BigInt(q.driver), o + 24);
+      out.writeBigUInt64LE(BigInt(q.device), o + 32);
+      o += STATE_QUEUE;
+    }
+    out.set(cfg, o);
+    return out;
+  }
+
+  /** RESUMING ended: the source's state replaces ours (rings start at RUNNING). */
+  load(data: Uint8Array): void {
+    const b = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+    const refuse = (why: string): never => {
+      throw new VfioError('VIRTIO_PCI_STATE', Errno.EINVAL, `virtio-pci migration state refused: ${why}`);
+    };
+    if (b.length < STATE_HEAD || b.toString('latin1', 0, 8) !== STATE_MAGIC) refuse('not a virtio-pci state (version 1)');
+    const n = b.readUInt32LE(8);
+    const cfgLen = b.readUInt32LE(12);
+    if (n !== this.queues.length) refuse(`${n} queues, this device has ${this.queues.length}`);
+    if (b.length !== STATE_HEAD + n * STATE_QUEUE + cfgLen) refuse(`${b.length} bytes`);
+    const driverFeatures = b.readBigUInt64LE(24);
+    if (driverFeatures & ~this.offered) refuse(`driver features 0x${driverFeatures.toString(16)} not all offered here (0x${this.offered.toString(16)})`);
+    const cfg = this.device.config?.() ?? new Uint8Array(0);
+    if (Buffer.compare(b.subarray(b.length - cfgLen), Buffer.from(cfg.buffer, cfg.byteOffset, cfg.byteLength)) !== 0) {
+      refuse('the device config differs (another disk size or geometry)');
+    }
+    const queues = [];
+    let o = STATE_HEAD;
+    for (let i = 0; i < n; i++) {
+      const size = b.readUInt16LE(o);
+      const flags = b.readUInt8(o + 4);
+      if (size < 1 || size > this.queues[i]!.maxSize) refuse(`queue ${i} size ${size}`);
+      queues.push({
+        size,
+        vector: b.readUInt16LE(o + 2),
+        enabled: (flags & 1) !== 0,
+        irqPending: (flags & 4) !== 0,
+        base: b.readUInt32LE(o + 8),
+        desc: Number(b.readBigUInt64LE(o + 16)),
+        driver: Number(b.readBigUInt64LE(o + 24)),
+        device: Number(b.readBigUInt64LE(o + 32)),
+      });
+      o += STATE_QUEUE;
+    }
+    // Accepted: replace everything.
+    for (const q of this.queues) q.ring = null;
+    this.driverFeatures = driverFeatures;
+    this.deviceFeatureSelect = b.readUInt32LE(32);
+    this.driverFeatureSelect = b.readUInt32LE(36);
+    this.configVector = b.readUInt16LE(40);
+    this.status = b.readUInt8(42);
+    this.isr = b.readUInt8(43);
+    this.configGeneration = b.readUInt8(44);
+    this.queueSelect = b.readUInt16LE(46);
+    queues.forEach((s, i) => {
+      const q = this.queues[i]!;
+      q.resetRegisters();
+      Object.assign(q, s);
+    });
+    if (this.status & VirtioStatus.FEATURES_OK) this.device.setFeatures?.(driverFeatures);
+  }
+}
