@@ -18,7 +18,6 @@ import type { DescChain } from '../virtio/types.js';
 import { bit, VirtioFeature as VF } from '../vhost-user/constants.js';
 import type { VhostUserDevice } from '../vhost-user/backend.js';
 import type { VirtioQueueHandle } from '../virtio/device-queue-handle.js';
-import type { VirtioQueueHandle } from '../virtio/device-queue-handle.js';
 
 export const SECTOR = 512;
 
