@@ -320,7 +320,22 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
 
   /** A request whose reply is a u64. */
   async #getU64(request: number, payload?: Uint8Array): Promise<bigint> {
-    return replyU64(request, (await this.request(request, payload, null, {}))!);
+    return this.#u64(request, (await this.request(request, payload, null, {}))!);
+  }
+
+  /** A u64 reply; a wrong size is fatal (the stream cannot be trusted after it). */
+  #u64(request: number, msg: VhostUserMessage): bigint {
+    try {
+      return replyU64(request, msg);
+    } catch (err) {
+      this.#reject(err as VhostUserError);
+    }
+  }
+
+  /** Closes the connection for a reply that broke the protocol, and throws the error. */
+  #reject(err: VhostUserError): never {
+    this.#fatal(err);
+    throw err;
   }
 
   /**
@@ -333,7 +348,7 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
       return;
     }
     const r = await this.request(request, payload, fds ?? null, { needReply: true });
-    const ack = replyU64(request, r!);
+    const ack = this.#u64(request, r!);
     if (ack !== 0n) throw Object.assign(new VhostUserError('INVALID', `the back-end refused ${name(request)} (ack ${ack})`), { ack });
   }
 
@@ -382,7 +397,7 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
     this.#waiting = null;
     if (w) {
       clearTimeout(w.timer);
-      w.reject(reason.code === 'DISCONNECTED' ? reason : new VhostUserError('DISCONNECTED', `${name(w.request)}: ${reason.message}`));
+      w.reject(reason.code === 'DISCONNECTED' ? new VhostUserError('DISCONNECTED', `${name(w.request)}: ${reason.message}`) : reason);
     }
     this.#backend?.close();
     this.#backend = null;
@@ -427,13 +442,13 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
 
   async getQueueNum(): Promise<number> {
     const n = await this.#getU64(Req.GET_QUEUE_NUM);
-    if (n === 0n || n > 0xffffn) throw protocolError(`GET_QUEUE_NUM answered ${n}`);
+    if (n === 0n || n > 0xffffn) this.#reject(protocolError(`GET_QUEUE_NUM answered ${n}`));
     return Number(n);
   }
 
   async getMaxMemSlots(): Promise<number> {
     const n = await this.#getU64(Req.GET_MAX_MEM_SLOTS);
-    if (n === 0n || n > 0xffffn) throw protocolError(`GET_MAX_MEM_SLOTS answered ${n}`);
+    if (n === 0n || n > 0xffffn) this.#reject(protocolError(`GET_MAX_MEM_SLOTS answered ${n}`));
     return Number(n);
   }
 
@@ -629,9 +644,9 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
   /** GET_VRING_BASE: stops the ring; returns the base to restart from (its index echoed, 8 bytes). */
   async getVringBase(index: number): Promise<number> {
     const r = (await this.request(Req.GET_VRING_BASE, vringState(index, 0), null, {}))!;
-    if (r.payload.length !== 8) throw protocolError(`GET_VRING_BASE reply of ${r.payload.length} bytes (a vring state is 8)`);
+    if (r.payload.length !== 8) this.#reject(protocolError(`GET_VRING_BASE reply of ${r.payload.length} bytes (a vring state is 8)`));
     const got = r.payload.readUInt32LE(0);
-    if (got !== index) throw protocolError(`GET_VRING_BASE for vring ${index} answered for vring ${got}`);
+    if (got !== index) this.#reject(protocolError(`GET_VRING_BASE for vring ${index} answered for vring ${got}`));
     return r.payload.readUInt32LE(4);
   }
 
@@ -665,13 +680,9 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
     b.writeUInt32LE(flags, 8);
     const r = (await this.request(Req.GET_CONFIG, b, null, {}))!;
     if (r.payload.length === 0) throw new VhostUserError('INVALID', 'the back-end failed GET_CONFIG (an empty reply)');
-    if (r.payload.length !== CONFIG_HDR + size) {
-      const err = protocolError(`GET_CONFIG reply of ${r.payload.length} bytes (expected ${CONFIG_HDR + size})`);
-      this.#fatal(err);
-      throw err;
-    }
+    if (r.payload.length !== CONFIG_HDR + size) this.#reject(protocolError(`GET_CONFIG reply of ${r.payload.length} bytes (expected ${CONFIG_HDR + size})`));
     const rs = r.payload.readUInt32LE(4);
-    if (rs !== size) throw protocolError(`GET_CONFIG reply says ${rs} bytes (asked ${size})`);
+    if (rs !== size) this.#reject(protocolError(`GET_CONFIG reply says ${rs} bytes (asked ${size})`));
     return Buffer.from(r.payload.subarray(CONFIG_HDR));
   }
 
@@ -698,7 +709,7 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
   async getStatus(): Promise<number> {
     if (!this.hasProtocol(PF.STATUS)) throw new VhostUserError('UNSUPPORTED', 'GET_STATUS without the STATUS protocol feature');
     const v = await this.#getU64(Req.GET_STATUS);
-    if (v > 0xffn) throw protocolError(`GET_STATUS answered 0x${v.toString(16)} (a status is one byte)`);
+    if (v > 0xffn) this.#reject(protocolError(`GET_STATUS answered 0x${v.toString(16)} (a status is one byte)`));
     return Number(v);
   }
 
@@ -727,7 +738,7 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
     const r = (await this.request(Req.SET_LOG_BASE, b, [log.fd], {}))!;
     // libvhost-user answers a u64 holding whatever its message buffer held (the seed checks the type only).
     if (r.payload.length !== 0 && r.payload.length !== 8) {
-      throw protocolError(`SET_LOG_BASE reply of ${r.payload.length} bytes`);
+      this.#reject(protocolError(`SET_LOG_BASE reply of ${r.payload.length} bytes`));
     }
   }
 
@@ -742,7 +753,7 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
     const r = (await this.request(Req.GET_INFLIGHT_FD, b, null, { maxFds: 1 }))!;
     const fail = (msg: string): never => {
       closeAll(r.fds);
-      throw protocolError(msg);
+      return this.#reject(protocolError(msg));
     };
     if (r.payload.length !== 24 && r.payload.length !== 20) fail(`GET_INFLIGHT_FD reply of ${r.payload.length} bytes (expected 24)`);
     const size = r.payload.readBigUInt64LE(0);

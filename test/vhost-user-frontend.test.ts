@@ -1,0 +1,291 @@
+/**
+ * The vhost-user front-end against in-test back-ends that misbehave: a
+ * reply of the wrong type, with wrong flags, too short, an oversized config,
+ * fds nobody asked for, a close in the middle of the handshake, silence, an
+ * oversized header, a NACK. Each gives a typed VhostUserError, nothing hangs,
+ * every fd received is closed. Then the back-end request channel (CONFIG_CHANGE,
+ * host notifiers, an unknown request: acked 0 / 0 / 1), and a handshake
+ * against our own back-end with its sequence checked.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { EventFd, SharedMemory, UnixServer, UnixSocket, type Fd } from '../src/sys/index.js';
+import { MessageChannel, type VhostUserMessage } from '../src/vhost-user/channel.js';
+import { VhostUserFrontend } from '../src/vhost-user/frontend.js';
+import { VhostUserError } from '../src/vhost-user/errors.js';
+import { VhostUserBackend } from '../src/vhost-user/backend.js';
+import { VhostUserBlkDevice } from '../src/devices/vhost-user-blk.js';
+import { VirtioBlkDriver } from '../src/vhost-user/blk-driver.js';
+import { NEED_REPLY, REPLY, u64, VERSION } from './helpers/vhost-user-raw.js';
+
+const F_PROTOCOL = 1n << 30n;
+const F_VERSION_1 = 1n << 32n;
+/** Protocol feature bits (vhost-user.rst): REPLY_ACK 3, BACKEND_REQ 5, CONFIG 9, BACKEND_SEND_FD 10, HOST_NOTIFIER 11. */
+const [PF_REPLY_ACK, PF_BACKEND_REQ, PF_CONFIG, PF_SEND_FD, PF_HOST_NOTIFIER] = [3n, 5n, 9n, 10n, 11n].map((b) => 1n << b) as [bigint, bigint, bigint, bigint, bigint];
+
+const openFds = (): number => fs.readdirSync('/proc/self/fd').length;
+
+type Reply = (request: number, payload?: Uint8Array, flags?: number, fds?: (Fd | number)[]) => void;
+
+/** A back-end written here: `handle` sees each front-end message (after `standard` answered what it knows, unless handle returns true). */
+function fakeBackend(handle: (msg: VhostUserMessage, reply: Reply, ch: MessageChannel) => boolean | void, protocol = PF_REPLY_ACK | PF_CONFIG): { sock: string; done(): void; seen: number[] } {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdevkit-fe-'));
+  const sock = path.join(dir, 'be.sock');
+  const server = UnixServer.listen(sock);
+  const seen: number[] = [];
+  const chans: MessageChannel[] = [];
+  server.on('connection', (s: UnixSocket) => {
+    const ch = new MessageChannel(s);
+    chans.push(ch);
+    ch.on('error', () => {});
+    ch.on('message', (m) => {
+      seen.push(m.request);
+      const reply: Reply = (request, payload = new Uint8Array(0), flags = VERSION | REPLY, fds) => {
+        if (!ch.closed) ch.send(request, flags, payload, fds ?? null);
+      };
+      const took = handle(m, reply, ch);
+      if (took !== true) standard(m, reply, protocol);
+      for (const f of m.fds) f.close();
+    });
+  });
+  return {
+    sock,
+    seen,
+    done() {
+      for (const c of chans) c.close();
+      server.close();
+      fs.rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** What a minimal good back-end answers. */
+function standard(m: VhostUserMessage, reply: Reply, protocol: bigint): void {
+  switch (m.request) {
+    case 1:
+      return reply(1, u64(F_VERSION_1 | F_PROTOCOL));
+    case 15:
+      return reply(15, u64(protocol));
+    case 17:
+      return reply(17, u64(1n));
+    case 36:
+      return reply(36, u64(8n));
+    default:
+      if (m.flags & NEED_REPLY) reply(m.request, u64(0n));
+  }
+}
+
+async function rejects(p: Promise<unknown>, code: string, re: RegExp): Promise<VhostUserError> {
+  try {
+    await p;
+  } catch (err) {
+    assert.ok(err instanceof VhostUserError, `a VhostUserError, got ${String(err)}`);
+    assert.equal(err.code, code, err.message);
+    assert.match(err.message, re);
+    return err;
+  }
+  assert.fail(`expected ${code}`);
+}
+
+test('front-end: misbehaving back-ends give typed errors, close the connection, leak no fd', async () => {
+  const before = openFds();
+  const cases: { what: string; code: string; re: RegExp; handle: (m: VhostUserMessage, r: Reply) => boolean | void; run?: (fe: VhostUserFrontend) => Promise<unknown> }[] = [
+    { what: 'wrong reply type', code: 'PROTOCOL', re: /unexpected msg type.*GET_FEATURES.*GET_PROTOCOL_FEATURES/, handle: (m, r) => m.request === 1 && (r(15, u64(0n)), true) },
+    { what: 'reply without REPLY', code: 'PROTOCOL', re: /flags 0x1 instead of 0x5/, handle: (m, r) => m.request === 1 && (r(1, u64(F_VERSION_1), VERSION), true) },
+    { what: 'reply with NEED_REPLY too', code: 'PROTOCOL', re: /flags 0xd instead of 0x5/, handle: (m, r) => m.request === 1 && (r(1, u64(F_VERSION_1), VERSION | REPLY | NEED_REPLY), true) },
+    { what: 'short reply', code: 'PROTOCOL', re: /GET_FEATURES reply of 4 bytes/, handle: (m, r) => m.request === 1 && (r(1, Buffer.alloc(4)), true) },
+    {
+      what: 'unexpected fds',
+      code: 'PROTOCOL',
+      re: /carries 1 fd/,
+      handle: (m, r) => {
+        if (m.request !== 1) return;
+        const ev = EventFd.create();
+        r(1, u64(F_VERSION_1), VERSION | REPLY, [ev.fd]);
+        ev.close();
+        return true;
+      },
+    },
+    { what: 'close mid-handshake', code: 'DISCONNECTED', re: /closed/, handle: (m) => m.request === 15 && (setImmediate(() => closeAll()), true) },
+    { what: 'silence', code: 'TIMEOUT', re: /no reply to GET_QUEUE_NUM in 200 ms/, handle: (m) => m.request === 15 || m.request === 17 ? m.request === 17 : undefined, run: async (fe) => { await fe.getFeatures(); return fe.getQueueNum(); } },
+    { what: 'oversized header', code: 'PROTOCOL', re: /announces 100000 payload bytes/, handle: (m) => m.request === 1 && (hugeHeader(), true) },
+    {
+      what: 'oversized config',
+      code: 'PROTOCOL',
+      re: /GET_CONFIG reply of 80 bytes \(expected 72\)/,
+      handle: (m, r) => m.request === 24 && (r(24, Buffer.alloc(80)), true),
+      run: async (fe) => {
+        await fe.handshake({ config: 'require' });
+        return fe.getConfig(0, 60);
+      },
+    },
+    {
+      what: 'unsolicited message',
+      code: 'DISCONNECTED',
+      re: /unsolicited GET_FEATURES/,
+      handle: (m, r) => m.request === 3 && (r(3, u64(0n)), setTimeout(() => r(1, u64(0n)), 10), true),
+      run: async (fe) => {
+        await fe.handshake();
+        await new Promise((res) => setTimeout(res, 50));
+        return fe.getFeatures();
+      },
+    },
+  ];
+  let closeAll = (): void => {};
+  let hugeHeader = (): void => {};
+  for (const c of cases) {
+    let chan: MessageChannel | null = null;
+    const be = fakeBackend((m, r, ch) => {
+      chan = ch;
+      return c.handle(m, r);
+    });
+    closeAll = () => chan?.close();
+    hugeHeader = () => {
+      const h = Buffer.alloc(12);
+      h.writeUInt32LE(1, 0);
+      h.writeUInt32LE(VERSION | REPLY, 4);
+      h.writeUInt32LE(100000, 8);
+      chan?.socket.write(h);
+    };
+    const fe = await VhostUserFrontend.connect(be.sock, { timeoutMs: 200 });
+    const t0 = Date.now();
+    const err = await rejects(c.run ? c.run(fe) : fe.handshake(), c.code, c.re);
+    assert.ok(Date.now() - t0 < 2000, `${c.what}: answered in time`);
+    await fe.waitClosed();
+    assert.equal(fe.closed, true, `${c.what}: the connection is closed`);
+    assert.ok(err.message.length > 10);
+    // Anything asked afterwards fails at once.
+    await rejects(fe.getFeatures(), 'DISCONNECTED', /GET_FEATURES/);
+    fe.releaseMemory();
+    be.done();
+  }
+  await new Promise((r) => setTimeout(r, 50));
+  assert.equal(openFds(), before, 'no fd leaked');
+});
+
+test('front-end: a NACK fails that request only; requests queued behind a disconnect all fail', async () => {
+  const be = fakeBackend((m, r) => m.request === 3 && (r(3, u64(1n)), true));
+  const fe = await VhostUserFrontend.connect(be.sock, { timeoutMs: 1000 });
+  await rejects(fe.handshake(), 'INVALID', /refused SET_OWNER \(ack 1\)/);
+  assert.equal(fe.closed, false);
+  assert.equal(await fe.getFeatures(), F_VERSION_1 | F_PROTOCOL);
+  fe.close();
+  be.done();
+
+  let ch: MessageChannel | null = null;
+  const be2 = fakeBackend((m, _r, c) => {
+    ch = c;
+    if (m.request === 17) {
+      setTimeout(() => ch?.close(), 20);
+      return true;
+    }
+  });
+  const fe2 = await VhostUserFrontend.connect(be2.sock, { timeoutMs: 5000 });
+  const ps = [fe2.getQueueNum(), fe2.getFeatures(), fe2.getProtocolFeatures()];
+  for (const p of ps) await rejects(p, 'DISCONNECTED', /closed/);
+  be2.done();
+});
+
+test('front-end: the handshake follows the seed: CONFIG required, HOST_NOTIFIER only with BACKEND_REQ and BACKEND_SEND_FD', async () => {
+  const be = fakeBackend(() => {}, PF_REPLY_ACK);
+  const fe = await VhostUserFrontend.connect(be.sock);
+  await rejects(fe.handshake({ config: 'require' }), 'UNSUPPORTED', /expects VHOST_USER_PROTOCOL_F_CONFIG/);
+  fe.close();
+  be.done();
+
+  let acked = -1n;
+  const be2 = fakeBackend((m) => {
+    if (m.request === 16) acked = m.payload.readBigUInt64LE(0);
+  }, PF_REPLY_ACK | PF_HOST_NOTIFIER | PF_SEND_FD | PF_CONFIG | (1n << 8n));
+  const fe2 = await VhostUserFrontend.connect(be2.sock);
+  await fe2.handshake({ config: 'never' });
+  assert.equal(acked, PF_REPLY_ACK, 'no CONFIG (never), no PAGEFAULT (not ours), no SEND_FD / HOST_NOTIFIER without BACKEND_REQ');
+  await rejects(fe2.getConfig(0, 8), 'UNSUPPORTED', /CONFIG/);
+  await rejects(fe2.handshake({ queues: 2 }), 'UNSUPPORTED', /maximum number of queues supported by the back-end is 1/);
+  fe2.close();
+  be2.done();
+});
+
+test('front-end: the back-end channel: CONFIG_CHANGE and host notifiers acked 0, an unknown request acked 1', async () => {
+  const before = openFds();
+  let backendCh: MessageChannel | null = null;
+  const acks: bigint[] = [];
+  const be = fakeBackend((m) => {
+    if (m.request === 21) {
+      backendCh = new MessageChannel(new UnixSocket(m.fds.shift()!));
+      backendCh.on('message', (a) => {
+        assert.equal(a.flags, VERSION | REPLY);
+        acks.push(a.payload.readBigUInt64LE(0));
+      });
+    }
+  }, PF_REPLY_ACK | PF_CONFIG | PF_BACKEND_REQ | PF_SEND_FD | PF_HOST_NOTIFIER);
+  const fe = await VhostUserFrontend.connect(be.sock);
+  let changes = 0;
+  const notifiers: (number | null)[] = [];
+  fe.on('configChange', () => changes++);
+  fe.on('hostNotifier', (i, n) => notifiers.push(n ? i : null));
+  await fe.handshake();
+  assert.ok(backendCh);
+  const ch = backendCh as MessageChannel;
+  ch.send(2, VERSION | NEED_REPLY);
+  const area = Buffer.alloc(24);
+  area.writeBigUInt64LE(1n, 0);
+  area.writeBigUInt64LE(4096n, 8);
+  const shm = SharedMemory.create(4096);
+  ch.send(3, VERSION | NEED_REPLY, area, [shm.fd]);
+  ch.send(99, VERSION | NEED_REPLY);
+  area.writeBigUInt64LE(1n | 0x100n, 0);
+  ch.send(3, VERSION | NEED_REPLY, area);
+  shm.close();
+  const end = Date.now() + 2000;
+  while (acks.length < 4 && Date.now() < end) await new Promise((r) => setTimeout(r, 10));
+  assert.deepEqual(acks, [0n, 0n, 1n, 0n]);
+  assert.equal(changes, 1);
+  assert.deepEqual(notifiers, [1, null]);
+  fe.close();
+  ch.close();
+  be.done();
+  await new Promise((r) => setTimeout(r, 50));
+  assert.equal(openFds(), before, 'no fd leaked');
+});
+
+test('front-end against our back-end: the message sequence, CONFIG_CHANGE through the back-end channel, block I/O', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdevkit-fe-'));
+  const sock = path.join(dir, 'blk.sock');
+  const img = path.join(dir, 'disk.img');
+  fs.writeFileSync(img, Buffer.alloc(1 << 20));
+  const trace: string[] = [];
+  const be = VhostUserBackend.listen(sock, VhostUserBlkDevice.open({ file: img, queues: 2, serial: 'fe-unit' }), { trace: (l) => trace.push(l.split(' ')[0]!) });
+  const before = openFds();
+  try {
+    for (const packed of [false, true]) {
+      trace.length = 0;
+      const d = await VirtioBlkDriver.connect(sock, { queues: 2, packed, queueSize: 16 });
+      assert.equal(d.packed, packed);
+      assert.deepEqual(trace.slice(0, 7), ['GET_FEATURES', 'GET_PROTOCOL_FEATURES', 'SET_PROTOCOL_FEATURES', 'GET_QUEUE_NUM', 'GET_MAX_MEM_SLOTS', 'SET_BACKEND_REQ_FD', 'SET_OWNER']);
+      assert.ok(trace.includes('ADD_MEM_REG') && !trace.includes('SET_MEM_TABLE'), 'memory slots when offered');
+      let changed = 0;
+      d.frontend.on('configChange', () => changed++);
+      await be.configChanged();
+      assert.equal(changed, 1);
+      const data = Buffer.alloc(64 * 1024, packed ? 0x5a : 0xa5);
+      await Promise.all([d.write(0, data, { queue: 0 }), d.write(65536, data, { queue: 1 })]);
+      assert.deepEqual(await d.read(0, 131072), Buffer.concat([data, data]));
+      assert.equal(await d.getId(), 'fe-unit');
+      const results = await d.submitBatch([{ op: 'read', offset: 0, length: 512 }, { op: 'flush' }, { op: 'read', offset: 1 << 20, length: 512 }]);
+      assert.deepEqual(results[0], data.subarray(0, 512));
+      assert.equal(results[1], undefined);
+      assert.ok(results[2] instanceof RangeError);
+      await d.close();
+      assert.ok(trace.includes('GET_VRING_BASE'));
+    }
+    await new Promise((r) => setTimeout(r, 100));
+    assert.equal(openFds(), before, 'no fd leaked');
+  } finally {
+    be.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
