@@ -179,6 +179,22 @@ test('packed malformed: chains, indirect tables, addresses, ids', () => {
   assert.ok(g.guardsIntact());
 });
 
+test('maxChainLength: lower or raise the buffers per chain', () => {
+  const memory = new GuestMemory();
+  const bytes = new Uint8Array(MEM);
+  memory.add({ guestPhysAddr: 0, size: MEM, userAddr: 0, mmapOffset: 0 }, bytes);
+  const dv = new DataView(bytes.buffer);
+  for (let i = 0; i <= N; i++) splitDesc(dv, T, i, 0x4000, 4, i < N ? NEXT : 0, i + 1);
+  splitDesc(dv, DESC, 0, T, 16 * (N + 1), INDIRECT);
+  availPublish(dv, AVAIL, N, 0);
+  const make = (maxChainLength: number) =>
+    createDeviceQueue({ memory, size: N, packed: false, desc: DESC, driver: AVAIL, device: USEDR, eventIdx: false, indirect: true, maxChainLength });
+  assert.equal(make(N + 1).pop()!.readable.length, N + 1);
+  throwsCode(() => make(4).pop(), 'CHAIN_TOO_LONG');
+  assert.throws(() => make(0), RangeError);
+  assert.throws(() => make(65537), RangeError);
+});
+
 test('packed malformed: the driver makes available more descriptors than the ring holds', () => {
   const g = guarded(true, true);
   for (let i = 0; i < N; i++) packedDesc(g.dv, DESC, i, 0x4000, 4, 1, A | (i < N - 1 ? NEXT : 0));
