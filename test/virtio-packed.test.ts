@@ -38,7 +38,9 @@ test('packed: a two-descriptor chain, buffer id from the last descriptor, used d
   packedDesc(dv, RING, 1, 0x5000, 64, 7, availBits(true) | WRITE);
   packedDesc(dv, RING, 0, 0x4000, 16, 0xbeef, availBits(true) | NEXT); // first made available last
   const queue = q();
+  assert.equal(queue.available(), true);
   const c = queue.pop()!;
+  assert.equal(queue.available(), false);
   assert.equal(c.id, 7);
   assert.equal(c.descCount, 2);
   assert.deepEqual(Array.from(c.readable[0]!), raw(bytes, 0x4000, 16));

@@ -48,8 +48,10 @@ test('split: a readable + writable chain, popped and pushed, used ring checked b
   splitDesc(dv, DESC, 5, 0x5000, 32, WRITE);
   availPublish(dv, AVAIL, N, 3);
   const queue = q();
+  assert.equal(queue.available(), true);
   const c = queue.pop();
   assert.ok(c);
+  assert.equal(queue.available(), false);
   assert.equal(c.id, 3);
   assert.equal(c.descCount, 1);
   assert.equal(c.readableBytes, 16);

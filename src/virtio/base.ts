@@ -198,6 +198,15 @@ export abstract class BaseQueue implements DeviceQueue {
   abstract pushBatch(chains: readonly DescChain[], written: ArrayLike<number>): void;
   abstract needsNotify(): boolean;
   abstract enableNotifications(): boolean;
+
+  available(): boolean {
+    if (this.#broken !== null) return false;
+    this.views();
+    return this.hasAvailable();
+  }
+
+  /** Whether the driver has made a chain available past the device's next avail position. */
+  protected abstract hasAvailable(): boolean;
   abstract disableNotifications(): void;
   abstract base(): number;
 

@@ -268,6 +268,10 @@ export class PackedQueue extends BaseQueue {
     } else {
       this.#writeDeviceFlags(EVENT_ENABLE);
     }
+    return this.hasAvailable();
+  }
+
+  protected hasAvailable(): boolean {
     return isAvail(Atomics.load(this.#ring16, this.#lastAvail * 8 + 7), this.#availWrap);
   }
 

@@ -104,6 +104,8 @@ export interface DeviceQueue {
    * driver may have added them before it saw the change.
    */
   enableNotifications(): boolean;
+  /** Whether pop() would find a chain now (no side effect; false when broken). For polling. */
+  available(): boolean;
   /** Asks the driver not to kick (while polling / processing a batch). */
   disableNotifications(): void;
   /** The GET_VRING_BASE value (split: next avail idx; packed: the encoding of `base`). */

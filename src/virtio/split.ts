@@ -209,6 +209,10 @@ export class SplitQueue extends BaseQueue {
     if (this.eventIdx) this.#writeAvailEvent();
     else this.#writeUsedFlags(0);
     // The store above and this load are sequentially consistent: a full barrier between them.
+    return this.hasAvailable();
+  }
+
+  protected hasAvailable(): boolean {
     return Atomics.load(this.#avail, 1) !== this.#lastAvail;
   }
 
