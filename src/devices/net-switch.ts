@@ -19,11 +19,13 @@
  */
 import { EventEmitter } from 'node:events';
 import { VhostUserBackend, type VhostUserBackendOptions } from '../vhost-user/backend.js';
-import { VhostUserNetDevice, isMulticast, formatMac, type Frame, type FrameSink, type NetPortStats, type VhostUserNetOptions } from './vhost-user-net.js';
+import { VhostUserNetDevice, isMulticast, formatMac, readAt, type Frame, type FrameSink, type NetPortStats, type VhostUserNetOptions } from './vhost-user-net.js';
 
 export interface NetSwitchOptions {
   /** A learned MAC is forgotten after this long without a frame from it (default 300000 ms). */
   ageingMs?: number;
+  /** Sees a copy of every frame a port transmits (tests, debugging; costs a copy per frame). */
+  inspect?: (from: SwitchPort, frame: Uint8Array) => void;
   log?: (line: string) => void;
 }
 
@@ -75,6 +77,7 @@ export class NetSwitch extends EventEmitter<SwitchEvents> implements FrameSink {
   readonly #table = new Map<number, MacEntry>();
   readonly #touched: Port[] = [];
   readonly #log: (line: string) => void;
+  readonly #inspect: ((from: SwitchPort, frame: Uint8Array) => void) | null;
   #now = Date.now();
   readonly #clock: NodeJS.Timeout;
   #nextId = 0;
@@ -83,6 +86,7 @@ export class NetSwitch extends EventEmitter<SwitchEvents> implements FrameSink {
     super();
     this.ageingMs = options.ageingMs ?? 300_000;
     this.#log = options.log ?? (() => undefined);
+    this.#inspect = options.inspect ?? null;
     // A coarse clock for ageing (no Date.now() per frame), which also sweeps old entries.
     this.#clock = setInterval(() => this.tick(), Math.min(1000, Math.max(10, this.ageingMs / 4)));
     this.#clock.unref();
@@ -171,6 +175,7 @@ export class NetSwitch extends EventEmitter<SwitchEvents> implements FrameSink {
   forward(from: VhostUserNetDevice, frame: Frame, dst: number, src: number, pair: number): void {
     const port = this.#byDevice.get(from);
     if (!port) return;
+    if (this.#inspect !== null) this.#inspect(port, copyFrame(frame));
     if (!isMulticast(src)) this.#learn(src, port);
     if (!isMulticast(dst)) {
       const e = this.#table.get(dst);
@@ -247,4 +252,10 @@ export class NetSwitch extends EventEmitter<SwitchEvents> implements FrameSink {
       this.#touched.push(to);
     }
   }
+}
+
+function copyFrame(f: Frame): Uint8Array {
+  const out = new Uint8Array(f.length);
+  readAt(f.views, f.offset, out, f.length);
+  return out;
 }

@@ -64,8 +64,8 @@ const ETH_HLEN = 14;
 /** Allowed above the MTU: the Ethernet header and one VLAN tag. */
 const L2_OVERHEAD = 18;
 /** TX chains handled per batch, and batches per wake-up before yielding to other rings. */
-const TX_BATCH = 256;
-const TX_TURNS = 8;
+const TX_BATCH = 64;
+const TX_TURNS = 32;
 /** The largest control command accepted (a MAC table of ~10000 entries). */
 const MAX_CTRL = 64 * 1024;
 
@@ -240,8 +240,8 @@ function writeAt(views: readonly Uint8Array[], at: number, bytes: Uint8Array): b
   return o >= bytes.length;
 }
 
-/** `length` bytes from `at` of consecutive views, copied into `out` (for headers and MACs only). */
-function readAt(views: readonly Uint8Array[], at: number, out: Uint8Array, length: number): boolean {
+/** `length` bytes from `at` of consecutive views, copied into `out` (headers, MACs, control commands). */
+export function readAt(views: readonly Uint8Array[], at: number, out: Uint8Array, length: number): boolean {
   let o = 0;
   for (const v of views) {
     if (o >= length) break;

@@ -1,0 +1,228 @@
+/**
+ * Our vhost-user-net switch between two DPDK 22.11 testpmd processes
+ * (`net_virtio_user`, ../shared/docs/peers.md): txonly on port A, rxonly on
+ * port B. The frames testpmd sends cross the switch and are counted on both
+ * sides: what A's testpmd says it sent is what the switch took from port A,
+ * what B's testpmd received (packets and bytes) is what the switch wrote into
+ * port B; the frames are checked (testpmd's 64-byte IPv4/UDP txonly frame).
+ * Split and packed rings, with and without MRG_RXBUF, 2 queue pairs, and
+ * testpmd as the socket server (server=1, we connect).
+ *
+ * testpmd runs without hugepages (--no-huge -m 512), each with its own
+ * --file-prefix, started and stopped by pid (SIGINT prints its statistics). A
+ * missing dpdk-testpmd fails (apt-get install dpdk-dev; .ci/run does).
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import { NetSwitch, type SwitchPort } from '../../src/devices/net-switch.js';
+import { scratchDir, startPeer, waitForSocket, type Peer } from './peers.js';
+import { which } from './guest.js';
+
+function testpmdPath(): string {
+  const p = which('dpdk-testpmd');
+  if (!p) throw new Error('dpdk-testpmd is missing: apt-get install --no-install-recommends dpdk-dev (.ci/run installs it)');
+  return p;
+}
+
+export interface TestpmdStats {
+  rxPackets: number;
+  txPackets: number;
+  /** Streams (queues) that forwarded, from the per-stream blocks ("RX Port= 0/Queue= 1"). */
+  rxQueues: Set<number>;
+  txQueues: Set<number>;
+}
+
+/** testpmd's "Accumulated forward statistics" and the streams that forwarded. */
+export function parseTestpmd(out: string): TestpmdStats {
+  const acc = out.lastIndexOf('Accumulated forward statistics');
+  if (acc < 0) throw new Error(`no "Accumulated forward statistics" in testpmd's output:\n${out.slice(-3000)}`);
+  const tail = out.slice(acc);
+  const num = (re: RegExp, s: string): number => Number(re.exec(s)?.[1] ?? NaN);
+  const queues = (re: RegExp): Set<number> => new Set([...out.matchAll(re)].map((m) => Number(m[1])));
+  return {
+    rxPackets: num(/RX-packets: (\d+)/, tail),
+    txPackets: num(/TX-packets: (\d+)/, tail),
+    rxQueues: queues(/RX Port= *0\/Queue= *(\d+) ->/g),
+    txQueues: queues(/-> TX Port= *0\/Queue= *(\d+)/g),
+  };
+}
+
+export interface TestpmdOptions {
+  /** The vdev: net_virtio_user0 with path= and these devargs. */
+  socket: string;
+  devargs?: string;
+  mode: 'txonly' | 'rxonly' | 'io';
+  prefix: string;
+  queues?: number;
+  /** More testpmd application arguments (after --). */
+  extra?: string[];
+  mainLcore?: number;
+}
+
+/** Starts testpmd (net_virtio_user on `socket`), forwarding at once, statistics each second. */
+export function startTestpmd(o: TestpmdOptions): Peer {
+  const q = o.queues ?? 1;
+  const args = [
+    '-l', '0,1', `--main-lcore=${o.mainLcore ?? 0}`, '--no-huge', '-m', '512', '--no-pci', `--file-prefix=${o.prefix}`,
+    '--vdev', `net_virtio_user0,path=${o.socket},queues=${q}${o.devargs ? `,${o.devargs}` : ''}`,
+    '--', '--total-num-mbufs=16384', `--forward-mode=${o.mode}`, '--stats-period=1', `--rxq=${q}`, `--txq=${q}`, ...(o.extra ?? []),
+  ];
+  return startPeer(testpmdPath(), args);
+}
+
+/** SIGINT (testpmd prints its statistics and exits), SIGKILL after `timeoutMs`; resolves with its output. */
+export async function stopTestpmd(p: Peer, timeoutMs = 15_000): Promise<string> {
+  if (p.proc.exitCode === null && p.proc.signalCode === null) {
+    try {
+      process.kill(p.pid, 'SIGINT');
+    } catch {
+      /* gone */
+    }
+  }
+  const t = setTimeout(() => void p.stop(100), timeoutMs);
+  await p.exited;
+  clearTimeout(t);
+  return p.output();
+}
+
+async function until(what: string, ok: () => boolean, timeoutMs: number, peers: Peer[] = []): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (!ok()) {
+    if (Date.now() > end) throw new Error(`${what} after ${timeoutMs} ms${peers.map((p) => `\n--- ${p.pid}:\n${p.output().slice(-2000)}`).join('')}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** testpmd's txonly frame: 64 bytes, IPv4 198.18.0.1 -> 198.18.0.2, UDP 9 -> 9 (app/test-pmd/txonly.c). */
+function checkTxonlyFrame(f: Uint8Array): void {
+  const b = Buffer.from(f);
+  assert.equal(b.length, 64, 'testpmd txonly frame length');
+  assert.equal(b.subarray(0, 6).toString('hex'), '020000000000', 'destination: testpmd eth-peer 0');
+  assert.equal(b.readUInt16BE(12), 0x0800, 'IPv4');
+  assert.equal(b[14]! >> 4, 4);
+  assert.equal(b.readUInt16BE(16), 50, 'IPv4 total length');
+  assert.equal(b[23], 17, 'UDP');
+  assert.equal(b.subarray(26, 30).join('.'), '198.18.0.1');
+  assert.equal(b.subarray(30, 34).join('.'), '198.18.0.2');
+  assert.equal(b.readUInt16BE(34), 9, 'UDP source port');
+  assert.equal(b.readUInt16BE(36), 9, 'UDP destination port');
+  assert.equal(b.readUInt16BE(38), 30, 'UDP length');
+}
+
+interface RunOptions {
+  /** devargs for both testpmd processes (packed_vq=1, mrg_rxbuf=0, ...). */
+  devargs?: string;
+  queues?: number;
+  /** testpmd A listens (server=1) and the switch connects to it. */
+  serverA?: boolean;
+  /** How long A sends. */
+  sendMs?: number;
+}
+
+async function run(t: { diagnostic(s: string): void }, o: RunOptions): Promise<void> {
+  const scratch = scratchDir('vdevkit-dpdk-');
+  const sockA = path.join(scratch.dir, 'a.sock');
+  const sockB = path.join(scratch.dir, 'b.sock');
+  const q = o.queues ?? 1;
+  let frames = 0;
+  let bad: Error | null = null;
+  const sw = new NetSwitch({
+    inspect: (_p, f) => {
+      if (frames++ >= 2000 || bad) return;
+      try {
+        checkTxonlyFrame(f);
+      } catch (err) {
+        bad = err as Error;
+      }
+    },
+  });
+  const peers: Peer[] = [];
+  let outA = '';
+  let outB = '';
+  try {
+    let portA: SwitchPort | null = null;
+    if (!o.serverA) portA = sw.listen(sockA, { queuePairs: q });
+    const portB = sw.listen(sockB, { queuePairs: q });
+    const rx = startTestpmd({ socket: sockB, mode: 'rxonly', prefix: `vdk-rx-${process.pid}`, queues: q, devargs: o.devargs, mainLcore: 0 });
+    peers.push(rx);
+    await until('testpmd rxonly connected to port B', () => portB.connected && portB.device.rxReady, 20_000, peers);
+    const tx = startTestpmd({
+      socket: sockA,
+      mode: 'txonly',
+      prefix: `vdk-tx-${process.pid}`,
+      queues: q,
+      devargs: `${o.devargs ? `${o.devargs},` : ''}${o.serverA ? 'server=1' : ''}`.replace(/,$/, ''),
+      mainLcore: 1,
+    });
+    peers.push(tx);
+    if (o.serverA) {
+      await waitForSocket(sockA, tx, 20_000);
+      portA = await sw.connect(sockA, { queuePairs: q }, { timeoutMs: 20_000 });
+    }
+    const a = portA!;
+    await until('testpmd txonly connected to port A', () => a.connected && a.device.stats.txPackets > 0, 20_000, peers);
+    await new Promise((r) => setTimeout(r, o.sendMs ?? 3000));
+    outA = await stopTestpmd(tx);
+    // Let the switch finish and B read everything (the counters stand still), then stop B.
+    let last = -1;
+    await until('the switch idle', () => {
+      const n = portB.device.stats.rxPackets + portB.device.stats.drops['no-rx-buffer'];
+      const idle = n === last;
+      last = n;
+      return idle;
+    }, 10_000);
+    await new Promise((r) => setTimeout(r, 300));
+    outB = await stopTestpmd(rx);
+    const sa = parseTestpmd(outA);
+    const sb = parseTestpmd(outB);
+    const [ours] = sw.snapshot().filter((p) => p.id === a.id);
+    const [oursB] = sw.snapshot().filter((p) => p.id === portB.id);
+    t.diagnostic(
+      `testpmd A sent ${sa.txPackets}, the switch took ${ours!.txPackets} from A and wrote ${oursB!.rxPackets} into B ` +
+        `(drops at B: ${JSON.stringify(Object.fromEntries(Object.entries(oursB!.drops).filter(([, n]) => n > 0)))}), testpmd B received ${sb.rxPackets}`,
+    );
+    assert.ok(sa.txPackets > 1000, `testpmd A sent only ${sa.txPackets}`);
+    // testpmd counts a frame sent once it is in its TX ring; what the ring held at its exit is never taken.
+    assert.ok(ours!.txPackets <= sa.txPackets && sa.txPackets - ours!.txPackets <= 256 * q, `the switch took ${ours!.txPackets} of the ${sa.txPackets} frames testpmd A sent (at most a ring's worth left behind)`);
+    assert.equal(ours!.txBytes, 64 * ours!.txPackets, '64-byte frames');
+    assert.equal(oursB!.rxBytes, 64 * oursB!.rxPackets, '64-byte frames into B');
+    assert.equal(sb.rxPackets, oursB!.rxPackets, 'testpmd B received what the switch wrote into port B');
+    assert.ok(sb.rxPackets > 1000, `testpmd B received only ${sb.rxPackets}`);
+    const dropped = Object.values(oursB!.drops).reduce((x, y) => x + y, 0);
+    assert.equal(oursB!.rxPackets + dropped, ours!.txPackets, 'each frame taken from A delivered to B or dropped with a cause');
+    assert.equal(bad, null, `a frame was not testpmd's: ${String(bad)}`);
+    if (q > 1) {
+      assert.deepEqual([...sa.txQueues].sort(), [0, 1], `testpmd A sent on both queues:\n${outA.slice(-3000)}`);
+      assert.deepEqual([...sb.rxQueues].sort(), [0, 1], `testpmd B received on both queues:\n${outB.slice(-3000)}`);
+    }
+  } catch (err) {
+    for (const p of peers) if (p.proc.exitCode === null) await stopTestpmd(p, 5000);
+    throw new Error(`${(err as Error).message}\n--- testpmd A:\n${(outA || peers[1]?.output() || '').slice(-2500)}\n--- testpmd B:\n${(outB || peers[0]?.output() || '').slice(-2500)}`, { cause: err });
+  } finally {
+    for (const p of peers) await p.stop(2000);
+    sw.close();
+    scratch.remove();
+  }
+}
+
+test('DPDK testpmd txonly -> our switch -> testpmd rxonly: split ring, MRG_RXBUF', { timeout: 90_000 }, async (t) => {
+  await run(t, {});
+});
+
+test('DPDK testpmd through our switch: packed ring (packed_vq=1)', { timeout: 90_000 }, async (t) => {
+  await run(t, { devargs: 'packed_vq=1' });
+});
+
+test('DPDK testpmd through our switch: without MRG_RXBUF (mrg_rxbuf=0), split and packed', { timeout: 120_000 }, async (t) => {
+  await run(t, { devargs: 'mrg_rxbuf=0' });
+  await run(t, { devargs: 'mrg_rxbuf=0,packed_vq=1' });
+});
+
+test('DPDK testpmd through our switch: 2 queue pairs, both queues carry frames', { timeout: 90_000 }, async (t) => {
+  await run(t, { queues: 2 });
+});
+
+test('DPDK testpmd as the socket server (server=1): our port A connects to it', { timeout: 90_000 }, async (t) => {
+  await run(t, { serverA: true });
+});
