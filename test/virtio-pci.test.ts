@@ -264,6 +264,7 @@ class SplitRing {
     this.usedGpa = base + 0x2000;
     this.#ram = ram.view;
     this.#free = Array.from({ length: size }, (_, i) => i);
+    ram.bytes.fill(0, base - RAM_GPA, base - RAM_GPA + 0x3000); // a driver allocates its rings zeroed
   }
 
   #off(gpa: number): number {
@@ -778,4 +779,285 @@ test('migration between two servers with requests in flight: quiesced at STOP, r
   ring.takeUsed();
   assert.deepEqual(dataOf(ram, rb), dataOf(ram, w));
   assert.deepEqual(fs.readFileSync(file).subarray(400 * SECTOR, 401 * SECTOR), dataOf(ram, w));
+});
+
+/** The driver side of a packed ring (2.8): descriptors {addr, len, id, flags}, wrap counters, event areas. */
+class PackedRing {
+  readonly size: number;
+  readonly descGpa: number;
+  /** Driver event suppression area. */
+  readonly availGpa: number;
+  /** Device event suppression area. */
+  readonly usedGpa: number;
+  readonly #ram: DataView;
+  #next = 0;
+  #wrap = true;
+  #usedPos = 0;
+  #usedWrap = true;
+  #nextId = 0;
+  readonly #count = new Map<number, number>();
+
+  constructor(ram: SharedMemory, base: number, size: number) {
+    this.size = size;
+    this.descGpa = base;
+    this.availGpa = base + 0x1000;
+    this.usedGpa = base + 0x2000;
+    this.#ram = ram.view;
+    ram.bytes.fill(0, base - RAM_GPA, base - RAM_GPA + 0x3000);
+  }
+
+  /** Writes a chain at the next slots, the first descriptor's flags last. Returns its buffer id. */
+  add(bufs: Buf[]): number {
+    const AVAIL = 1 << 7, USED = 1 << 15;
+    const id = this.#nextId++ % this.size;
+    let firstFlags = 0;
+    const firstAt = this.#next;
+    bufs.forEach((b, i) => {
+      const d = this.descGpa - RAM_GPA + 16 * this.#next;
+      const flags = (this.#wrap ? AVAIL : USED) | (b.write ? VRING_DESC_F_WRITE : 0) | (i + 1 < bufs.length ? VRING_DESC_F_NEXT : 0);
+      this.#ram.setBigUint64(d, BigInt(b.gpa), true);
+      this.#ram.setUint32(d + 8, b.len, true);
+      this.#ram.setUint16(d + 12, id, true);
+      if (i === 0) firstFlags = flags;
+      else this.#ram.setUint16(d + 14, flags, true);
+      if (++this.#next === this.size) {
+        this.#next = 0;
+        this.#wrap = !this.#wrap;
+      }
+    });
+    this.#ram.setUint16(this.descGpa - RAM_GPA + 16 * firstAt + 14, firstFlags, true);
+    this.#count.set(id, bufs.length);
+    return id;
+  }
+
+  /** The used descriptors since the last call. */
+  takeUsed(): { id: number; len: number }[] {
+    const AVAIL = 1 << 7, USED = 1 << 15;
+    const out: { id: number; len: number }[] = [];
+    for (;;) {
+      const d = this.descGpa - RAM_GPA + 16 * this.#usedPos;
+      const flags = this.#ram.getUint16(d + 14, true);
+      const used = ((flags & AVAIL) !== 0) === this.#usedWrap && ((flags & USED) !== 0) === this.#usedWrap;
+      if (!used) return out;
+      const id = this.#ram.getUint16(d + 12, true);
+      out.push({ id, len: this.#ram.getUint32(d + 8, true) });
+      const n = this.#count.get(id);
+      assert.ok(n, `used buffer id ${id} was not in flight`);
+      this.#count.delete(id);
+      this.#usedPos += n;
+      if (this.#usedPos >= this.size) {
+        this.#usedPos -= this.size;
+        this.#usedWrap = !this.#usedWrap;
+      }
+    }
+  }
+}
+
+function packedSubmit(ring: PackedRing, req: Request): number {
+  const bufs: Buf[] = [{ gpa: req.hdr, len: 16, write: false }];
+  if (req.dataLen > 0) bufs.push({ gpa: req.data, len: req.dataLen, write: req.type !== T_OUT });
+  bufs.push({ gpa: req.status, len: 1, write: true });
+  req.head = ring.add(bufs);
+  return req.head;
+}
+
+test('VIRTIO_F_RING_PACKED over PCI: the same engine, a packed ring wrapping around twice', async (t) => {
+  const dir = tmp();
+  const file = makeDisk(dir);
+  const s = await serve(t, dir, 'a.sock', { file });
+  const ram = await guestRam(t, s.client);
+  const drv = new Driver(s.dev);
+  await drv.discover();
+  const f = await drv.negotiate(F_VERSION_1 | F_RING_PACKED);
+  assert.equal(f, F_VERSION_1 | F_RING_PACKED);
+  const ring = new PackedRing(ram, RAM_GPA, 8);
+  const qIrq = EventFd.create();
+  t.after(() => qIrq.close());
+  await s.dev.setEventFds(IRQ_MSIX, 1, [qIrq]);
+  await drv.setupQueue(0, ring as unknown as SplitRing, 1);
+  await drv.common.w(STATUS, 1, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+  const heap = new Heap();
+  let done = 0;
+  // 7 rounds of 2 chains of 3 descriptors on a ring of 8: the wrap counters flip on both sides.
+  for (let round = 0; round < 7; round++) {
+    const w = blkRequest(ram, heap, T_OUT, 500 + round, SECTOR, (i) => (round * 17 + i) & 0xff);
+    const r = blkRequest(ram, heap, T_IN, 20 + round, SECTOR);
+    packedSubmit(ring, w);
+    packedSubmit(ring, r);
+    const irq = interrupt(qIrq, `packed round ${round}`);
+    await drv.kick(0);
+    await irq;
+    const used: { id: number; len: number }[] = [];
+    await waitFor(() => (used.push(...ring.takeUsed()), used.length === 2), `round ${round}: two used`);
+    done += used.length;
+    assert.deepEqual(new Map(used.map((u) => [u.id, u.len])), new Map([[w.head!, 1], [r.head!, SECTOR + 1]]));
+    assert.equal(statusOf(ram, w), 0);
+    assert.equal(statusOf(ram, r), 0);
+    assert.deepEqual(dataOf(ram, r), diskPattern(20 + round, SECTOR));
+    assert.deepEqual(fs.readFileSync(file).subarray((500 + round) * SECTOR, (501 + round) * SECTOR), dataOf(ram, w));
+  }
+  assert.equal(done, 14);
+});
+
+test('two queues: notify offsets, a vector each, requests on both', async (t) => {
+  const dir = tmp();
+  const file = makeDisk(dir);
+  const s = await serve(t, dir, 'a.sock', { file, queues: 2 });
+  const ram = await guestRam(t, s.client);
+  const drv = new Driver(s.dev);
+  await drv.discover();
+  assert.equal(drv.msix!.tableSize, 3);
+  assert.equal(await drv.common.r(NUM_QUEUES, 2), 2);
+  await drv.negotiate(F_VERSION_1 | (1n << 12n)); // VIRTIO_BLK_F_MQ
+  assert.equal(Number(await drv.read(DEVICE_CFG, 34, 2)), 2, 'virtio_blk_config.num_queues');
+  const rings = [new SplitRing(ram, RAM_GPA, 8), new SplitRing(ram, RAM_GPA + 0x10000, 8)];
+  const irqs = [EventFd.create(), EventFd.create()];
+  t.after(() => irqs.forEach((e) => e.close()));
+  await s.dev.setEventFds(IRQ_MSIX, 1, irqs);
+  for (const q of [0, 1]) {
+    await drv.setupQueue(q, rings[q]!, q + 1);
+    assert.equal(await drv.common.r(Q_NOTIFY_OFF, 2), q);
+  }
+  await drv.common.w(STATUS, 1, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+  const heap = new Heap();
+  for (const q of [1, 0]) {
+    const req = blkRequest(ram, heap, T_IN, 60 + q, SECTOR);
+    submit(rings[q]!, req);
+    const irq = interrupt(irqs[q]!, `queue ${q}`);
+    await drv.kick(q);
+    await irq;
+    assert.deepEqual(rings[q]!.takeUsed(), [{ id: req.head, len: SECTOR + 1 }]);
+    assert.deepEqual(dataOf(ram, req), diskPattern(60 + q, SECTOR));
+    assert.equal(rings[1 - q]!.usedIdx, q === 1 ? 0 : 1, 'the other queue untouched');
+  }
+});
+
+test('DMA_UNMAP of guest RAM under a request in flight is answered once the I/O is done; a buffer in a message window breaks the queue', async (t) => {
+  const dir = tmp();
+  const s = await serve(t, dir, 'a.sock', { file: makeDisk(dir), latencyMs: 100 });
+  const ram = await guestRam(t, s.client);
+  const { drv, ring } = await bringUp(t, s, ram);
+  const heap = new Heap();
+  const req = blkRequest(ram, heap, T_IN, 7, 4 * SECTOR);
+  submit(ring, req);
+  await drv.kick(0);
+  await waitFor(() => s.spec.disk.stats.reads === 1, 'taken');
+  const t0 = Date.now();
+  await s.client.dmaUnmap(RAM_GPA, RAM_BYTES);
+  assert.ok(Date.now() - t0 >= 50, 'the unmap waited for the request');
+  assert.equal(statusOf(ram, req), 0, 'the request completed into memory that was still mapped');
+  assert.deepEqual(ring.takeUsed(), [{ id: req.head, len: 4 * SECTOR + 1 }], 'and into the used ring');
+  assert.deepEqual(dataOf(ram, req), diskPattern(7, 4 * SECTOR));
+
+  // Guest RAM back (as QEMU re-maps a section): the same queue goes on, no reset.
+  await s.client.dmaMap({ iova: RAM_GPA, size: RAM_BYTES, memory: ram });
+  const next = blkRequest(ram, heap, T_IN, 9, SECTOR);
+  submit(ring, next);
+  await drv.kick(0);
+  await waitFor(() => ring.usedIdx === 2, 'the queue serves again once its memory is back');
+  assert.deepEqual(dataOf(ram, next), diskPattern(9, SECTOR));
+  assert.equal(s.spec.transport.stats.brokenQueues, 0);
+
+  // Then a request whose data buffer lies in a window without fd.
+  const side = SharedMemory.create(1 << 16);
+  t.after(() => side.close());
+  await s.client.dmaMap({ iova: 0x8000_0000, size: 1 << 16, memory: side, passFd: false });
+  const { ring: ring2, cfgIrq } = await bringUp(t, s, ram);
+  const bad = blkRequest(ram, heap, T_IN, 8, SECTOR);
+  bad.data = 0x8000_0000;
+  submit(ring2, bad);
+  const irq = interrupt(cfgIrq, 'config interrupt: NEEDS_RESET');
+  await drv.kick(0);
+  await irq;
+  assert.ok((await drv.status()) & NEEDS_RESET);
+  assert.equal(ring2.usedIdx, 0);
+});
+
+test('vdevkit serve virtio-blk --file IMAGE --socket PATH', async (t) => {
+  const dir = tmp();
+  const file = makeDisk(dir);
+  const sockPath = path.join(dir, 'cli.sock');
+  const { spawn } = await import('node:child_process');
+  const main = new URL('../src/cli/main.js', import.meta.url).pathname;
+  const child = spawn(process.execPath, [main, 'serve', 'virtio-blk', '--file', file, '--socket', sockPath, '--serial', 'from-cli'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (b: Buffer) => (stderr += b.toString()));
+  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+  t.after(() => child.kill('SIGKILL'));
+  await waitFor(() => stderr.includes('serving virtio-blk'), () => `the server starts (stderr: ${stderr})`, 10000);
+  const client = await VfioUserClient.connect(sockPath);
+  const dev = new VfioUserDevice(client);
+  const s = { client, dev } as unknown as Served;
+  const ram = await guestRam(t, client);
+  const { drv, ring, qIrq } = await bringUp(t, s, ram);
+  const heap = new Heap();
+  const id = blkRequest(ram, heap, T_GET_ID, 0, 20);
+  const rd = blkRequest(ram, heap, T_IN, 9, SECTOR);
+  submit(ring, id);
+  submit(ring, rd);
+  const irq = interrupt(qIrq, 'completion from the CLI server');
+  await drv.kick(0);
+  await irq;
+  await waitFor(() => ring.usedIdx === 2, 'two used');
+  assert.equal(dataOf(ram, id).toString('latin1').replace(/\0+$/, ''), 'from-cli');
+  assert.deepEqual(dataOf(ram, rd), diskPattern(9, SECTOR));
+  dev.close();
+  client.close();
+  child.kill('SIGTERM');
+  assert.equal(await exited, 0);
+  // An option of another device, and a missing image, are refused.
+  const { spawnSync } = await import('node:child_process');
+  const missing = spawnSync(process.execPath, [main, 'serve', 'virtio-blk', '--file', path.join(dir, 'nope.img'), '--socket', sockPath]);
+  assert.equal(missing.status, 1);
+  assert.match(missing.stderr.toString(), /ENOENT/);
+  const foreign = spawnSync(process.execPath, [main, 'serve', 'gpio', '--file', file, '--socket', sockPath]);
+  assert.equal(foreign.status, 2);
+});
+
+test('a client that disconnects with a request in flight: it completes into the rings, the next client goes on with the same queue', async (t) => {
+  const dir = tmp();
+  const spec = virtioBlkPciDevice({ file: makeDisk(dir), latencyMs: 80 });
+  const server = VfioUserServer.listen(path.join(dir, 'r.sock'), { device: spec });
+  t.after(async () => {
+    server.close();
+    await tick(5);
+    spec.close();
+  });
+  const first = await VfioUserClient.connect(server.path);
+  const s1 = { spec, server, client: first, dev: new VfioUserDevice(first) } as Served;
+  const ram = SharedMemory.create(RAM_BYTES);
+  t.after(() => ram.close());
+  await first.dmaMap({ iova: RAM_GPA, size: RAM_BYTES, memory: ram });
+  const { drv, ring } = await bringUp(t, s1, ram);
+  const heap = new Heap();
+  const req = blkRequest(ram, heap, T_IN, 11, SECTOR);
+  submit(ring, req);
+  await drv.kick(0);
+  await waitFor(() => spec.disk.stats.reads === 1, 'taken');
+  s1.dev.close();
+  first.close();
+  await waitFor(() => ring.usedIdx === 1, 'the completion reached the used ring after the client left');
+  assert.deepEqual(dataOf(ram, req), diskPattern(11, SECTOR));
+  // A new connection (a VMM restarted): memory and interrupts again; the device kept its state.
+  const second = await VfioUserClient.connect(server.path);
+  const dev2 = new VfioUserDevice(second);
+  t.after(() => {
+    dev2.close();
+    second.close();
+  });
+  await second.dmaMap({ iova: RAM_GPA, size: RAM_BYTES, memory: ram });
+  const qIrq = EventFd.create();
+  t.after(() => qIrq.close());
+  await dev2.setEventFds(IRQ_MSIX, 1, [qIrq]);
+  const d2 = new Driver(dev2);
+  await d2.discover();
+  assert.equal(await d2.status(), ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+  const again = blkRequest(ram, heap, T_IN, 12, SECTOR);
+  submit(ring, again);
+  const irq = interrupt(qIrq, 'after the reconnect');
+  await d2.kick(0);
+  await irq;
+  assert.equal(ring.usedIdx, 2);
+  assert.deepEqual(dataOf(ram, again), diskPattern(12, SECTOR));
+  assert.equal(spec.transport.stats.brokenQueues, 0);
 });

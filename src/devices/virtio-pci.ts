@@ -221,6 +221,12 @@ class DmaMemory implements GuestMemoryView {
   readonly mapped = new GuestMemory();
   /** Windows the engine cannot use (no fd, or not both readable and writable). */
   readonly unusable: DmaWindow[] = [];
+  /**
+   * Windows the client unmapped while requests were in flight: kept (their
+   * mapping held) until those complete, so completions reach the rings; no
+   * new request is taken meanwhile.
+   */
+  ghosts: DmaWindow[] = [];
 
   get generation(): number {
     return this.mapped.generation;
@@ -287,15 +293,23 @@ export class PciQueue implements VirtioQueueHandle {
   desc = 0;
   driver = 0;
   device = 0;
-  /** The ring's base to start from (split: next avail idx; packed: the engine's encoding). */
-  base = 0;
-  ring: DeviceQueue | null = null;
+  /**
+   * The ring's base to start from (split: next avail idx; packed: the
+   * engine's encoding), null for a new ring (split 0; packed 0 with both
+   * wrap counters 1).
+   */
+  base: number | null = null;
+  /** The ring engine's queue, from the ring's start (DRIVER_OK) to a reset. */
+  engine: DeviceQueue | null = null;
   /** Chains popped and not yet pushed. */
   inFlight = 0;
   /** A kick came while the device was stopped (migration). */
   kickPending = false;
   /** An interrupt was due while the device was stopped. */
   irqPending = false;
+  /** The memory generation at which `reachOk` was computed. */
+  reachGen = -1;
+  reachOk = false;
   /** Chains popped, by the ring they came from (pushes to a ring since replaced are dropped). */
   readonly #from = new WeakMap<DescChain, DeviceQueue>();
   #scheduled = false;
@@ -312,6 +326,16 @@ export class PciQueue implements VirtioQueueHandle {
 
   get features(): bigint {
     return this.#t.driverFeatures;
+  }
+
+  /**
+   * The engine's queue while its rings are in the DMA windows mapped now;
+   * null otherwise (a DMA_UNMAP and its re-map, a client reconnecting): the
+   * device leaves it alone meanwhile, and is called again when they are back.
+   */
+  get ring(): DeviceQueue | null {
+    const e = this.engine;
+    return e && this.#t.reachable(this) ? e : null;
   }
 
   pop(): DescChain | null {
@@ -388,20 +412,20 @@ export class PciQueue implements VirtioQueueHandle {
     this.#scheduled = true;
     setImmediate(() => {
       this.#scheduled = false;
-      if (this.ring && this.#t.serving) this.#t.handle(this);
+      if (this.engine && this.#t.serving) this.#t.handle(this);
     });
   }
 
   /** Back to the state after reset (the ring dropped; completions still due are discarded). */
   resetRegisters(): void {
-    this.ring = null;
+    this.engine = null;
     this.size = this.maxSize;
     this.vector = VIRTIO_MSI_NO_VECTOR;
     this.enabled = false;
     this.desc = 0;
     this.driver = 0;
     this.device = 0;
-    this.base = 0;
+    this.base = null;
     this.kickPending = false;
     this.irqPending = false;
   }
@@ -501,9 +525,29 @@ export class VirtioPciTransport {
     this.#log(line);
   }
 
-  /** Whether new requests are taken (not stopped, not resetting). */
+  /** Whether new requests are taken (not stopped, not resetting, no DMA_UNMAP waiting for requests in flight). */
   get serving(): boolean {
-    return this.#running && this.#resetShown === null;
+    return this.#running && this.#resetShown === null && this.memory.ghosts.length === 0;
+  }
+
+  /** The areas of a queue's rings: [what, gpa, bytes]. */
+  #ringAreas(q: PciQueue): [string, number, number][] {
+    const f = this.driverFeatures;
+    const eventIdx = (f & bit(F_EVENT_IDX)) !== 0n;
+    const n = q.size;
+    return (f & bit(F_RING_PACKED)) !== 0n
+      ? [['descriptor ring', q.desc, 16 * n], ['driver area', q.driver, 4], ['device area', q.device, 4]]
+      : [['descriptor table', q.desc, 16 * n], ['avail ring', q.driver, 4 + 2 * n + (eventIdx ? 2 : 0)], ['used ring', q.device, 4 + 8 * n + (eventIdx ? 2 : 0)]];
+  }
+
+  /** @internal Whether a queue's rings are all in the windows mapped now (cached per memory generation). */
+  reachable(q: PciQueue): boolean {
+    const g = this.memory.generation;
+    if (q.reachGen !== g) {
+      q.reachOk = this.#ringAreas(q).every(([, gpa, len]) => this.memory.has(gpa, len));
+      q.reachGen = g;
+    }
+    return q.reachOk;
   }
 
   get interruptsAllowed(): boolean {
@@ -539,22 +583,38 @@ export class VirtioPciTransport {
       this.memory.unusable.push(w);
       return;
     }
+    // A window unmapped under I/O and mapped again before that I/O is done: the new mapping serves from now on.
+    for (const g of this.memory.ghosts.filter((g) => g.iova < w.iova + w.size && w.iova < g.iova + g.size)) this.#dropGhost(g);
     this.memory.mapped.add({ guestPhysAddr: w.iova, size: w.size, userAddr: w.iova, mmapOffset: 0 }, bytes);
     if (this.#busy > 0) this.#hold(w);
     // A ring waiting for its memory (a restored device whose client maps after RUNNING).
-    for (const q of this.queues) if (q.enabled && !q.ring) this.#start(q);
+    for (const q of this.queues) {
+      if (q.enabled && !q.engine) this.#start(q);
+      else if (q.engine) q.schedule(); // rings that were out of reach may be back
+    }
   }
 
   dmaUnmapped(w: DmaWindow): void {
     const i = this.memory.unusable.findIndex((u) => u.iova === w.iova && u.size === w.size);
-    if (i >= 0) this.memory.unusable.splice(i, 1);
-    else this.memory.mapped.remove({ guestPhysAddr: w.iova, size: w.size, userAddr: w.iova });
+    if (i >= 0) {
+      this.memory.unusable.splice(i, 1);
+      return;
+    }
     const key = `${w.iova}:${w.size}`;
     const held = this.#holds.get(key);
     if (held) {
+      // Requests in flight may still complete into it: it stays (held) until they are done.
       this.#holds.delete(key);
       this.#retired.push(held);
+      this.memory.ghosts.push(w);
+    } else {
+      this.memory.mapped.remove({ guestPhysAddr: w.iova, size: w.size, userAddr: w.iova });
     }
+  }
+
+  #dropGhost(g: DmaWindow): void {
+    this.memory.ghosts = this.memory.ghosts.filter((x) => x !== g);
+    this.memory.mapped.remove({ guestPhysAddr: g.iova, size: g.size, userAddr: g.iova });
     // A hold taken on it stays until nothing is in flight: the I/O may still write there.
   }
 
@@ -707,7 +767,7 @@ export class VirtioPciTransport {
     this.stats.resets++;
     this.#resetShown = this.status;
     this.#stopping();
-    for (const q of this.queues) q.ring = null;
+    for (const q of this.queues) q.engine = null;
     this.#resetDone = Promise.all(this.queues.map((q) => q.drained())).then(() => {
       for (const q of this.queues) q.resetRegisters();
       this.driverFeatures = 0n;
@@ -732,7 +792,7 @@ export class VirtioPciTransport {
   #stopping(): void {
     for (const q of this.queues) {
       try {
-        if (q.ring) this.device.queueStopping?.(q);
+        if (q.engine) this.device.queueStopping?.(q);
       } catch (err) {
         this.#log(`queue ${q.index}: queueStopping threw: ${(err as Error).message}`);
       }
@@ -741,7 +801,7 @@ export class VirtioPciTransport {
 
   /** Builds the ring of an enabled queue once the driver is ready (DRIVER_OK) and the device runs. */
   #start(q: PciQueue): void {
-    if (q.ring || !q.enabled || !this.#running || this.#resetShown !== null) return;
+    if (q.engine || !q.enabled || !this.#running || this.#resetShown !== null) return;
     const S = VirtioStatus;
     if ((this.status & (S.DRIVER_OK | S.FEATURES_OK)) !== (S.DRIVER_OK | S.FEATURES_OK)) return;
     if (this.status & S.DEVICE_NEEDS_RESET) return;
@@ -749,10 +809,7 @@ export class VirtioPciTransport {
     const packed = (f & bit(F_RING_PACKED)) !== 0n;
     const eventIdx = (f & bit(F_EVENT_IDX)) !== 0n;
     const n = q.size;
-    const areas: [string, number, number][] = packed
-      ? [['descriptor ring', q.desc, 16 * n], ['driver area', q.driver, 4], ['device area', q.device, 4]]
-      : [['descriptor table', q.desc, 16 * n], ['avail ring', q.driver, 4 + 2 * n + (eventIdx ? 2 : 0)], ['used ring', q.device, 4 + 8 * n + (eventIdx ? 2 : 0)]];
-    for (const [what, gpa, len] of areas) {
+    for (const [what, gpa, len] of this.#ringAreas(q)) {
       if (this.memory.has(gpa, len)) continue;
       const w = this.memory.unusableAt(gpa, len);
       if (w) {
@@ -767,7 +824,7 @@ export class VirtioPciTransport {
       return;
     }
     try {
-      q.ring = createDeviceQueue({
+      q.engine = createDeviceQueue({
         memory: this.memory,
         size: n,
         packed,
@@ -776,7 +833,7 @@ export class VirtioPciTransport {
         device: q.device,
         eventIdx,
         indirect: (f & bit(F_INDIRECT_DESC)) !== 0n,
-        base: q.base,
+        ...(q.base !== null ? { base: q.base } : {}),
         log: this.#dirtyLog,
       });
     } catch (err) {
@@ -791,8 +848,8 @@ export class VirtioPciTransport {
       q.kickPending = true;
       return;
     }
-    if (!q.ring) this.#start(q);
-    if (q.ring) q.schedule();
+    if (!q.engine) this.#start(q);
+    if (q.engine) q.schedule();
   }
 
   /** @internal The device's handler, guarded. */
@@ -841,7 +898,10 @@ export class VirtioPciTransport {
     if (before === 0 && this.#busy > 0) {
       for (const w of this.#ctx?.dma.windows() ?? []) if (w.mapped) this.#hold(w);
     } else if (before > 0 && this.#busy === 0) {
-      this.#releaseHolds();
+      const paused = this.memory.ghosts.length > 0;
+      for (const g of [...this.memory.ghosts]) this.#dropGhost(g);
+      this.#releaseHolds(); // answers the DMA_UNMAPs that waited
+      if (paused) for (const q of this.queues) if (q.engine) q.schedule();
     }
   }
 
@@ -891,14 +951,14 @@ export class VirtioPciTransport {
     this.#irqsAllowed = true;
     this.#quiesced = null;
     for (const q of this.queues) {
-      if (!q.ring) this.#start(q);
+      if (!q.engine) this.#start(q);
       if (q.irqPending) {
         q.irqPending = false;
         this.interrupt(q);
       }
       q.kickPending = false;
       // Buffers made available while stopped (their kick went elsewhere, or was held): look once.
-      if (q.ring) q.schedule();
+      if (q.engine) q.schedule();
     }
   }
 
@@ -924,8 +984,9 @@ export class VirtioPciTransport {
     for (const q of this.queues) {
       out.writeUInt16LE(q.size, o);
       out.writeUInt16LE(q.vector, o + 2);
-      out.writeUInt8((q.enabled ? 1 : 0) | (q.ring ? 2 : 0) | (q.irqPending ? 4 : 0), o + 4);
-      out.writeUInt32LE(q.ring ? q.ring.base() : q.base, o + 8);
+      const base = q.engine ? q.engine.base() : q.base;
+      out.writeUInt8((q.enabled ? 1 : 0) | (q.engine ? 2 : 0) | (q.irqPending ? 4 : 0) | (base !== null ? 8 : 0), o + 4);
+      out.writeUInt32LE(base ?? 0, o + 8);
       out.writeBigUInt64LE(BigInt(q.desc), o + 16);
       out.writeBigUInt64LE(BigInt(q.driver), o + 24);
       out.writeBigUInt64LE(BigInt(q.device), o + 32);
@@ -963,7 +1024,7 @@ export class VirtioPciTransport {
         vector: b.readUInt16LE(o + 2),
         enabled: (flags & 1) !== 0,
         irqPending: (flags & 4) !== 0,
-        base: b.readUInt32LE(o + 8),
+        base: flags & 8 ? b.readUInt32LE(o + 8) : null,
         desc: Number(b.readBigUInt64LE(o + 16)),
         driver: Number(b.readBigUInt64LE(o + 24)),
         device: Number(b.readBigUInt64LE(o + 32)),
@@ -971,7 +1032,7 @@ export class VirtioPciTransport {
       o += STATE_QUEUE;
     }
     // Accepted: replace everything.
-    for (const q of this.queues) q.ring = null;
+    for (const q of this.queues) q.engine = null;
     this.driverFeatures = driverFeatures;
     this.deviceFeatureSelect = b.readUInt32LE(32);
     this.driverFeatureSelect = b.readUInt32LE(36);
