@@ -11,6 +11,9 @@ Commands:
   probe       conformance check of any vfio-user server
   migrate     live-migrate a device between two vfio-user servers
   vhost-user-blk  serve a virtio-blk disk over vhost-user (vdevkit vhost-user-blk --help)
+  vhost-user-net  a learning L2 switch whose ports are vhost-user sockets
+  vhost-user-probe  what a vhost-user back-end offers, and a conformance check
+  blk-bench   a small fio-like job against a vhost-user-blk back-end
   demo [sys]  run the demo: a virtio-blk disk over vhost-user driven by our
               front-end; a vfio-user device served, driven and migrated
               (sys: two processes sharing a memfd and eventfds)
@@ -52,6 +55,18 @@ async function main(argv: string[]): Promise<number> {
     case 'vhost-user-blk': {
       const { vhostUserBlkCommand } = await import('./vhost-user-blk.js');
       return vhostUserBlkCommand(argv.slice(1));
+    }
+    case 'vhost-user-net': {
+      const { vhostUserNetCommand } = await import('./vhost-user-net.js');
+      return vhostUserNetCommand(argv.slice(1));
+    }
+    case 'vhost-user-probe': {
+      const { vhostUserProbeCommand } = await import('./vhost-user-probe.js');
+      return vhostUserProbeCommand(argv.slice(1));
+    }
+    case 'blk-bench': {
+      const { blkBenchCommand } = await import('./blk-bench.js');
+      return blkBenchCommand(argv.slice(1));
     }
     case 'demo': {
       if (argv[1] === 'sys') {
