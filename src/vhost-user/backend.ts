@@ -505,7 +505,9 @@ class Session {
         this.#setVringFd(msg, p);
         return;
       case Req.SET_VRING_ENABLE: {
-        if (!this.has(VF.PROTOCOL_FEATURES)) throw new VhostUserError('UNSUPPORTED', 'SET_VRING_ENABLE without PROTOCOL_FEATURES');
+        // QEMU's vhost-user-net sends it before SET_FEATURES (libvhost-user and DPDK take it then):
+        // refused only once features without PROTOCOL_FEATURES were acked.
+        if (this.features !== 0n && !this.has(VF.PROTOCOL_FEATURES)) throw new VhostUserError('UNSUPPORTED', 'SET_VRING_ENABLE without PROTOCOL_FEATURES');
         const q = this.#queueAt(p.u32(0));
         const on = p.u32(4);
         p.expect(8);
