@@ -289,3 +289,28 @@ test('front-end against our back-end: the message sequence, CONFIG_CHANGE throug
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('front-end accepting a back-end that connects to us (QEMU server=on): VirtioBlkDriver.open on it', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdevkit-fe-'));
+  const sock = path.join(dir, 'fe.sock');
+  const img = path.join(dir, 'disk.img');
+  fs.writeFileSync(img, Buffer.alloc(1 << 20));
+  const accepting = VhostUserFrontend.accept(sock, { acceptTimeoutMs: 5000 });
+  const bePromise = VhostUserBackend.connect(sock, VhostUserBlkDevice.open({ file: img }));
+  const fe = await accepting;
+  const be = await bePromise;
+  try {
+    assert.equal(fs.existsSync(sock), false, 'the listening socket is gone once a back-end connected');
+    const d = await VirtioBlkDriver.open(fe, { queueSize: 8 });
+    const data = Buffer.alloc(4096, 0x33);
+    await d.write(512, data);
+    assert.deepEqual(await d.read(512, 4096), data);
+    assert.deepEqual(fs.readFileSync(img).subarray(512, 4608), data);
+    await d.close();
+  } finally {
+    be.close();
+  }
+  await rejects(VhostUserFrontend.accept(sock + '2', { acceptTimeoutMs: 100 }), 'TIMEOUT', /no back-end connected/);
+  assert.equal(fs.existsSync(sock + '2'), false, 'no socket left behind');
+  fs.rmSync(dir, { recursive: true, force: true });
+});
