@@ -166,3 +166,21 @@ test('probe-level front-end against qemu-storage-daemon and ours: features, prot
     });
   }
 });
+
+test('our back-end killed (SIGKILL) with requests in flight: every request settles at once (DISCONNECTED), the driver closes cleanly', { timeout: 30_000 }, async () => {
+  await withPeer('ours', 2, async (socket, _image, peer) => {
+    const d = await VirtioBlkDriver.connect(socket, { queues: 2 });
+    const ps: Promise<unknown>[] = [];
+    for (let i = 0; i < 2000; i++) ps.push(d.read((i % 1024) * 4096, 4096));
+    process.kill(peer.pid, 'SIGKILL');
+    const t0 = Date.now();
+    const settled = await Promise.allSettled(ps);
+    assert.ok(Date.now() - t0 < 5000, 'no hang');
+    const failed = settled.filter((s) => s.status === 'rejected') as PromiseRejectedResult[];
+    assert.ok(failed.length > 0, 'some requests were in flight at the kill');
+    for (const f of failed) assert.equal((f.reason as { code?: string }).code, 'DISCONNECTED', String(f.reason));
+    await assert.rejects(d.read(0, 512), /closed|DISCONNECTED/i);
+    await d.close();
+    assert.equal(d.frontend.closed, true);
+  });
+});
