@@ -795,6 +795,7 @@ class PackedRing {
   #usedPos = 0;
   #usedWrap = true;
   #nextId = 0;
+  #outstanding = 0;
   readonly #count = new Map<number, number>();
 
   constructor(ram: SharedMemory, base: number, size: number) {
@@ -809,6 +810,8 @@ class PackedRing {
   /** Writes a chain at the next slots, the first descriptor's flags last. Returns its buffer id. */
   add(bufs: Buf[]): number {
     const AVAIL = 1 << 7, USED = 1 << 15;
+    assert.ok(this.#outstanding + bufs.length <= this.size, 'packed ring full');
+    this.#outstanding += bufs.length;
     const id = this.#nextId++ % this.size;
     let firstFlags = 0;
     const firstAt = this.#next;
@@ -844,6 +847,7 @@ class PackedRing {
       const n = this.#count.get(id);
       assert.ok(n, `used buffer id ${id} was not in flight`);
       this.#count.delete(id);
+      this.#outstanding -= n;
       this.#usedPos += n;
       if (this.#usedPos >= this.size) {
         this.#usedPos -= this.size;
@@ -1060,4 +1064,59 @@ test('a client that disconnects with a request in flight: it completes into the 
   assert.equal(ring.usedIdx, 2);
   assert.deepEqual(dataOf(ram, again), diskPattern(12, SECTOR));
   assert.equal(spec.transport.stats.brokenQueues, 0);
+});
+
+test('migration of a packed ring in the middle of I/O (its base carries both wrap counters); a destination with another disk refuses, the source runs on', async (t) => {
+  const dir = tmp();
+  const file = makeDisk(dir);
+  const src = await serve(t, dir, 'src.sock', { file, latencyMs: 60 });
+  const dst = await serve(t, dir, 'dst.sock', { file });
+  const other = path.join(dir, 'small.img');
+  fs.writeFileSync(other, Buffer.alloc(DISK_BYTES / 2));
+  const bad = await serve(t, dir, 'bad.sock', { file: other });
+  const ram = await guestRam(t, src.client, dst.client, bad.client);
+  const drv = new Driver(src.dev);
+  await drv.discover();
+  await drv.negotiate(F_VERSION_1 | F_RING_PACKED);
+  const ring = new PackedRing(ram, RAM_GPA, 8);
+  const qIrq = EventFd.create();
+  t.after(() => qIrq.close());
+  await src.dev.setEventFds(IRQ_MSIX, 1, [qIrq]);
+  await dst.dev.setEventFds(IRQ_MSIX, 1, [qIrq]);
+  await drv.setupQueue(0, ring as unknown as SplitRing, 1);
+  await drv.common.w(STATUS, 1, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+  const heap = new Heap();
+  const usedIds: number[] = [];
+  // Past the first wrap before migrating: 3 rounds of 2 chains of 3 descriptors on a ring of 8.
+  for (let round = 0; round < 3; round++) {
+    const rs = [blkRequest(ram, heap, T_IN, round, SECTOR), blkRequest(ram, heap, T_IN, round + 1, SECTOR)];
+    for (const r of rs) packedSubmit(ring, r);
+    await drv.kick(0);
+    await waitFor(() => (usedIds.push(...ring.takeUsed().map((u) => u.id)), usedIds.length === 2 * (round + 1)), `round ${round}`);
+  }
+  // A refused migration: the other disk's config differs; the source goes back to RUNNING and keeps serving.
+  await assert.rejects(migrate(src.dev, bad.dev), (err: Error & { errno?: number }) => err.errno === 22); // EINVAL from load()
+  assert.equal(await src.dev.migrationState(), MIG_RUNNING);
+  // In flight at the migration: two requests.
+  const w = blkRequest(ram, heap, T_OUT, 600, SECTOR, (i) => (i ^ 0x3c) & 0xff);
+  const r = blkRequest(ram, heap, T_IN, 33, SECTOR);
+  packedSubmit(ring, w);
+  packedSubmit(ring, r);
+  await drv.kick(0);
+  await waitFor(() => src.spec.disk.stats.reads + src.spec.disk.stats.writes === 8, 'the source took them');
+  await migrate(src.dev, dst.dev);
+  // The source completed both before its STOP answered: their slots are free for the next chain.
+  usedIds.push(...ring.takeUsed().map((u) => u.id));
+  assert.equal(usedIds.length, 8);
+  const late = blkRequest(ram, heap, T_IN, 34, SECTOR);
+  packedSubmit(ring, late);
+  const d = new Driver(dst.dev);
+  await d.discover();
+  await d.kick(0);
+  await waitFor(() => (usedIds.push(...ring.takeUsed().map((u) => u.id)), usedIds.length === 9), () => `nine used (${usedIds.length})`);
+  assert.equal(dst.spec.disk.stats.reads, 1, 'the late one at the destination');
+  for (const q of [w, r, late]) assert.equal(statusOf(ram, q), 0);
+  assert.deepEqual(dataOf(ram, r), diskPattern(33, SECTOR));
+  assert.deepEqual(dataOf(ram, late), diskPattern(34, SECTOR));
+  assert.deepEqual(fs.readFileSync(file).subarray(600 * SECTOR, 601 * SECTOR), dataOf(ram, w));
 });
