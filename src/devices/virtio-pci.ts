@@ -378,6 +378,7 @@ export class PciQueue implements VirtioQueueHandle {
       }
     }
     // A completion for a ring that was reset (or replaced) is dropped: that ring is gone.
+    if (!ours && this.engine && ring === null) this.#t.log(`queue ${this.index}: a completion dropped, the ring is not in the DMA windows mapped`);
     this.inFlight = Math.max(0, this.inFlight - n);
     this.#t.busy(-n);
     if (this.inFlight === 0 && this.#drainWaiters.length > 0) {
