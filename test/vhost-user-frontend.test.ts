@@ -314,3 +314,37 @@ test('front-end accepting a back-end that connects to us (QEMU server=on): Virti
   assert.equal(fs.existsSync(sock + '2'), false, 'no socket left behind');
   fs.rmSync(dir, { recursive: true, force: true });
 });
+
+test('front-end against our back-end: SET_LOG_BASE, GET/SET_INFLIGHT_FD, SET/GET_STATUS, SET_CONFIG, gated requests refused before sending', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdevkit-fe-'));
+  const sock = path.join(dir, 'blk.sock');
+  const before = openFds();
+  const be = VhostUserBackend.listen(sock, VhostUserBlkDevice.open({ size: 1 << 20 }));
+  try {
+    const fe = await VhostUserFrontend.connect(sock);
+    await fe.handshake({ config: 'require' });
+    await fe.setFeatures(F_VERSION_1);
+    const log = SharedMemory.create(4096);
+    await fe.setLogBase(log);
+    log.close();
+    const inf = await fe.getInflightFd(1, 64);
+    assert.ok(inf.memory && inf.mmapSize > 0, 'an inflight region, mapped');
+    await fe.setInflightFd(inf);
+    inf.memory.close();
+    await fe.setStatus(0xb);
+    assert.equal(await fe.getStatus(), 0xb);
+    const cfg = await fe.getConfig(0, 36);
+    assert.equal(cfg.readBigUInt64LE(0), BigInt((1 << 20) / 512));
+    // writeback is writable only with CONFIG_WCE: an ack of 0 or a NACK (INVALID), the connection stays.
+    await fe.setConfig(32, Buffer.from([1])).catch((e: VhostUserError) => assert.equal(e.code, 'INVALID'));
+    assert.throws(() => fe.netSetMtu(1500), /NET_MTU/);
+    await assert.rejects(fe.getConfig(0, 300), /bad config size/);
+    assert.equal(fe.closed, false);
+    fe.close();
+  } finally {
+    be.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  await new Promise((r) => setTimeout(r, 50));
+  assert.equal(openFds(), before, 'no fd leaked');
+});
