@@ -120,7 +120,13 @@ async function run(t: { diagnostic(s: string): void }, o: RunOptions): Promise<v
     assert.ok(ours!.txPackets <= sa.txPackets && sa.txPackets - ours!.txPackets <= 256 * q, `the switch took ${ours!.txPackets} of the ${sa.txPackets} frames testpmd A sent (at most a ring's worth left behind)`);
     assert.equal(ours!.txBytes, 64 * ours!.txPackets, '64-byte frames');
     assert.equal(oursB!.rxBytes, 64 * oursB!.rxPackets, '64-byte frames into B');
-    assert.equal(sb.rxPackets, oursB!.rxPackets, 'testpmd B received what the switch wrote into port B');
+    // testpmd counts a frame received when its rx burst takes it from the ring: frames the switch
+    // published into B's ring that B had not taken at its exit are never counted (seen once in
+    // CI: exactly one ring, 256, short with testpmd as the socket server), so at most a ring's worth.
+    assert.ok(
+      sb.rxPackets <= oursB!.rxPackets && oursB!.rxPackets - sb.rxPackets <= 256 * q,
+      `testpmd B received ${sb.rxPackets} of the ${oursB!.rxPackets} frames the switch wrote into port B (at most a ring's worth left in its ring)`,
+    );
     assert.ok(sb.rxPackets > 1000, `testpmd B received only ${sb.rxPackets}`);
     const dropped = Object.values(oursB!.drops).reduce((x, y) => x + y, 0);
     assert.equal(oursB!.rxPackets + dropped, ours!.txPackets, 'each frame taken from A delivered to B or dropped with a cause');
