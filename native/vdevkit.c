@@ -919,8 +919,94 @@ typedef struct vdk_mapping {
   void *addr;
   size_t len;
   int unmapped;
+  int guard; /* slot in g_guards, or -1 when the mapping is not guarded */
   struct vdk_mapping *next;
 } vdk_mapping;
+
+/*
+ * SIGBUS containment for mappings of a peer's fd (the wl_shm approach of
+ * libwayland-server): a peer that truncates its memfd under our mapping turns
+ * every access to the lost pages into SIGBUS. The handler looks the fault
+ * address up in g_guards (a fixed table read without locks: a signal handler
+ * may not take a mutex) and, when it lies in a guarded mapping, maps anonymous
+ * zero pages MAP_FIXED over the whole mapping and sets the slot's flag: the
+ * access completes (reads give zeros, writes go nowhere) and the owner, seeing
+ * the flag, fails the connection. Any other SIGBUS goes to the previous
+ * handler, or kills the process as it would have.
+ */
+#define VDK_GUARD_SLOTS 4096
+typedef struct {
+  uintptr_t addr; /* 0 = free; written under g_mappings_lock, read by the handler */
+  size_t len;
+  volatile sig_atomic_t faulted;
+} vdk_guard;
+static vdk_guard g_guards[VDK_GUARD_SLOTS];
+static struct sigaction g_prev_sigbus;
+static pthread_once_t g_sigbus_once = PTHREAD_ONCE_INIT;
+static volatile sig_atomic_t g_sigbus_contained = 0;
+
+static void sigbus_handler(int sig, siginfo_t *si, void *uctx) {
+  if (si != NULL && si->si_code > 0) { /* raised by the kernel for a fault, not kill() */
+    uintptr_t a = (uintptr_t)si->si_addr;
+    for (int i = 0; i < VDK_GUARD_SLOTS; i++) {
+      uintptr_t base = __atomic_load_n(&g_guards[i].addr, __ATOMIC_ACQUIRE);
+      if (base == 0) continue;
+      size_t len = __atomic_load_n(&g_guards[i].len, __ATOMIC_ACQUIRE);
+      if (a < base || a - base >= len) continue;
+      int saved = errno;
+      void *r = mmap((void *)base, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+      errno = saved;
+      if (r != MAP_FAILED) {
+        g_guards[i].faulted = 1;
+        g_sigbus_contained = g_sigbus_contained + 1;
+        return; /* the faulting access is retried, now on zero pages */
+      }
+      break;
+    }
+  }
+  if ((g_prev_sigbus.sa_flags & SA_SIGINFO) && g_prev_sigbus.sa_sigaction != NULL) {
+    g_prev_sigbus.sa_sigaction(sig, si, uctx);
+    return;
+  }
+  if (g_prev_sigbus.sa_handler != SIG_DFL && g_prev_sigbus.sa_handler != SIG_IGN && g_prev_sigbus.sa_handler != NULL) {
+    g_prev_sigbus.sa_handler(sig);
+    return;
+  }
+  /* Not ours: die of SIGBUS as without this handler (the access faults again, or raise for kill()). */
+  struct sigaction dfl;
+  memset(&dfl, 0, sizeof dfl);
+  dfl.sa_handler = SIG_DFL;
+  sigemptyset(&dfl.sa_mask);
+  sigaction(SIGBUS, &dfl, NULL);
+  if (si == NULL || si->si_code <= 0) raise(SIGBUS);
+}
+
+static void sigbus_install(void) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_sigaction = sigbus_handler;
+  sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGBUS, &sa, &g_prev_sigbus);
+}
+
+/* Called with g_mappings_lock held. -1 when the table is full (the mapping is then unguarded). */
+static int guard_add_locked(void *addr, size_t len) {
+  pthread_once(&g_sigbus_once, sigbus_install);
+  for (int i = 0; i < VDK_GUARD_SLOTS; i++) {
+    if (__atomic_load_n(&g_guards[i].addr, __ATOMIC_RELAXED) != 0) continue;
+    g_guards[i].faulted = 0;
+    __atomic_store_n(&g_guards[i].len, len, __ATOMIC_RELEASE);
+    __atomic_store_n(&g_guards[i].addr, (uintptr_t)addr, __ATOMIC_RELEASE);
+    return i;
+  }
+  return -1;
+}
+
+static void guard_remove_locked(vdk_mapping *m) {
+  if (m->guard >= 0) __atomic_store_n(&g_guards[m->guard].addr, (uintptr_t)0, __ATOMIC_RELEASE);
+  m->guard = -1;
+}
 
 /* Live mappings, process-wide (workers included): munmap() finds a mapping by address. */
 static vdk_mapping *g_mappings = NULL;
@@ -930,6 +1016,7 @@ static void mapping_remove_locked(vdk_mapping *m) {
   for (vdk_mapping **pp = &g_mappings; *pp != NULL; pp = &(*pp)->next) {
     if (*pp == m) {
       *pp = m->next;
+      guard_remove_locked(m);
       return;
     }
   }
@@ -988,9 +1075,11 @@ static napi_value vdk_add_seals(napi_env env, napi_callback_info info) {
  * touching a page past the end would raise SIGBUS, so it is refused here.
  */
 static napi_value vdk_mmap(napi_env env, napi_callback_info info) {
-  GET_ARGS(4);
+  GET_ARGS(5);
   uint64_t offset, length;
   bool read_only = false;
+  bool guarded = false;
+  napi_get_value_bool(env, argv[4], &guarded);
   int fd = arg_fd(env, argv[0]);
   if (fd < 0) return NULL;
   if (arg_u64(env, argv[1], "offset must be a non-negative integer", &offset) < 0) return NULL;
@@ -1016,6 +1105,7 @@ static napi_value vdk_mmap(napi_env env, napi_callback_info info) {
   }
   m->addr = addr;
   m->len = (size_t)length;
+  m->guard = -1;
   napi_value ab;
   napi_status s = napi_create_external_arraybuffer(env, addr, (size_t)length, mapping_finalize, m, &ab);
   if (s != napi_ok) {
@@ -1026,8 +1116,42 @@ static napi_value vdk_mmap(napi_env env, napi_callback_info info) {
   pthread_mutex_lock(&g_mappings_lock);
   m->next = g_mappings;
   g_mappings = m;
+  if (guarded) m->guard = guard_add_locked(addr, (size_t)length);
   pthread_mutex_unlock(&g_mappings_lock);
   return ab;
+}
+
+/*
+ * mappingState(arrayBuffer) -> 0 live and intact, 1 faulted (the peer shrank the
+ * file: the mapping now holds zero pages), -1 not a live mapping, -2 live but
+ * unguarded (not mapped with guard, or the guard table was full).
+ */
+static napi_value vdk_mapping_state(napi_env env, napi_callback_info info) {
+  GET_ARGS(1);
+  bool is_ab = false;
+  void *data = NULL;
+  size_t len = 0;
+  CHECK_NAPI(napi_is_arraybuffer(env, argv[0], &is_ab));
+  if (!is_ab) return type_error(env, "expected an ArrayBuffer from mmap()");
+  CHECK_NAPI(napi_get_arraybuffer_info(env, argv[0], &data, &len));
+  int state = -1;
+  pthread_mutex_lock(&g_mappings_lock);
+  if (data != NULL) {
+    for (vdk_mapping *m = g_mappings; m != NULL; m = m->next) {
+      if (m->addr == data && m->len == len) {
+        state = m->guard < 0 ? -2 : (g_guards[m->guard].faulted ? 1 : 0);
+        break;
+      }
+    }
+  }
+  pthread_mutex_unlock(&g_mappings_lock);
+  return make_int(env, state);
+}
+
+/* sigbusContained() -> how many SIGBUS faults the handler has turned into zero pages. */
+static napi_value vdk_sigbus_contained(napi_env env, napi_callback_info info) {
+  (void)info;
+  return make_int(env, g_sigbus_contained);
 }
 
 /* munmap(arrayBuffer): detaches the buffer (views become empty) and unmaps.
@@ -1188,6 +1312,8 @@ NAPI_MODULE_INIT(/* napi_env env, napi_value exports */) {
   EXPORT_FN("addSeals", vdk_add_seals);
   EXPORT_FN("mmap", vdk_mmap);
   EXPORT_FN("munmap", vdk_munmap);
+  EXPORT_FN("mappingState", vdk_mapping_state);
+  EXPORT_FN("sigbusContained", vdk_sigbus_contained);
   EXPORT_FN("eventfd", vdk_eventfd);
   EXPORT_FN("eventfdRead", vdk_eventfd_read);
   EXPORT_FN("eventfdWrite", vdk_eventfd_write);

@@ -55,7 +55,12 @@ export interface NativeAddon {
   memfdCreate(name: string, allowSealing: boolean): number;
   ftruncate(fd: number, size: number): void;
   addSeals(fd: number, seals: number): void;
-  mmap(fd: number, offset: number, length: number, readOnly: boolean): ArrayBuffer;
+  /** guard: contain SIGBUS on this mapping (zero pages + a flag) when the file shrinks under it. */
+  mmap(fd: number, offset: number, length: number, readOnly: boolean, guard?: boolean): ArrayBuffer;
+  /** 0 intact, 1 faulted (the file shrank: zero pages now), -1 not a live mapping, -2 unguarded. */
+  mappingState(buf: ArrayBuffer): number;
+  /** SIGBUS faults contained so far (process-wide). */
+  sigbusContained(): number;
   munmap(buf: ArrayBuffer): boolean;
   eventfd(initval: number, semaphore: boolean): number;
   /** Counter value, or -1 when it is zero. */

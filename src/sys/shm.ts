@@ -18,6 +18,15 @@ export interface MapOptions {
   /** Bytes to map (default: the file size minus the offset). */
   size?: number;
   readOnly?: boolean;
+  /**
+   * Contain SIGBUS (default true: map() is for fds that come from a peer). If
+   * the peer truncates the file, touching a lost page would kill the process
+   * with SIGBUS; guarded, the fault handler replaces the whole mapping with
+   * anonymous zero pages and sets `faulted` (the libwayland-server wl_shm
+   * technique). The owner checks `faulted` and fails the connection. A file
+   * sealed with F_SEAL_SHRINK cannot shrink: nothing to contain.
+   */
+  guard?: boolean;
 }
 
 /**
@@ -69,7 +78,25 @@ export class SharedMemory {
       throw sysError('EINVAL', 'mmap', `nothing to map: size ${size} at offset ${offset}`);
     }
     const readOnly = options.readOnly === true;
-    return new SharedMemory(fd, native.mmap(fd.value, offset, size, readOnly), offset, readOnly);
+    return new SharedMemory(fd, native.mmap(fd.value, offset, size, readOnly, options.guard !== false), offset, readOnly);
+  }
+
+  /** SIGBUS faults contained so far in this process (all mappings). */
+  static get sigbusContained(): number {
+    return native.sigbusContained();
+  }
+
+  /**
+   * True once the file shrank under a guarded mapping and an access faulted:
+   * the mapping now holds zero pages, not the peer's memory. False when closed.
+   */
+  get faulted(): boolean {
+    return this.#buffer !== null && native.mappingState(this.#buffer) === 1;
+  }
+
+  /** Whether SIGBUS on this mapping is contained (map() with guard, and a free guard slot). */
+  get guarded(): boolean {
+    return this.#buffer !== null && native.mappingState(this.#buffer) >= 0;
   }
 
   get closed(): boolean {
