@@ -7,7 +7,15 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { SharedMemory, SysError, nativeAddon } from '../src/sys/index.js';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { EventFd, SharedMemory, SysError, nativeAddon, type Fd } from '../src/sys/index.js';
+import { VhostUserBackend } from '../src/vhost-user/backend.js';
+import { VhostUserError } from '../src/vhost-user/errors.js';
+import { VhostUserBlkDevice } from '../src/devices/vhost-user-blk.js';
+import { RawFrontEnd, state, u64 } from './helpers/vhost-user-raw.js';
+import { openFdCount, openFdsBackTo } from './helpers/sys.js';
 
 const PAGE = nativeAddon.PAGE_SIZE;
 
@@ -107,4 +115,104 @@ test('an unguarded mapping still dies of SIGBUS (the handler only contains regis
   assert.match(out, /guarded=false/);
   assert.doesNotMatch(out, /read/);
   assert.equal(signal, 'SIGBUS', `exit code ${code}, signal ${signal}`);
+});
+
+/* ---- A vhost-user back-end whose front-end truncates the guest memory it shared. ---- */
+
+const MEM = 1 << 20;
+const UVA = 0x7f3400000000;
+const RING = { desc: 0x1000, avail: 0x2000, used: 0x3000, size: 8 };
+const BUF = 0x10000;
+
+/** Raw front-end handshake (vhost-user spec, payloads by hand): features, SET_MEM_TABLE, one ring. */
+async function startRing(fe: RawFrontEnd, mem: SharedMemory, kick: EventFd, call: EventFd): Promise<void> {
+  const F_VERSION_1 = 1n << 32n;
+  const F_PROTOCOL = 1n << 30n;
+  const table = Buffer.alloc(8 + 32); // num_regions u32, padding u32, {gpa, size, uva, mmap_offset}
+  table.writeUInt32LE(1, 0);
+  table.writeBigUInt64LE(BigInt(MEM), 16);
+  table.writeBigUInt64LE(BigInt(UVA), 24);
+  const addr = Buffer.alloc(40); // index, flags, desc, used, avail, log
+  addr.writeBigUInt64LE(BigInt(UVA + RING.desc), 8);
+  addr.writeBigUInt64LE(BigInt(UVA + RING.used), 16);
+  addr.writeBigUInt64LE(BigInt(UVA + RING.avail), 24);
+  fe.send(2, u64(F_VERSION_1 | F_PROTOCOL)); // SET_FEATURES
+  fe.send(16, u64(1n << 3n)); // SET_PROTOCOL_FEATURES: REPLY_ACK
+  const steps: [number, Buffer, Fd[]][] = [
+    [3, Buffer.alloc(0), []], // SET_OWNER
+    [5, table, [mem.fd]], // SET_MEM_TABLE
+    [8, state(0, RING.size), []], // SET_VRING_NUM
+    [10, state(0, 0), []], // SET_VRING_BASE
+    [9, addr, []], // SET_VRING_ADDR
+    [13, u64(0), [call.fd]], // SET_VRING_CALL
+    [12, u64(0), [kick.fd]], // SET_VRING_KICK
+    [18, state(0, 1), []], // SET_VRING_ENABLE
+  ];
+  for (const [req, payload, fds] of steps) assert.equal(await fe.acked(req, payload, fds), 0n, `request ${req} acked`);
+}
+
+/** Offers a FLUSH (virtio-blk type 4: 16-byte header, 1-byte status) as request number n; waits for used.idx = n + 1. */
+async function flush(mem: DataView, kick: EventFd, call: EventFd, n: number): Promise<number> {
+  const head = (2 * n) % RING.size;
+  const hdr = BUF + n * 0x100;
+  mem.setUint32(hdr, 4, true);
+  mem.setUint8(hdr + 0x80, 0xff);
+  for (const [i, a, len, flags, next] of [[head, hdr, 16, 1, head + 1], [head + 1, hdr + 0x80, 1, 2, 0]] as const) {
+    mem.setBigUint64(RING.desc + 16 * i, BigInt(a), true);
+    mem.setUint32(RING.desc + 16 * i + 8, len, true);
+    mem.setUint16(RING.desc + 16 * i + 12, flags, true);
+    mem.setUint16(RING.desc + 16 * i + 14, next, true);
+  }
+  mem.setUint16(RING.avail + 4 + 2 * (n % RING.size), head, true);
+  mem.setUint16(RING.avail + 2, n + 1, true);
+  kick.signal();
+  while (mem.getUint16(RING.used + 2, true) !== n + 1) await call.wait();
+  return mem.getUint8(hdr + 0x80);
+}
+
+test('a vhost-user back-end whose front-end truncates its memory closes that session (MEMORY_FAULT) and keeps serving', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdk-sigbus-'));
+  const before = openFdCount();
+  const make = (name: string) => {
+    fs.writeFileSync(path.join(dir, `${name}.img`), Buffer.alloc(64 * 1024));
+    const disk = VhostUserBlkDevice.open({ file: path.join(dir, `${name}.img`) });
+    const be = VhostUserBackend.listen(path.join(dir, `${name}.sock`), disk);
+    return { disk, be, sock: path.join(dir, `${name}.sock`), mem: SharedMemory.create(MEM), kick: EventFd.create(), call: EventFd.create() };
+  };
+  const a = make('a');
+  const b = make('b');
+  const fes: RawFrontEnd[] = [];
+  try {
+    for (const x of [a, b]) {
+      const fe = await RawFrontEnd.connect(x.sock);
+      fes.push(fe);
+      await startRing(fe, x.mem, x.kick, x.call);
+      assert.equal(await flush(x.mem.view, x.kick, x.call, 0), 0, 'FLUSH ok before the truncation');
+    }
+    const disconnected = new Promise<Error | undefined>((resolve) => a.be.once('disconnect', (err) => resolve(err)));
+    // A's front-end shrinks its guest memory to nothing and kicks: the back-end's ring access faults.
+    nativeAddon.ftruncate(a.mem.fd.value, 0);
+    a.kick.signal();
+    const err = await disconnected;
+    assert.ok(err instanceof VhostUserError, `typed error, got ${String(err)}`);
+    assert.equal(err.code, 'MEMORY_FAULT');
+    assert.equal(await fes[0]!.recv(), null, 'the front-end sees the connection close');
+    assert.ok(SharedMemory.sigbusContained > 0);
+    // B is untouched, and A takes the next front-end.
+    assert.equal(await flush(b.mem.view, b.kick, b.call, 1), 0, 'the other back-end still serves');
+    const again = await RawFrontEnd.connect(a.sock);
+    fes.push(again);
+    assert.ok((await again.call(1)).readBigUInt64LE(0) & (1n << 32n), 'GET_FEATURES on the next connection');
+  } finally {
+    for (const fe of fes) fe.close();
+    for (const x of [a, b]) {
+      x.be.close();
+      x.disk.close();
+      x.kick.close();
+      x.call.close();
+      x.mem.close();
+    }
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  await openFdsBackTo(before, 'fds left after the sessions closed');
 });

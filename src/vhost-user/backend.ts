@@ -249,12 +249,13 @@ export class VhostQueue {
     this.#scheduled = true;
     setImmediate(() => {
       this.#scheduled = false;
-      if (!this.ring || !this.#served() || this.#owner.closed) return;
+      if (!this.ring || !this.#served() || this.#owner.closed || this.#owner.memoryFaulted()) return;
       try {
         this.#owner.device.handleQueue(this);
       } catch (err) {
         this.#owner.log(`vring ${this.index}: the device's handler threw: ${(err as Error).stack ?? String(err)}`);
       }
+      this.#owner.memoryFaulted(); // the batch touched memory the front-end truncated: end the session
     });
   }
 
@@ -345,6 +346,21 @@ class Session {
 
   hasProtocol(feature: number): boolean {
     return (this.protocolFeatures & bit(feature)) !== 0n;
+  }
+
+  /**
+   * Whether the front-end truncated a memfd we mapped and an access faulted (SIGBUS contained by
+   * src/sys/shm.ts: the mapping now holds zero pages). If so the session is closed with a
+   * MEMORY_FAULT error. Checked around each kick batch. True when the session is closed.
+   */
+  memoryFaulted(): boolean {
+    if (this.closed) return true;
+    if (!this.#regions.some((r) => r.shm.faulted) && this.#logShm?.faulted !== true && this.inflight?.shm.faulted !== true) return false;
+    const e = new VhostUserError('MEMORY_FAULT', 'the front-end truncated shared memory under our mapping (SIGBUS contained): session closed');
+    this.log(e.message);
+    this.channel.close(e);
+    this.close();
+    return true;
   }
 
   /** Unmaps retired regions once no chain refers to guest memory any more. */

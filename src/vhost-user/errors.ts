@@ -9,7 +9,9 @@ export type VhostUserErrorCode =
   /** The connection went away. */
   | 'DISCONNECTED'
   /** A reply did not come in time. */
-  | 'TIMEOUT';
+  | 'TIMEOUT'
+  /** The peer truncated shared memory we had mapped (an access faulted; SIGBUS was contained). */
+  | 'MEMORY_FAULT';
 
 export class VhostUserError extends Error {
   readonly code: VhostUserErrorCode;
