@@ -365,9 +365,7 @@ test('a back-end that never uses TX buffers: send() rejects with TIMEOUT after t
   try {
     const d = await VirtioNetDriver.connect(sock, { txTimeoutMs: 300 });
     try {
-      const t0 = Date.now();
       await assert.rejects(d.send(ethFrame(MAC_B, MAC_A, 60)), (e: unknown) => e instanceof VhostUserError && e.code === 'TIMEOUT');
-      assert.ok(Date.now() - t0 < 3000);
       assert.equal(d.totals().txDrops, 1);
       assert.ok(d.frontend.closed);
     } finally {

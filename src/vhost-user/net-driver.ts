@@ -28,7 +28,9 @@ import { EventEmitter } from 'node:events';
 import { EventFd } from '../sys/eventfd.js';
 import { SharedMemory } from '../sys/shm.js';
 import { createDriverQueue } from '../virtio/driver-queue.js';
-import { ringLayout, type DriverBuffer, type DriverQueue } from '../virtio/driver.js';
+import { SplitDriverQueue } from '../virtio/driver-split.js';
+import { PackedDriverQueue } from '../virtio/driver-packed.js';
+import { ringLayout, type DriverBuffer, type DriverQueue, type DriverQueueOptions } from '../virtio/driver.js';
 import { NetCtrl, NetFeature, NET_HDR_SIZE, NET_S_LINK_UP, formatMac } from '../devices/vhost-user-net.js';
 import { ProtocolFeature as PF, VirtioFeature as VF, bit } from './constants.js';
 import { VhostUserError } from './errors.js';
@@ -47,6 +49,26 @@ const NET_CONFIG_SIZE = 12;
 const TX_SPLIT_AT = 64;
 const CTRL_AREA = 4096;
 const CTRL_MAX = CTRL_AREA - 64;
+
+/*
+ * TX chains have no device-writable byte, so the used len means nothing
+ * (virtio 1.2 2.7.8.1: 0). DPDK 22.11's packed dequeue writes the chain's
+ * length there; Linux ignores it (its "validate used buffer length" patch was
+ * reverted for such devices). TX queues take it as 0; the id is still checked.
+ */
+class TxSplitQueue<T> extends SplitDriverQueue<T> {
+  protected override untrack(id: number, _len: number): { token: T; count: number } {
+    return super.untrack(id, 0);
+  }
+}
+class TxPackedQueue<T> extends PackedDriverQueue<T> {
+  protected override untrack(id: number, _len: number): { token: T; count: number } {
+    return super.untrack(id, 0);
+  }
+}
+function createTxQueue<T>(o: DriverQueueOptions): DriverQueue<T> {
+  return o.packed ? new TxPackedQueue<T>(o) : new TxSplitQueue<T>(o);
+}
 
 /** virtio_net_config as the driver knows it. */
 export interface NetConfig {
@@ -398,7 +420,7 @@ export class VirtioNetDriver extends EventEmitter<NetDriverEvents> {
       device: i * layout.bytes + layout.device,
       indirectTables: indirect ? i * layout.bytes + layout.indirectTables : undefined,
     });
-    const queue = <T>(i: number): DriverQueue<T> => createDriverQueue<T>({ memory: fe.memory, size, packed, eventIdx, indirect, indirectMax: 2, ...ringAt(i) });
+    const queue = <T>(i: number, tx = false): DriverQueue<T> => (tx ? createTxQueue<T> : createDriverQueue<T>)({ memory: fe.memory, size, packed, eventIdx, indirect, indirectMax: 2, ...ringAt(i) });
     const rx: RxQueue[] = [];
     const tx: TxQueue[] = [];
     let cq: CtrlQueue | null = null;
@@ -411,7 +433,7 @@ export class VirtioNetDriver extends EventEmitter<NetDriverEvents> {
         // Every RX buffer is posted before the ring starts.
         for (let b = 0; b < size; b++) r.ring.add([{ addr: r.gpa + b * rxBufSize, len: rxBufSize, write: true }], b);
         r.ring.needsKick();
-        tx.push(new TxQueue(2 * p + 1, p, queue<TxToken>(2 * p + 1), pool + rxPool, txSlot));
+        tx.push(new TxQueue(2 * p + 1, p, queue<TxToken>(2 * p + 1, true), pool + rxPool, txSlot));
       }
       if (ctrl) cq = new CtrlQueue(2 * pairs, queue<number>(2 * pairs), ringsEnd + pairs * (rxPool + txPool));
       const order: Vring[] = [];
