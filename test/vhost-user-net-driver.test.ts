@@ -209,7 +209,8 @@ test('header in its own descriptor (indirect and not), on event and async iterat
 test('a backlog beyond rxBacklog pauses reaping; the device sees a full ring and drops; reading resumes it', async () => {
   await withPair({ drivers: [{}, { rxBacklog: 8, queueSize: 16 }] }, async (a, b, sw) => {
     await a.sendBatch(frames(MAC_B, MAC_A, Array.from({ length: 100 }, () => 60), 0));
-    await new Promise((r) => setTimeout(r, 50));
+    for (let i = 0; i < 200 && b.rxPending < 8; i++) await new Promise((r) => setTimeout(r, 10));
+    await new Promise((r) => setTimeout(r, 20));
     assert.equal(b.rxPending, 8, 'the backlog stops at rxBacklog');
     const dropped = sw.ports[1]!.device.stats.drops['no-rx-buffer'];
     assert.ok(dropped >= 100 - 8 - 16, `the device found the ring full (${dropped} dropped)`);
@@ -258,7 +259,7 @@ test('against `vdevkit vhost-user-net` as a child process: both ways, packed, 2 
 
 // ---- back-ends that lie -------------------------------------------------------
 
-type Lie = 'used-len' | 'num-buffers-zero' | 'num-buffers-huge' | 'num-buffers-held' | 'used-id' | 'tx-never';
+type Lie = 'used-len' | 'num-buffers-zero' | 'num-buffers-huge' | 'num-buffers-held' | 'used-id' | 'tx-never' | 'tx-len';
 
 /** A one-port virtio-net device that answers the first RX buffer (or every TX buffer) wrongly. */
 class LyingNet implements VhostUserDevice {
@@ -276,8 +277,22 @@ class LyingNet implements VhostUserDevice {
       return;
     }
     if (this.lie === 'tx-never') return;
-    for (let c = q.pop(); c !== null; c = q.pop()) q.push(c, 0);
+    for (let c = q.pop(); c !== null; c = q.pop()) {
+      q.push(c, 0);
+      // What DPDK 22.11's packed dequeue does: the chain's length as the used len of a read-only chain.
+      if (this.lie === 'tx-len') {
+        const used = this.usedRing(q);
+        used.setUint32(4 + 8 * ((used.getUint16(2, true) - 1) & (q.size - 1)) + 4, c.readableBytes, true);
+      }
+    }
     q.notify();
+  }
+  /** The split used ring of `q`, from the back-end's view of guest memory. */
+  usedRing(q: VhostQueue): DataView {
+    const mem = this.backend!.memory!;
+    const len = 4 + 8 * q.size;
+    const v = mem.view(mem.uvaToGpa(q.addr!.used, len), len)!;
+    return new DataView(v.buffer, v.byteOffset, len);
   }
   /** Writes one frame into the first RX buffer, then lies as told. */
   inject(): void {
@@ -298,10 +313,8 @@ class LyingNet implements VhostUserDevice {
     q.pushBatch(chains, chains.map(() => 72));
     if (this.lie === 'used-len' || this.lie === 'used-id') {
       // Rewrite the split used element just published: len beyond the buffer, or an id never made available.
-      const mem = this.backend!.memory!;
       const size = q.size;
-      const gpa = mem.uvaToGpa(q.addr!.used, 4 + 8 * size);
-      const used = new DataView(mem.view(gpa, 4 + 8 * size)!.buffer, mem.view(gpa, 4 + 8 * size)!.byteOffset, 4 + 8 * size);
+      const used = this.usedRing(q);
       const slot = (used.getUint16(2, true) - 1) & (size - 1);
       if (this.lie === 'used-len') used.setUint32(4 + 8 * slot + 4, 1 << 20, true);
       else used.setUint32(4 + 8 * slot, size + 3, true);
@@ -380,6 +393,28 @@ test('a back-end that never uses TX buffers: send() rejects with TIMEOUT after t
       assert.ok(d2.closed);
     } finally {
       await d2.close();
+    }
+  } finally {
+    be.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a TX used len above 0 (DPDK packed dequeue writes the chain length) is taken as 0: the send completes', { timeout: 20_000 }, async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdevkit-netlie-'));
+  const sock = path.join(dir, 'be.sock');
+  const dev = new LyingNet('tx-len');
+  const be = VhostUserBackend.listen(sock, dev);
+  dev.backend = be;
+  try {
+    const d = await VirtioNetDriver.connect(sock);
+    try {
+      await d.sendBatch([ethFrame(MAC_B, MAC_A, 60), ethFrame(MAC_B, MAC_A, 1514)]);
+      assert.equal(d.totals().txCompleted, 2);
+      assert.equal(d.error, null);
+      assert.equal(d.frontend.closed, false);
+    } finally {
+      await d.close();
     }
   } finally {
     be.close();
