@@ -728,8 +728,9 @@ export class VirtioNetDriver extends EventEmitter<NetDriverEvents> {
   #takeFrom(q: RxQueue): Buffer | undefined {
     const f = q.shift();
     if (q.paused && q.backlogLength <= this.#backlogMax / 2) {
+      // At once: after a disconnect the caller's next receive() must see what the ring still holds.
       q.paused = false;
-      queueMicrotask(() => this.#reapRx(q));
+      this.#reapRx(q);
     }
     return f;
   }
