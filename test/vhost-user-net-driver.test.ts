@@ -259,7 +259,7 @@ test('against `vdevkit vhost-user-net` as a child process: both ways, packed, 2 
 
 // ---- back-ends that lie -------------------------------------------------------
 
-type Lie = 'used-len' | 'num-buffers-zero' | 'num-buffers-huge' | 'num-buffers-held' | 'used-id' | 'tx-never' | 'tx-len';
+type Lie = 'none' | 'used-len' | 'num-buffers-zero' | 'num-buffers-huge' | 'num-buffers-held' | 'used-id' | 'tx-never' | 'tx-len';
 
 /** A one-port virtio-net device that answers the first RX buffer (or every TX buffer) wrongly. */
 class LyingNet implements VhostUserDevice {
@@ -299,7 +299,7 @@ class LyingNet implements VhostUserDevice {
     const q = this.rx!;
     const frame = ethFrame(MAC_A, MAC_B, 60, 1);
     // num-buffers-held: 4 good frames, then a fifth claiming 16 buffers of a 16-entry ring (it holds 11 more).
-    const n = this.lie === 'num-buffers-held' ? 5 : 1;
+    const n = this.lie === 'num-buffers-held' || this.lie === 'none' ? 5 : 1;
     const chains = [];
     for (let i = 0; i < n; i++) {
       const c = q.pop()!;
@@ -413,6 +413,34 @@ test('a TX used len above 0 (DPDK packed dequeue writes the chain length) is tak
       assert.equal(d.totals().txCompleted, 2);
       assert.equal(d.error, null);
       assert.equal(d.frontend.closed, false);
+    } finally {
+      await d.close();
+    }
+  } finally {
+    be.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('frames a back-end published before it went away are still received, then DISCONNECTED', { timeout: 20_000 }, async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdevkit-netgone-'));
+  const sock = path.join(dir, 'be.sock');
+  const dev = new LyingNet('none');
+  const be = VhostUserBackend.listen(sock, dev);
+  dev.backend = be;
+  try {
+    const d = await VirtioNetDriver.connect(sock, { queueSize: 16 });
+    try {
+      for (let i = 0; i < 100 && dev.rx === null; i++) await new Promise((r) => setTimeout(r, 10));
+      const closed = new Promise((r) => d.once('close', r));
+      dev.inject();
+      be.close();
+      await closed;
+      const want = ethFrame(MAC_A, MAC_B, 60, 1);
+      for (let i = 0; i < 5; i++) assert.ok((await d.receive({ timeoutMs: 1000 })).equals(want), `frame ${i}`);
+      await assert.rejects(d.receive(), (e: unknown) => e instanceof VhostUserError && e.code === 'DISCONNECTED');
+      assert.equal(d.error, null, 'a disconnect is not a protocol error');
+      await assert.rejects(d.send(want), (e: unknown) => e instanceof VhostUserError && e.code === 'DISCONNECTED');
     } finally {
       await d.close();
     }
