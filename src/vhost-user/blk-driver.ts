@@ -13,15 +13,27 @@
  * turn of the event loop is published before one kick decision per queue.
  * A dead back-end fails every request (DISCONNECTED); one that does not
  * complete a request within `ioTimeoutMs` is disconnected (TIMEOUT).
+ *
+ * With `reconnect`, a back-end that goes away is waited for instead (QEMU's
+ * vhost-user-blk reconnect): requests stay pending, the driver keeps its
+ * memory, rings and the inflight region, connects again, negotiates the same
+ * features, gives the memory table and (when the back-end tracks inflight
+ * I/O) the same inflight region back, and restarts the rings where they were:
+ * the back-end resubmits what it had taken. A back-end without inflight
+ * tracking gets fresh rings, and the driver makes every pending request
+ * available again (reads and writes of a disk are idempotent). Either way
+ * each request settles once. Past the reconnect limits they fail with a
+ * VhostUserReconnectError. Events: 'disconnected', 'reconnected'.
  */
+import { EventEmitter } from 'node:events';
 import { EventFd } from '../sys/eventfd.js';
 import { SharedMemory } from '../sys/shm.js';
 import { createDriverQueue } from '../virtio/driver-queue.js';
-import { ringLayout, type DriverBuffer, type DriverQueue } from '../virtio/driver.js';
+import { ringLayout, type DriverBuffer, type DriverQueue, type DriverQueueOptions } from '../virtio/driver.js';
 import { BlkFeature, BlkReq, BlkStatus, SECTOR } from '../devices/vhost-user-blk.js';
 import { ProtocolFeature as PF, VirtioFeature as VF, bit } from './constants.js';
 import { VhostUserError } from './errors.js';
-import { VhostUserFrontend, type InflightInfo, type VhostUserFrontendOptions } from './frontend.js';
+import { VhostUserFrontend, VhostUserReconnectError, type InflightInfo, type VhostUserFrontendOptions } from './frontend.js';
 
 /** Device status bits (SET_STATUS). */
 const STATUS_ACK = 1;
@@ -99,7 +111,37 @@ export interface VirtioBlkDriverOptions extends VhostUserFrontendOptions {
   ioTimeoutMs?: number;
   /** Ask for the inflight region when INFLIGHT_SHMFD is offered (default true). */
   inflight?: boolean;
+  /**
+   * Wait for a back-end that went away (the connection closed) and reconnect
+   * to the same path instead of failing what is pending (default false).
+   * true: the defaults below.
+   */
+  reconnect?: boolean | ReconnectOptions;
 }
+
+export interface ReconnectOptions {
+  /** Before each attempt (default 100 ms). */
+  delayMs?: number;
+  /** Attempts before giving up (default unlimited, within timeoutMs). */
+  maxAttempts?: number;
+  /** From the disconnect to giving up, attempts included (default 30000 ms). */
+  timeoutMs?: number;
+}
+
+export interface ReconnectInfo {
+  /** Connection attempts it took. */
+  attempts: number;
+  /** Who resubmits what was in flight: the back-end (from the inflight region) or the driver (fresh rings). */
+  resubmittedBy: 'backend' | 'driver';
+  /** Requests pending (on the rings) at the reconnect. */
+  pending: number;
+}
+
+type BlkDriverEvents = {
+  /** The back-end went away; with `reconnect`, the driver is reconnecting. */
+  disconnected: [err: VhostUserError];
+  reconnected: [info: ReconnectInfo];
+};
 
 /** One request of the batch API. */
 export type BlkRequest =
@@ -124,6 +166,8 @@ interface Pending {
   dma: number;
   dmaLen: number;
   started: number;
+  /** Submission order (resubmission keeps it). */
+  seq: number;
 }
 
 /** A first-fit allocator of [0, size) in DMA_ALIGN units. */
@@ -164,7 +208,11 @@ class Extents {
 
 class BlkQueue {
   readonly index: number;
-  readonly ring: DriverQueue<Pending>;
+  ring: DriverQueue<Pending>;
+  /** Where the ring is (to lay it out again, fresh, for a back-end without inflight tracking). */
+  readonly ringOptions: DriverQueueOptions;
+  /** Requests taken off a ring that was laid out again, made available again once the back-end is back. */
+  carried: Pending[] = [];
   readonly kick = EventFd.create();
   readonly call = EventFd.create();
   readonly err = EventFd.create();
@@ -174,16 +222,35 @@ class BlkQueue {
   readonly hdr: Uint8Array;
   unsubscribe: (() => void)[] = [];
   kickScheduled = false;
-  constructor(index: number, ring: DriverQueue<Pending>, hdrGpa: number, hdr: Uint8Array) {
+  constructor(index: number, ringOptions: DriverQueueOptions, hdrGpa: number, hdr: Uint8Array) {
     this.index = index;
-    this.ring = ring;
+    this.ringOptions = ringOptions;
+    this.ring = createDriverQueue<Pending>(ringOptions);
+    const ring = this.ring;
     this.hdrGpa = hdrGpa;
     this.hdr = hdr;
     for (let i = ring.size - 1; i >= 0; i--) this.slots.push(i);
   }
 }
 
-export class VirtioBlkDriver {
+/** The blk features the driver asks for (plus the ring features by option). */
+const BLK_FEATURES = [
+  BlkFeature.SIZE_MAX,
+  BlkFeature.SEG_MAX,
+  BlkFeature.GEOMETRY,
+  BlkFeature.RO,
+  BlkFeature.BLK_SIZE,
+  BlkFeature.FLUSH,
+  BlkFeature.TOPOLOGY,
+  BlkFeature.CONFIG_WCE,
+  BlkFeature.MQ,
+  BlkFeature.DISCARD,
+  BlkFeature.WRITE_ZEROES,
+];
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+export class VirtioBlkDriver extends EventEmitter<BlkDriverEvents> {
   readonly frontend: VhostUserFrontend;
   readonly config: BlkConfig;
   readonly features: bigint;
@@ -194,14 +261,23 @@ export class VirtioBlkDriver {
   readonly #dma: SharedMemory;
   readonly #dmaGpa: number;
   readonly #extents: Extents;
-  readonly #inflight: InflightInfo | null;
+  #inflight: InflightInfo | null;
   readonly #ioTimeoutMs: number;
+  readonly #options: VirtioBlkDriverOptions;
+  /** The features asked for (SET_FEATURES sends offered & this). */
+  readonly #wanted: bigint;
+  readonly #reconnect: Required<ReconnectOptions> | null;
+  #reconnecting = false;
+  /** The rings were laid out again since the inflight region last matched them: resubmission is ours from now on. */
+  #ringsReset = false;
+  #seq = 0;
   #sweep: NodeJS.Timeout | null = null;
   #rr = 0;
   #error: Error | null = null;
   #closing: Promise<void> | null = null;
 
-  private constructor(fe: VhostUserFrontend, config: BlkConfig, queues: BlkQueue[], dma: SharedMemory, dmaGpa: number, inflight: InflightInfo | null, o: VirtioBlkDriverOptions, maxTransfer: number) {
+  private constructor(fe: VhostUserFrontend, config: BlkConfig, queues: BlkQueue[], dma: SharedMemory, dmaGpa: number, inflight: InflightInfo | null, o: VirtioBlkDriverOptions, maxTransfer: number, wanted: bigint) {
+    super();
     this.frontend = fe;
     this.config = config;
     this.features = fe.features;
@@ -213,8 +289,12 @@ export class VirtioBlkDriver {
     this.#extents = new Extents(dma.size);
     this.#inflight = inflight;
     this.#ioTimeoutMs = o.ioTimeoutMs ?? 30_000;
+    this.#options = o;
+    this.#wanted = wanted;
     this.maxTransfer = maxTransfer;
-    fe.on('close', (err) => this.#failAll(err));
+    const r = o.reconnect === true ? {} : o.reconnect || null;
+    this.#reconnect = r ? { delayMs: r.delayMs ?? 100, maxAttempts: r.maxAttempts ?? Infinity, timeoutMs: r.timeoutMs ?? 30_000 } : null;
+    fe.on('close', (err) => this.#onClose(err));
     for (const q of queues) {
       q.unsubscribe.push(q.call.subscribe(() => this.#reap(q)));
       q.unsubscribe.push(q.err.subscribe(() => this.#failAll(new VhostUserError('PROTOCOL', `the back-end signalled an error on vring ${q.index}`))));
@@ -237,6 +317,36 @@ export class VirtioBlkDriver {
     }
   }
 
+  /** The features the driver asks for with these options (before `& offered`). */
+  static #wantedFeatures(o: VirtioBlkDriverOptions, packed: boolean): bigint {
+    let wanted = bit(VF.VERSION_1);
+    for (const b of BLK_FEATURES) wanted |= bit(b);
+    if (o.eventIdx !== false) wanted |= bit(VF.EVENT_IDX);
+    if (o.indirect !== false) wanted |= bit(VF.INDIRECT_DESC);
+    if (packed) wanted |= bit(VF.RING_PACKED);
+    return wanted;
+  }
+
+  /** GET_INFLIGHT_FD, then SET_INFLIGHT_FD with it (QEMU's first start), when offered and wanted. */
+  static async #newInflight(fe: VhostUserFrontend, o: VirtioBlkDriverOptions, queues: number, size: number): Promise<InflightInfo | null> {
+    if (o.inflight === false || !fe.hasProtocol(PF.INFLIGHT_SHMFD)) return null;
+    const inflight = await fe.getInflightFd(queues, size);
+    if (!inflight.memory) return null;
+    try {
+      await fe.setInflightFd(inflight);
+    } catch (err) {
+      inflight.memory.close();
+      throw err;
+    }
+    return inflight;
+  }
+
+  /** The seed's vring start for one of our queues, then DRIVER_OK after the last (by the caller). */
+  static #setupRing(fe: VhostUserFrontend, q: BlkQueue, base?: number): Promise<void> {
+    const r = q.ringOptions;
+    return fe.setupVring(q.index, { size: r.size, desc: r.desc, driver: r.driver, device: r.device, kick: q.kick, call: q.call, err: q.err, ...(base !== undefined ? { base } : {}) });
+  }
+
   /** Sets the device up on a connected front-end (which the driver then owns). */
   static async open(fe: VhostUserFrontend, o: VirtioBlkDriverOptions = {}): Promise<VirtioBlkDriver> {
     const want = o.queues ?? 1;
@@ -245,16 +355,9 @@ export class VirtioBlkDriver {
     const packed = o.packed === true || ((o.packed ?? 'auto') === 'auto' && (offered & bit(VF.RING_PACKED)) !== 0n);
     if (packed && (offered & bit(VF.RING_PACKED)) === 0n) throw new VhostUserError('UNSUPPORTED', 'packed rings asked for; the back-end does not offer RING_PACKED');
     if ((offered & bit(VF.VERSION_1)) === 0n) throw new VhostUserError('UNSUPPORTED', 'the back-end does not offer VIRTIO_F_VERSION_1');
-    let wanted = bit(VF.VERSION_1);
-    for (const b of [BlkFeature.SIZE_MAX, BlkFeature.SEG_MAX, BlkFeature.GEOMETRY, BlkFeature.RO, BlkFeature.BLK_SIZE, BlkFeature.FLUSH, BlkFeature.TOPOLOGY, BlkFeature.CONFIG_WCE, BlkFeature.MQ, BlkFeature.DISCARD, BlkFeature.WRITE_ZEROES]) wanted |= bit(b);
-    if (o.eventIdx !== false) wanted |= bit(VF.EVENT_IDX);
-    if (o.indirect !== false) wanted |= bit(VF.INDIRECT_DESC);
-    if (packed) wanted |= bit(VF.RING_PACKED);
+    const wanted = VirtioBlkDriver.#wantedFeatures(o, packed);
     const status = fe.hasProtocol(PF.STATUS);
-    if (status) await fe.setStatus(STATUS_ACK | STATUS_DRIVER);
-    await fe.setFeatures(wanted);
-    if (status) await fe.setStatus(STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK);
-    const config = decodeBlkConfig(await fe.getConfig(0, BLK_CONFIG_SIZE));
+    const config = await VirtioBlkDriver.#negotiateFeatures(fe, wanted);
     const hasMq = fe.hasFeature(BlkFeature.MQ);
     const devQueues = hasMq ? Math.max(1, config.numQueues) : 1;
     if (want > devQueues) throw new VhostUserError('UNSUPPORTED', `${want} queues asked for; the device has ${devQueues}`);
@@ -278,16 +381,12 @@ export class VirtioBlkDriver {
     fe.addMemory(rings, 0);
     const dmaRegion = fe.addMemory(dma);
     await fe.syncMemory();
-    let inflight: InflightInfo | null = null;
-    if (o.inflight !== false && fe.hasProtocol(PF.INFLIGHT_SHMFD)) {
-      inflight = await fe.getInflightFd(want, size);
-      if (inflight.memory) await fe.setInflightFd(inflight);
-    }
+    const inflight = await VirtioBlkDriver.#newInflight(fe, o, want, size);
     const queues: BlkQueue[] = [];
     try {
       for (let i = 0; i < want; i++) {
         const base = i * perQueue;
-        const ring = createDriverQueue<Pending>({
+        const ringOptions: DriverQueueOptions = {
           memory: fe.memory,
           size,
           packed,
@@ -298,11 +397,11 @@ export class VirtioBlkDriver {
           indirect,
           indirectTables: indirect ? base + layout.indirectTables : undefined,
           indirectMax: 4,
-        });
+        };
         const hdrGpa = base + layout.bytes;
-        const q = new BlkQueue(i, ring, hdrGpa, rings.subarray(hdrGpa, SLOT * size));
+        const q = new BlkQueue(i, ringOptions, hdrGpa, rings.subarray(hdrGpa, SLOT * size));
         queues.push(q);
-        await fe.setupVring(i, { size, desc: base + layout.desc, driver: base + layout.driver, device: base + layout.device, kick: q.kick, call: q.call, err: q.err });
+        await VirtioBlkDriver.#setupRing(fe, q);
       }
       if (status) await fe.setStatus(STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
     } catch (err) {
@@ -314,7 +413,178 @@ export class VirtioBlkDriver {
       inflight?.memory?.close();
       throw err;
     }
-    return new VirtioBlkDriver(fe, config, queues, dma, dmaRegion.guestPhysAddr, inflight, o, maxTransfer);
+    return new VirtioBlkDriver(fe, config, queues, dma, dmaRegion.guestPhysAddr, inflight, o, maxTransfer, wanted);
+  }
+
+  /** The inflight region the back-end keeps its state in (kept across reconnects), or null. */
+  get inflightRegion(): InflightInfo | null {
+    return this.#inflight;
+  }
+
+  /** Whether the driver is waiting for its back-end to come back. */
+  get reconnecting(): boolean {
+    return this.#reconnecting;
+  }
+
+  // ---- reconnect ------------------------------------------------------------
+
+  #onClose(err: VhostUserError): void {
+    if (this.#reconnecting) return; // an attempt's connection: the loop sees it
+    if (this.#closing || this.#error || !this.#reconnect || err.code !== 'DISCONNECTED') {
+      this.#failAll(err);
+      return;
+    }
+    this.#reconnecting = true;
+    void this.#reconnectLoop(err);
+  }
+
+  async #reconnectLoop(reason: VhostUserError): Promise<void> {
+    const r = this.#reconnect!;
+    const fe = this.frontend;
+    // What the back-end completed before it went away is ours already.
+    for (const q of this.#queues) this.#reap(q);
+    if (this.#error) return;
+    this.emit('disconnected', reason);
+    const deadline = Date.now() + r.timeoutMs;
+    let attempts = 0;
+    let last: Error = reason;
+    while (!this.#closing && !this.#error) {
+      const left = deadline - Date.now();
+      if (left <= 0 || attempts >= r.maxAttempts) {
+        const timedOut = left <= 0;
+        this.#giveUp(
+          new VhostUserReconnectError(
+            timedOut ? 'TIMEOUT' : 'DISCONNECTED',
+            `the back-end did not come back ${timedOut ? `in ${r.timeoutMs} ms` : `in ${attempts} attempt(s)`} (${attempts} attempt(s); last: ${last.message})`,
+            attempts,
+            last,
+          ),
+        );
+        return;
+      }
+      await sleep(Math.min(r.delayMs, left));
+      if (this.#closing || this.#error) break;
+      attempts++;
+      // An attempt that hangs (a back-end that accepts and never answers) is cut at the deadline.
+      const outOfTime = (): VhostUserError => new VhostUserError('TIMEOUT', `reconnect: no working back-end in ${r.timeoutMs} ms`);
+      let cutFired = false;
+      const cut = setTimeout(() => {
+        cutFired = true;
+        fe.close(outOfTime());
+      }, Math.max(1, deadline - Date.now()));
+      try {
+        await fe.reconnect();
+        if (cutFired) throw outOfTime();
+        if (this.#closing || this.#error) {
+          clearTimeout(cut);
+          fe.close();
+          return;
+        }
+        const { byBackend, pending } = await this.#resume();
+        clearTimeout(cut);
+        if (fe.closed) throw fe.closeReason ?? new VhostUserError('DISCONNECTED', 'closed during the reconnect');
+        if (this.#closing || this.#error) {
+          fe.close();
+          return;
+        }
+        this.#restart(byBackend, attempts, pending);
+        return;
+      } catch (err) {
+        clearTimeout(cut);
+        last = err as Error;
+        fe.close();
+        if (err instanceof VhostUserReconnectError) {
+          this.#giveUp(err);
+          return;
+        }
+      }
+    }
+  }
+
+  #giveUp(err: VhostUserError): void {
+    this.#reconnecting = false;
+    this.#failAll(err);
+    this.frontend.close(err);
+  }
+
+  /**
+   * One reconnect's set-up on the new connection: the same features, queues
+   * and disk, the memory table, then the inflight region given back (true:
+   * the back-end resubmits) or, without one, fresh rings (false: the driver
+   * resubmits).
+   */
+  async #resume(): Promise<{ byBackend: boolean; pending: number }> {
+    const fe = this.frontend;
+    const n = this.#queues.length;
+    const other = (what: string): VhostUserReconnectError => new VhostUserReconnectError('UNSUPPORTED', `the back-end came back as another device: ${what}`, 0);
+    let config: BlkConfig;
+    try {
+      await fe.handshake({ queues: n, config: 'require' });
+      const offered = fe.offeredFeatures;
+      const f = (offered & this.#wanted) | (offered & bit(VF.PROTOCOL_FEATURES));
+      if (f !== this.features) throw other(`features 0x${f.toString(16)} instead of 0x${this.features.toString(16)}`);
+      config = await VirtioBlkDriver.#negotiateFeatures(fe, this.#wanted);
+    } catch (err) {
+      if (err instanceof VhostUserError && err.code === 'UNSUPPORTED' && !(err instanceof VhostUserReconnectError)) throw other(err.message);
+      throw err;
+    }
+    if (config.capacity !== this.config.capacity) throw other(`capacity ${config.capacity} sectors instead of ${this.config.capacity}`);
+    if (fe.hasFeature(BlkFeature.MQ) && Math.max(1, config.numQueues) < n) throw other(`${config.numQueues} queues (we use ${n})`);
+    await fe.syncMemory();
+    const byBackend = !this.#ringsReset && this.#inflight !== null && fe.hasProtocol(PF.INFLIGHT_SHMFD);
+    if (byBackend) {
+      await fe.setInflightFd(this.#inflight!);
+    } else {
+      // Fresh rings: what the rings held is carried over and made available again once we are up.
+      this.#ringsReset = true;
+      this.#inflight?.memory?.close();
+      this.#inflight = null;
+      for (const q of this.#queues) {
+        q.carried.push(...q.ring.tokens());
+        q.ring = createDriverQueue<Pending>(q.ringOptions);
+      }
+      this.#inflight = await VirtioBlkDriver.#newInflight(fe, this.#options, n, this.queueSize);
+    }
+    // Counted before the rings start: completions may come in while later rings are set up.
+    let pending = 0;
+    for (const q of this.#queues) pending += q.ring.inFlight + q.carried.length;
+    for (const q of this.#queues) {
+      // Split: the used index in the ring, as QEMU restarts a ring whose GET_VRING_BASE failed
+      // (a back-end with the inflight region takes its own state from there). Fresh rings: 0.
+      const base = byBackend && !this.packed ? new DataView(fe.memory.view(q.ringOptions.device + 2, 2)!.slice().buffer).getUint16(0, true) : undefined;
+      await VirtioBlkDriver.#setupRing(fe, q, base);
+    }
+    if (fe.hasProtocol(PF.STATUS)) await fe.setStatus(STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+    return { byBackend, pending };
+  }
+
+  /** SET_STATUS and SET_FEATURES after a handshake, then the config. */
+  static async #negotiateFeatures(fe: VhostUserFrontend, wanted: bigint): Promise<BlkConfig> {
+    const status = fe.hasProtocol(PF.STATUS);
+    if (status) await fe.setStatus(STATUS_ACK | STATUS_DRIVER);
+    await fe.setFeatures(wanted);
+    if (status) await fe.setStatus(STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK);
+    return decodeBlkConfig(await fe.getConfig(0, BLK_CONFIG_SIZE));
+  }
+
+  /** Up again: pending requests restart their clocks; carried ones go back on the rings first; a kick per ring. */
+  #restart(byBackend: boolean, attempts: number, pending: number): void {
+    this.#reconnecting = false;
+    const now = Date.now();
+    for (const q of this.#queues) {
+      for (const p of q.ring.tokens()) p.started = now;
+      const carried = q.carried.splice(0).sort((a, b) => a.seq - b.seq);
+      for (const p of carried) {
+        p.started = now;
+        if (!this.#publish(q, p)) p.reject(new VhostUserError('INVALID', `vring ${q.index}: no room to make a pending request available again`));
+      }
+    }
+    for (const q of this.#queues) {
+      this.#pump(q);
+      // The back-end may have requests to take that no kick of ours announced (the avail ring as it was).
+      if (!q.kick.closed) q.kick.signal();
+    }
+    this.emit('reconnected', { attempts, resubmittedBy: byBackend ? 'backend' : 'driver', pending });
   }
 
   /** Bytes of the disk (config capacity x 512). */
@@ -355,19 +625,19 @@ export class VirtioBlkDriver {
     if (offset + length > this.size) throw new RangeError(`[${offset}, +${length}) is past the end of the ${this.size}-byte disk`);
   }
 
-  #submit(q: BlkQueue, p: Omit<Pending, 'resolve' | 'reject' | 'slot' | 'dma' | 'dmaLen' | 'started'>): Promise<Buffer | undefined> {
+  #submit(q: BlkQueue, p: Omit<Pending, 'resolve' | 'reject' | 'slot' | 'dma' | 'dmaLen' | 'started' | 'seq'>): Promise<Buffer | undefined> {
     if (this.#error) return Promise.reject(this.#error);
     if (this.#closing) return Promise.reject(new VhostUserError('DISCONNECTED', 'the driver is closing'));
     return new Promise((resolve, reject) => {
-      const full: Pending = { ...p, resolve, reject, slot: -1, dma: -1, dmaLen: 0, started: 0 };
+      const full: Pending = { ...p, resolve, reject, slot: -1, dma: -1, dmaLen: 0, started: 0, seq: this.#seq++ };
       q.waiting.push(full);
       this.#pump(q);
     });
   }
 
-  /** Moves waiting requests onto the ring while there is room. */
+  /** Moves waiting requests onto the ring while there is room (not while the back-end is away). */
   #pump(q: BlkQueue): void {
-    while (q.waiting.length > 0) {
+    while (q.waiting.length > 0 && !this.#reconnecting) {
       const p = q.waiting[0]!;
       const dataLen = p.data ? p.data.length : p.readLen;
       const nbufs = dataLen > 0 || p.segment ? 3 : 2;
@@ -378,32 +648,37 @@ export class VirtioBlkDriver {
         if (dma < 0) break;
       }
       q.waiting.shift();
-      const slot = q.slots.pop()!;
-      const h = q.hdr.subarray(slot * SLOT, slot * SLOT + SLOT);
-      const dv = new DataView(h.buffer, h.byteOffset, SLOT);
-      dv.setUint32(0, p.type, true);
-      dv.setUint32(4, 0, true);
-      dv.setBigUint64(8, BigInt(p.sector), true);
-      h[32] = 0xff;
-      const gpa = q.hdrGpa + slot * SLOT;
-      const bufs: DriverBuffer[] = [{ addr: gpa, len: 16, write: false }];
-      if (p.segment) {
-        dv.setBigUint64(16, BigInt(p.segment.sector), true);
-        dv.setUint32(24, p.segment.sectors, true);
-        dv.setUint32(28, p.segment.flags, true);
-        bufs.push({ addr: gpa + 16, len: 16, write: false });
-      } else if (dataLen > 0) {
-        if (p.data) this.#dma.bytes.set(p.data, dma);
-        bufs.push({ addr: this.#dmaGpa + dma, len: dataLen, write: p.data === null });
-      }
-      bufs.push({ addr: gpa + 32, len: 1, write: true });
-      p.slot = slot;
+      p.slot = q.slots.pop()!;
       p.dma = dma;
       p.dmaLen = dataLen;
-      p.started = Date.now();
-      q.ring.add(bufs, p);
+      if (p.data) this.#dma.bytes.set(p.data, dma);
+      this.#publish(q, p);
     }
     this.#scheduleKick(q);
+  }
+
+  /** Writes the request's header (its slot and DMA extent taken) and makes its chain available. */
+  #publish(q: BlkQueue, p: Pending): boolean {
+    const slot = p.slot;
+    const h = q.hdr.subarray(slot * SLOT, slot * SLOT + SLOT);
+    const dv = new DataView(h.buffer, h.byteOffset, SLOT);
+    dv.setUint32(0, p.type, true);
+    dv.setUint32(4, 0, true);
+    dv.setBigUint64(8, BigInt(p.sector), true);
+    h[32] = 0xff;
+    const gpa = q.hdrGpa + slot * SLOT;
+    const bufs: DriverBuffer[] = [{ addr: gpa, len: 16, write: false }];
+    if (p.segment) {
+      dv.setBigUint64(16, BigInt(p.segment.sector), true);
+      dv.setUint32(24, p.segment.sectors, true);
+      dv.setUint32(28, p.segment.flags, true);
+      bufs.push({ addr: gpa + 16, len: 16, write: false });
+    } else if (p.dmaLen > 0) {
+      bufs.push({ addr: this.#dmaGpa + p.dma, len: p.dmaLen, write: p.data === null });
+    }
+    bufs.push({ addr: gpa + 32, len: 1, write: true });
+    p.started = Date.now();
+    return q.ring.add(bufs, p);
   }
 
   #scheduleKick(q: BlkQueue): void {
@@ -438,6 +713,7 @@ export class VirtioBlkDriver {
   }
 
   #checkTimeouts(): void {
+    if (this.#reconnecting) return; // the reconnect has its own limit
     const limit = Date.now() - this.#ioTimeoutMs;
     for (const q of this.#queues) {
       for (const p of q.ring.tokens()) {
@@ -456,6 +732,7 @@ export class VirtioBlkDriver {
     for (const q of this.#queues) {
       // Buffers still on the ring stay allocated: the back-end may yet write them.
       for (const p of q.ring.tokens()) p.reject(err);
+      for (const p of q.carried.splice(0)) p.reject(err);
       for (const p of q.waiting.splice(0)) p.reject(err);
     }
   }
@@ -555,7 +832,8 @@ export class VirtioBlkDriver {
     this.#closing ??= (async () => {
       if (this.#sweep) clearInterval(this.#sweep);
       const fe = this.frontend;
-      if (!fe.closed) {
+      // Mid-reconnect the back-end has no rings of ours to stop.
+      if (!fe.closed && !this.#reconnecting) {
         for (const q of this.#queues) {
           try {
             await fe.stopVring(q.index);

@@ -137,7 +137,16 @@ type FrontendEvents = {
   /** A protocol error on either channel (the connection closes after). */
   error: [err: Error];
   close: [err: VhostUserError];
+  /** reconnect() re-established the connection (negotiated state starts over; memory regions kept). */
+  reconnect: [];
 };
+
+/** Where reconnect() goes: the path connect() or accept() was given. */
+interface ReconnectTarget {
+  mode: 'connect' | 'accept';
+  path: string;
+  timeoutMs: number;
+}
 
 interface Waiting {
   request: number;
@@ -163,6 +172,25 @@ function vringState(index: number, num: number): Buffer {
   return b;
 }
 
+/**
+ * A front-end gave up reconnecting: the back-end did not come back in time
+ * (code TIMEOUT), within the attempts allowed (DISCONNECTED), or came back
+ * as another device (UNSUPPORTED: other features, queues or capacity).
+ * Requests that were waiting for it fail with this error.
+ */
+export class VhostUserReconnectError extends VhostUserError {
+  /** Connection attempts made. */
+  readonly attempts: number;
+  /** What the last attempt (or the disconnect) failed with. */
+  override readonly cause: Error | undefined;
+  constructor(code: 'TIMEOUT' | 'DISCONNECTED' | 'UNSUPPORTED', message: string, attempts: number, cause?: Error) {
+    super(code, message);
+    this.name = 'VhostUserReconnectError';
+    this.attempts = attempts;
+    this.cause = cause;
+  }
+}
+
 function protocolError(message: string): VhostUserError {
   return new VhostUserError('PROTOCOL', message);
 }
@@ -174,7 +202,10 @@ function replyU64(request: number, msg: VhostUserMessage): bigint {
 }
 
 export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
-  readonly #ch: MessageChannel;
+  #ch: MessageChannel;
+  /** Bumped at every close: requests queued before it never run on a later connection. */
+  #generation = 0;
+  #target: ReconnectTarget | null = null;
   readonly #timeoutMs: number;
   readonly #log: (line: string) => void;
   #lock: Promise<unknown> = Promise.resolve();
@@ -205,10 +236,23 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
     super();
     this.#timeoutMs = options.timeoutMs ?? 5000;
     this.#log = options.log ?? (() => {});
-    this.#ch = new MessageChannel(socket);
-    this.#ch.on('message', (m) => this.#onMessage(m));
-    this.#ch.on('error', (e) => this.#emitError(e));
-    this.#ch.on('close', (err) => this.#onClose(err));
+    this.#ch = this.#channel(socket);
+  }
+
+  /** A channel on `socket` whose events count only while it is the current one. */
+  #channel(socket: UnixSocket): MessageChannel {
+    const ch = new MessageChannel(socket);
+    ch.on('message', (m) => {
+      if (ch === this.#ch) this.#onMessage(m);
+      else closeAll(m.fds);
+    });
+    ch.on('error', (e) => {
+      if (ch === this.#ch) this.#emitError(e);
+    });
+    ch.on('close', (err) => {
+      if (ch === this.#ch) this.#onClose(err);
+    });
+    return ch;
   }
 
   /** Connects to a back-end listening at `path`. */
@@ -216,7 +260,9 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
     const deadline = Date.now() + (options.connectTimeoutMs ?? 5000);
     for (;;) {
       try {
-        return new VhostUserFrontend(await connectUnix(path), options);
+        const fe = new VhostUserFrontend(await connectUnix(path), options);
+        fe.#target = { mode: 'connect', path, timeoutMs: options.connectTimeoutMs ?? 5000 };
+        return fe;
       } catch (err) {
         const code = (err as NodeJS.ErrnoException).code;
         if ((code !== 'ECONNREFUSED' && code !== 'ENOENT') || Date.now() >= deadline) throw err;
@@ -227,22 +273,67 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
 
   /** Listens at `path` for one back-end to connect to us (QEMU's server=on), then stops listening. */
   static async accept(path: string, options: VhostUserFrontendOptions & { acceptTimeoutMs?: number } = {}): Promise<VhostUserFrontend> {
+    const timeoutMs = options.acceptTimeoutMs ?? 10_000;
+    const fe = new VhostUserFrontend(await VhostUserFrontend.#acceptOne(path, timeoutMs), options);
+    fe.#target = { mode: 'accept', path, timeoutMs };
+    return fe;
+  }
+
+  static async #acceptOne(path: string, timeoutMs: number): Promise<UnixSocket> {
     const server = UnixServer.listen(path);
     try {
-      const sock = await new Promise<UnixSocket>((resolve, reject) => {
-        const t = setTimeout(
-          () => reject(new VhostUserError('TIMEOUT', `no back-end connected to ${path} in ${options.acceptTimeoutMs ?? 10_000} ms`)),
-          options.acceptTimeoutMs ?? 10_000,
-        );
+      return await new Promise<UnixSocket>((resolve, reject) => {
+        const t = setTimeout(() => reject(new VhostUserError('TIMEOUT', `no back-end connected to ${path} in ${timeoutMs} ms`)), timeoutMs);
         server.once('connection', (s) => {
           clearTimeout(t);
           resolve(s);
         });
       });
-      return new VhostUserFrontend(sock, options);
     } finally {
       server.close();
     }
+  }
+
+  /** Where reconnect() goes without a socket (the path given to connect() / accept()), or null. */
+  get reconnectPath(): string | null {
+    return this.#target?.path ?? null;
+  }
+
+  /**
+   * After a close: a new connection, to the path connect() was given (one
+   * attempt), or accepted on the path accept() listened on (within its
+   * timeout), or `socket`. Everything negotiated starts over (handshake(),
+   * setFeatures(), syncMemory() sends every region again, rings set up
+   * again); the memory regions, `memory` and the caller's rings in them are
+   * kept, as QEMU keeps guest memory and the inflight region across a
+   * back-end restart.
+   */
+  async reconnect(socket?: UnixSocket): Promise<void> {
+    if (!this.#closedErr) throw new VhostUserError('INVALID', 'reconnect() while the connection is up');
+    let sock = socket;
+    if (!sock) {
+      const t = this.#target;
+      if (!t) throw new VhostUserError('UNSUPPORTED', 'reconnect() without a socket on a front-end made from one');
+      if (t.mode === 'connect') sock = await connectUnix(t.path);
+      else sock = await VhostUserFrontend.#acceptOne(t.path, t.timeoutMs);
+    }
+    if (!this.#closedErr) {
+      sock.destroy();
+      throw new VhostUserError('INVALID', 'reconnect() raced with another');
+    }
+    this.#ch = this.#channel(sock);
+    this.#closedErr = null;
+    this.#waiting = null;
+    this.#lock = Promise.resolve();
+    this.offeredFeatures = 0n;
+    this.features = 0n;
+    this.offeredProtocolFeatures = 0n;
+    this.protocolFeatures = 0n;
+    this.maxQueues = null;
+    this.memSlots = MAX_MEM_TABLE_REGIONS;
+    this.offeredMemSlots = null;
+    this.#sent = [];
+    this.emit('reconnect');
   }
 
   /** A front-end over an already connected socket (tests, socketpairs). */
@@ -288,8 +379,9 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
    * header) and returns it. Serialized behind earlier requests.
    */
   request(request: number, payload: Uint8Array = new Uint8Array(0), fds: readonly (Fd | number)[] | null = null, reply: { maxFds?: number; needReply?: boolean } | null = null): Promise<VhostUserMessage | null> {
+    const generation = this.#generation;
     const run = async (): Promise<VhostUserMessage | null> => {
-      if (this.#closedErr) throw new VhostUserError('DISCONNECTED', `${name(request)}: ${this.#closedErr.message}`);
+      if (this.#closedErr || generation !== this.#generation) throw new VhostUserError('DISCONNECTED', `${name(request)}: ${(this.#closedErr ?? { message: 'the connection it was made on closed' }).message}`);
       const flags = FLAG_VERSION | (reply?.needReply ? FLAG_NEED_REPLY : 0);
       if (reply === null) {
         this.#ch.send(request, flags, payload, fds);
@@ -393,6 +485,7 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
     const reason =
       err instanceof VhostUserError ? err : new VhostUserError('DISCONNECTED', err ? `the back-end connection closed: ${err.message}` : 'the back-end closed the connection');
     this.#closedErr = reason;
+    this.#generation++;
     const w = this.#waiting;
     this.#waiting = null;
     if (w) {
