@@ -12,7 +12,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync, truncateSync, writeFileSync } from 'node:fs';
+import { readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { scratchDir, startPeer, waitForSocket, type Peer } from './peers.js';
@@ -183,4 +183,69 @@ test('our back-end killed (SIGKILL) with requests in flight: every request settl
     await d.close();
     assert.equal(d.frontend.closed, true);
   });
+});
+
+test('reconnect: qemu-storage-daemon (file export, 2 queues) SIGKILLed mid-I/O and started again on the same socket: every request completes once, the data in the host file', { timeout: 60_000 }, async (t) => {
+  const scratch = scratchDir('vdevkit-fe-rc-');
+  const image = path.join(scratch.dir, 'disk.img');
+  const socket = path.join(scratch.dir, 'blk.sock');
+  writeFileSync(image, '');
+  truncateSync(image, 64 * MiB);
+  const args = [
+    '--blockdev',
+    `driver=file,node-name=disk0,filename=${image},cache.direct=off`,
+    '--export',
+    `type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=${socket},writable=on,num-queues=2`,
+  ];
+  let peer = startPeer('qemu-storage-daemon', args);
+  let first = '';
+  try {
+    await waitForSocket(socket, peer);
+    const d = await VirtioBlkDriver.connect(socket, { queues: 2, queueSize: 128, reconnect: { delayMs: 20, timeoutMs: 20_000 } });
+    try {
+      // qemu-storage-daemon 7.2 does not offer INFLIGHT_SHMFD: the driver resubmits what it had on the rings.
+      assert.equal(d.inflightRegion, null, 'no inflight region from qemu-storage-daemon');
+      let info: { resubmittedBy: string; pending: number } | undefined;
+      d.on('reconnected', (i) => (info = i));
+      const N = 3000;
+      let done = 0;
+      let killed: Promise<void> | null = null;
+      const ps: Promise<void>[] = [];
+      for (let i = 0; i < N; i++) {
+        ps.push(
+          d.write(i * 4096, pattern(4096, i + 1)).then(() => {
+            // After 200 completions the rings are full (2800 to go): SIGKILL, wait, start it again.
+            if (++done === 200) {
+              const old = peer;
+              killed = (async () => {
+                process.kill(old.pid, 'SIGKILL');
+                await old.exited;
+                first = old.output();
+                rmSync(socket, { force: true });
+                peer = startPeer('qemu-storage-daemon', args);
+                await waitForSocket(socket, peer);
+              })();
+            }
+          }),
+        );
+      }
+      await Promise.all(ps);
+      assert.ok(killed, 'qemu-storage-daemon was killed');
+      await killed;
+      assert.equal(info?.resubmittedBy, 'driver');
+      assert.ok((info?.pending ?? 0) > 0, 'requests were on the rings at the kill');
+      t.diagnostic(`requests on the rings at the kill, resubmitted by the driver: ${info?.pending}`);
+      await d.flush();
+      const img = readFileSync(image);
+      for (let i = 0; i < N; i++) assert.ok(img.subarray(i * 4096, (i + 1) * 4096).equals(pattern(4096, i + 1)), `block ${i}`);
+      assert.ok((await d.read(5 * 4096, 4096)).equals(pattern(4096, 6)));
+    } finally {
+      await d.close();
+    }
+  } catch (err) {
+    throw new Error(`${(err as Error).stack}\n--- first qemu-storage-daemon:\n${first}\n--- second:\n${peer.output()}`);
+  } finally {
+    await peer.stop();
+    scratch.remove();
+  }
 });
