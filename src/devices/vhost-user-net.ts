@@ -142,6 +142,12 @@ export interface VhostUserNetOptions {
   /** A name for logs (the socket path). */
   name?: string;
   log?: (line: string) => void;
+  /**
+   * Busy-poll this port's TX rings (kicks switched off while they run, as DPDK's PMD)
+   * instead of waiting for kicks. The thread spins while the port is up: run the switch
+   * on a worker (NetSwitchThread). Default false (event-driven).
+   */
+  poll?: boolean;
 }
 
 export function parseMac(s: string): Uint8Array {
@@ -272,6 +278,8 @@ export class VhostUserNetDevice implements VhostUserDevice {
   readonly maxQueueSize: number;
   readonly queuePairs: number;
   readonly name: string;
+  /** TX rings are busy-polled (VhostUserNetOptions.poll). */
+  readonly poll: boolean;
   mac: Uint8Array;
   mtu: number;
   readonly stats: NetPortStats = { txPackets: 0, txBytes: 0, rxPackets: 0, rxBytes: 0, drops: emptyDrops(), ctrlOk: 0, ctrlErr: 0 };
@@ -311,6 +319,7 @@ export class VhostUserNetDevice implements VhostUserDevice {
     this.name = options.name ?? formatMac(this.mac);
     this.#log = options.log ?? (() => undefined);
     this.activePairs = this.queuePairs;
+    this.poll = options.poll === true;
     this.#rx = Array.from({ length: this.queuePairs }, () => new RxState());
     let f = bit(VF.VERSION_1) | bit(VF.INDIRECT_DESC) | bit(VF.EVENT_IDX);
     if (options.packed !== false) f |= bit(VF.RING_PACKED);
@@ -402,6 +411,11 @@ export class VhostUserNetDevice implements VhostUserDevice {
     this.macTableUni.clear();
     this.macTableMulti.clear();
     this.activePairs = this.queuePairs;
+  }
+
+  /** TX rings of a polling port are busy-polled; RX and control rings stay event-driven. */
+  pollQueue(queueIndex: number): boolean {
+    return this.poll && queueIndex !== this.#ctrlIndex && queueIndex % 2 === 1;
   }
 
   handleQueue(q: VhostQueue): void {
@@ -541,8 +555,9 @@ export class VhostUserNetDevice implements VhostUserDevice {
     const pair = (q.index - 1) / 2;
     const chains = this.#txChains;
     const written = this.#txWritten;
+    const polled = q.polled;
     for (let turn = 0; turn < TX_TURNS; turn++) {
-      ring.disableNotifications();
+      if (!polled) ring.disableNotifications();
       let n = 0;
       let c: DescChain | null;
       while (n < TX_BATCH && (c = q.pop()) !== null) {
@@ -561,8 +576,10 @@ export class VhostUserNetDevice implements VhostUserDevice {
       }
       if (ring.broken) return;
       if (n === TX_BATCH) continue;
-      if (!ring.enableNotifications()) return;
+      // Polled: kicks stay off, the poll loop comes back on its next pass.
+      if (polled || !ring.enableNotifications()) return;
     }
+    if (polled) return;
     // Still busy: yield to the other rings, come back without waiting for a kick.
     q.schedule();
   }

@@ -41,6 +41,7 @@ import {
   bit,
 } from './constants.js';
 import { VhostUserError } from './errors.js';
+import { threadPoller, type Pollable } from './poller.js';
 
 /** What a device author implements. */
 export interface VhostUserDevice {
@@ -86,6 +87,13 @@ export interface VhostUserDevice {
    * holds popped and not pushed, or the stop waits for them.
    */
   queueStopping?(queue: VhostQueue): void;
+  /**
+   * Whether a ring is busy-polled (src/vhost-user/poller.ts): its kick notifications
+   * are switched off while it runs and this thread's poll loop calls handleQueue on
+   * every pass (queue.polled is true; the handler must not re-enable notifications
+   * nor reschedule). Default: event-driven (kicks).
+   */
+  pollQueue?(queueIndex: number): boolean;
 }
 
 export interface VhostUserBackendOptions {
@@ -98,7 +106,7 @@ export interface VhostUserBackendOptions {
 }
 
 /** One ring's state, as the front-end set it up. */
-export class VhostQueue {
+export class VhostQueue implements Pollable {
   readonly index: number;
   size = 0;
   /** Front-end virtual addresses from SET_VRING_ADDR (desc, used, avail), and its flags / log address. */
@@ -119,6 +127,7 @@ export class VhostQueue {
   #scheduled = false;
   /** Chains recovered from the inflight region, handed out by pop() first. */
   #resubmit: DescChain[] = [];
+  #polled = false;
 
   /** @internal */
   constructor(index: number, owner: Session) {
@@ -128,6 +137,41 @@ export class VhostQueue {
 
   get started(): boolean {
     return this.ring !== null;
+  }
+
+  /** Busy-polled by the thread's poll loop (VhostUserDevice.pollQueue), kicks off. */
+  get polled(): boolean {
+    return this.#polled;
+  }
+
+  /** @internal One pass of the poll loop. */
+  pollOnce(): void {
+    if (!this.ring || !this.#served() || this.#owner.closed) return;
+    try {
+      this.#owner.device.handleQueue(this);
+    } catch (err) {
+      this.#owner.log(`vring ${this.index}: the device's handler threw: ${(err as Error).stack ?? String(err)}`);
+    }
+  }
+
+  #startPolling(ring: DeviceQueue): boolean {
+    let poll = false;
+    try {
+      poll = this.#owner.device.pollQueue?.(this.index) === true;
+    } catch {
+      poll = false;
+    }
+    this.#polled = poll;
+    if (!poll) return false;
+    ring.disableNotifications();
+    threadPoller.add(this);
+    return true;
+  }
+
+  #stopPolling(): void {
+    if (!this.#polled) return;
+    this.#polled = false;
+    threadPoller.delete(this);
   }
 
   /** The negotiated virtio features. */
@@ -205,6 +249,7 @@ export class VhostQueue {
   start(ring: DeviceQueue, resubmit: DescChain[]): void {
     this.ring = ring;
     this.#resubmit = resubmit;
+    if (this.#startPolling(ring)) return;
     if (this.kick) this.#unsubscribe = this.kick.subscribe(() => this.schedule());
     else this.#poller = setInterval(() => this.schedule(), 1);
     this.schedule(); // buffers may be waiting already (or resubmitted ones)
@@ -218,6 +263,7 @@ export class VhostQueue {
     this.#poller = null;
     this.kick?.close();
     this.kick = ev;
+    if (this.#polled) return;
     if (ev) this.#unsubscribe = ev.subscribe(() => this.schedule());
     else this.#poller = setInterval(() => this.schedule(), 1);
     this.schedule();
@@ -225,6 +271,7 @@ export class VhostQueue {
 
   /** @internal Stops the ring (GET_VRING_BASE): no more kicks; resolves once every popped chain was pushed. */
   async stop(): Promise<number> {
+    this.#stopPolling();
     this.#unsubscribe?.();
     this.#unsubscribe = null;
     if (this.#poller) clearInterval(this.#poller);
@@ -245,7 +292,7 @@ export class VhostQueue {
 
   /** @internal */
   schedule(): void {
-    if (this.#scheduled || !this.ring || !this.#served()) return;
+    if (this.#scheduled || this.#polled || !this.ring || !this.#served()) return;
     this.#scheduled = true;
     setImmediate(() => {
       this.#scheduled = false;
@@ -261,6 +308,7 @@ export class VhostQueue {
 
   /** @internal Closes the ring's fds (the session ends). Chains still in flight are dropped when pushed. */
   close(): void {
+    this.#stopPolling();
     this.#unsubscribe?.();
     this.#unsubscribe = null;
     if (this.#poller) clearInterval(this.#poller);
