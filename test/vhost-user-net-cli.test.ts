@@ -14,11 +14,11 @@ import { NetDriver, ethFrame } from './helpers/net-driver.js';
 
 const CLI = path.join(path.dirname(fileURLToPath(import.meta.url)), 'helpers', 'vhost-user-net-cli.js');
 
-test('vdevkit vhost-user-net --json: frames across two ports, counted once a second, totals on SIGINT', { timeout: 30_000 }, async () => {
+for (const poll of [false, true]) test(`vdevkit vhost-user-net --json${poll ? ' --poll-port A (A sends without kicking)' : ''}: frames across two ports, counted once a second, totals on SIGINT`, { timeout: 30_000 }, async () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdevkit-netcli-'));
   const a = path.join(dir, 'a.sock');
   const b = path.join(dir, 'b.sock');
-  const proc = spawn(process.execPath, [CLI, '--socket', a, '--socket', b, '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const proc = spawn(process.execPath, [CLI, '--socket', a, '--socket', b, '--json', ...(poll ? ['--poll-port', a] : [])], { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   let err = '';
   proc.stdout.on('data', (d: Buffer) => (out += d.toString()));
@@ -34,7 +34,8 @@ test('vdevkit vhost-user-net --json: frames across two ports, counted once a sec
     await new Promise((r) => setTimeout(r, 50));
     db.postRx(0, 32);
     const frames = Array.from({ length: 20 }, (_, i) => ethFrame('ff:ff:ff:ff:ff:ff', '52:54:00:00:00:0a', 100 + i, i));
-    da.send(0, frames);
+    // Polled: A's TX ring is served without a kick.
+    da.send(0, frames, { kick: !poll });
     assert.deepEqual(await db.receive(0, 20), frames);
     // Wait for a report that shows them.
     const end = Date.now() + 5000;
@@ -58,6 +59,7 @@ test('vdevkit vhost-user-net --json: frames across two ports, counted once a sec
     const last = JSON.parse(out.trim().split('\n').pop()!) as { final?: boolean; ports: { rxPackets: number }[] };
     assert.equal(last.final, true);
     assert.equal(last.ports[1]!.rxPackets, 20);
+    if (poll) assert.match(err, /polling .*a\.sock on a worker thread/);
   } finally {
     for (const d of drivers) d.close();
     if (proc.exitCode === null) proc.kill('SIGKILL');

@@ -1,6 +1,7 @@
 /** `vdevkit vhost-user-net --socket A.sock --socket B.sock`: a learning switch whose ports are vhost-user-net sockets. */
 import { parseArgs } from 'node:util';
 import { NetSwitch, type PortSnapshot } from '../devices/net-switch.js';
+import { NetSwitchThread } from '../devices/net-switch-thread.js';
 import type { VhostUserNetOptions } from '../devices/vhost-user-net.js';
 
 export const VHOST_USER_NET_HELP = `Usage: vdevkit vhost-user-net --socket PATH --socket PATH [options]
@@ -21,6 +22,9 @@ Options:
       --no-packed      do not offer RING_PACKED
       --in-order       offer IN_ORDER
       --ageing SECONDS MAC ageing time (default 300)
+      --poll           busy-poll every port's TX rings (kicks off while polled, as
+                       DPDK's PMD); the switch then runs on a worker thread
+      --poll-port PATH busy-poll only this port (repeat); the others stay event-driven
       --json           one JSON object per second instead of the progress line
   -v, --verbose        log protocol and switch events
   -t, --trace          log every front-end message
@@ -40,6 +44,8 @@ export async function vhostUserNetCommand(argv: string[]): Promise<number> {
         'no-packed': { type: 'boolean' },
         'in-order': { type: 'boolean' },
         ageing: { type: 'string' },
+        poll: { type: 'boolean' },
+        'poll-port': { type: 'string', multiple: true },
         json: { type: 'boolean' },
         verbose: { type: 'boolean', short: 'v' },
         trace: { type: 'boolean', short: 't' },
@@ -67,38 +73,66 @@ export async function vhostUserNetCommand(argv: string[]): Promise<number> {
   const ageing = values.ageing !== undefined ? Number(values.ageing) : 300;
   if (!(ageing > 0)) return fail('--ageing must be a number of seconds > 0');
   const log = (line: string): void => void process.stderr.write(`vdevkit: ${line}\n`);
-  const sw = new NetSwitch({ ageingMs: ageing * 1000, ...(values.verbose ? { log } : {}) });
-  const device: VhostUserNetOptions = {
+  const pollPorts = values['poll-port'] ?? [];
+  for (const p of pollPorts) if (!sockets.includes(p)) return fail(`--poll-port ${p} is not one of the --socket paths`);
+  const polled = (s: string): boolean => values.poll === true || pollPorts.includes(s);
+  const device: Omit<VhostUserNetOptions, 'log' | 'poll'> = {
     queuePairs,
     mtu,
     mrgRxbuf: values['no-mrg-rxbuf'] !== true,
     packed: values['no-packed'] !== true,
     inOrder: values['in-order'] === true,
-    log,
   };
-  const backendOptions = { ...(values.verbose ? { log } : {}), ...(values.trace ? { trace: (l: string) => log(`<- ${l}`) } : {}) };
-  sw.on('port-up', (p) => log(`port ${p.id} ${p.name}: front-end connected`));
-  sw.on('port-down', (p, err) => log(`port ${p.id} ${p.name}: front-end disconnected${err ? `: ${err.message}` : ''}`));
-  try {
-    for (const s of sockets) {
-      if (values.connect) await sw.connect(s, device, { ...backendOptions, timeoutMs: 30_000 });
-      else sw.listen(s, device, backendOptions);
+  let sw: { snapshot(): PortSnapshot[] | Promise<PortSnapshot[]>; close(): void | Promise<void> };
+  if (sockets.some(polled)) {
+    // Busy-polling spins its thread: the whole switch goes to a worker.
+    try {
+      const t = await NetSwitchThread.start({
+        ageingMs: ageing * 1000,
+        verbose: values.verbose === true || values.trace === true,
+        ports: sockets.map((s) => ({ path: s, connect: values.connect === true, timeoutMs: 30_000, trace: values.trace === true, device: { ...device, poll: polled(s) } })),
+      });
+      t.on('log', log);
+      t.on('port-up', (p) => log(`port ${p.id} ${p.name}: front-end connected`));
+      t.on('port-down', (p, msg) => log(`port ${p.id} ${p.name}: front-end disconnected${msg ? `: ${msg}` : ''}`));
+      t.on('error', (err) => log(`the switch thread failed: ${err.message}`));
+      sw = t;
+    } catch (err) {
+      log(`cannot open the ports: ${(err as Error).message}`);
+      return 1;
     }
-  } catch (err) {
-    sw.close();
-    log(`cannot open the ports: ${(err as Error).message}`);
-    return 1;
+  } else {
+    const s = new NetSwitch({ ageingMs: ageing * 1000, ...(values.verbose ? { log } : {}) });
+    const backendOptions = { ...(values.verbose ? { log } : {}), ...(values.trace ? { trace: (l: string) => log(`<- ${l}`) } : {}) };
+    s.on('port-up', (p) => log(`port ${p.id} ${p.name}: front-end connected`));
+    s.on('port-down', (p, err) => log(`port ${p.id} ${p.name}: front-end disconnected${err ? `: ${err.message}` : ''}`));
+    try {
+      for (const path of sockets) {
+        if (values.connect) await s.connect(path, { ...device, log }, { ...backendOptions, timeoutMs: 30_000 });
+        else s.listen(path, { ...device, log }, backendOptions);
+      }
+    } catch (err) {
+      s.close();
+      log(`cannot open the ports: ${(err as Error).message}`);
+      return 1;
+    }
+    sw = s;
   }
-  log(`vhost-user-net: ${sockets.length} port(s), ${queuePairs} queue pair(s) each, ${values.connect ? 'connecting to' : 'listening on'} ${sockets.join(', ')}`);
+  log(`vhost-user-net: ${sockets.length} port(s), ${queuePairs} queue pair(s) each, ${values.connect ? 'connecting to' : 'listening on'} ${sockets.join(', ')}${sockets.some(polled) ? `; polling ${sockets.filter(polled).join(', ')} on a worker thread` : ''}`);
 
   const json = values.json === true;
   const tty = !json && process.stdout.isTTY === true;
-  let last = sw.snapshot();
+  let last = await sw.snapshot();
   let lastT = performance.now();
   const t0 = lastT;
-  const report = (final: boolean): void => {
+  const report = async (final: boolean): Promise<void> => {
+    let snap: PortSnapshot[];
+    try {
+      snap = await sw.snapshot();
+    } catch {
+      return; // the switch thread is gone (its error was logged)
+    }
     const now = performance.now();
-    const snap = sw.snapshot();
     const dt = (now - lastT) / 1000;
     const rows = snap.map((p, i) => rates(p, last[i]!, dt));
     if (json) {
@@ -111,15 +145,15 @@ export async function vhostUserNetCommand(argv: string[]): Promise<number> {
     last = snap;
     lastT = now;
   };
-  const timer = setInterval(() => report(false), 1000);
+  const timer = setInterval(() => void report(false), 1000);
   await new Promise<void>((resolve) => {
     const stop = (): void => resolve();
     process.once('SIGINT', stop);
     process.once('SIGTERM', stop);
   });
   clearInterval(timer);
-  report(true);
-  sw.close();
+  await report(true);
+  await sw.close();
   return 0;
 }
 
