@@ -121,7 +121,7 @@ async function main(): Promise<void> {
           }
         }
       }
-      const m = (k: string, f: (j: Job) => number): number => median(res.get(k)!.map(f));
+      const m = (k: string, f: (j: Job) => number): number => Math.round(median(res.get(k)!.map(f)) * 10) / 10;
       const rows: string[][] = [];
       for (const job of JOBS) {
         const q = `qsd qd${job.depth} q${job.queues}`;
