@@ -2,7 +2,8 @@
  * bench/vhost-user-net: 64-byte frames from DPDK testpmd txonly (net_virtio_user)
  * through our switch (port A) to testpmd rxonly on port B, against testpmd
  * txonly into DPDK's own net_vhost rxonly (C), in the same run, alternating.
- * Split and packed rings, event-driven (the polling mode is not written yet).
+ * Split and packed rings; our switch event-driven (in this process) and polling
+ * (both ports' TX rings busy-polled on a worker thread, NetSwitchThread).
  *
  *   npm run -s build && node dist/bench/vhost-user-net.js [--seconds 6] [--rounds 2]
  *
@@ -13,7 +14,8 @@
 import { execFileSync } from 'node:child_process';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import { NetSwitch } from '../src/devices/net-switch.js';
+import { NetSwitch, type PortSnapshot } from '../src/devices/net-switch.js';
+import { NetSwitchThread } from '../src/devices/net-switch-thread.js';
 import { scratchDir } from '../test/interop/peers.js';
 import { parseTestpmd, startTestpmd, stopTestpmd } from '../test/helpers/testpmd.js';
 
@@ -58,43 +60,70 @@ function medianRate(out: string): number {
 }
 
 /** testpmd txonly -> our switch -> testpmd rxonly: Mpps taken from A and delivered into B, over the same window. */
-async function ours(devargs: string): Promise<{ taken: number; delivered: number }> {
+async function ours(devargs: string, poll: boolean): Promise<{ taken: number; delivered: number }> {
   const s = scratchDir('vdevkit-bench-net-');
-  const sw = new NetSwitch();
-  const a = sw.listen(path.join(s.dir, 'a.sock'));
-  const b = sw.listen(path.join(s.dir, 'b.sock'));
-  const rx = startTestpmd({ socket: path.join(s.dir, 'b.sock'), mode: 'rxonly', prefix: `vdkb-rx-${process.pid}`, devargs, mainLcore: 0 });
+  const pa = path.join(s.dir, 'a.sock');
+  const pb = path.join(s.dir, 'b.sock');
+  // Event-driven: the switch in this process. Polling: both ports busy-polled on a worker.
+  let stats: () => Promise<PortSnapshot[]>;
+  let close: () => Promise<void>;
+  if (poll) {
+    const t = await NetSwitchThread.start({ ports: [{ path: pa, device: { poll: true } }, { path: pb, device: { poll: true } }] });
+    stats = () => t.snapshot();
+    close = () => t.close();
+  } else {
+    const sw = new NetSwitch();
+    sw.listen(pa);
+    sw.listen(pb);
+    stats = () => Promise.resolve(sw.snapshot());
+    close = () => Promise.resolve(sw.close());
+  }
+  const rx = startTestpmd({ socket: pb, mode: 'rxonly', prefix: `vdkb-rx-${process.pid}`, devargs, mainLcore: 0 });
   try {
-    await waitFor(() => b.connected && b.device.rxReady, 20_000, 'rxonly on port B');
-    const tx = startTestpmd({ socket: path.join(s.dir, 'a.sock'), mode: 'txonly', prefix: `vdkb-tx-${process.pid}`, devargs, mainLcore: 1 });
-    await waitFor(() => a.device.stats.txPackets > 0, 20_000, 'txonly on port A');
+    await waitForAsync(async () => {
+      const b = (await stats())[1]!;
+      return b.connected;
+    }, 20_000, 'rxonly on port B');
+    await sleep(500);
+    const tx = startTestpmd({ socket: pa, mode: 'txonly', prefix: `vdkb-tx-${process.pid}`, devargs, mainLcore: 1 });
+    await waitForAsync(async () => (await stats())[0]!.txPackets > 0, 20_000, 'txonly on port A');
     await sleep(1000);
     const t0 = performance.now();
-    const a0 = a.device.stats.txPackets;
-    const b0 = b.device.stats.rxPackets;
+    const s0 = await stats();
     await sleep(seconds * 1000);
+    const s1 = await stats();
     const dt = (performance.now() - t0) / 1000;
-    const taken = (a.device.stats.txPackets - a0) / dt / 1e6;
-    const delivered = (b.device.stats.rxPackets - b0) / dt / 1e6;
+    const taken = (s1[0]!.txPackets - s0[0]!.txPackets) / dt / 1e6;
+    const delivered = (s1[1]!.rxPackets - s0[1]!.rxPackets) / dt / 1e6;
     await stopTestpmd(tx);
     await stopTestpmd(rx);
     return { taken, delivered };
   } finally {
     await rx.stop(1000);
-    sw.close();
+    await close();
     s.remove();
+  }
+}
+
+async function waitForAsync(ok: () => Promise<boolean>, ms: number, what: string): Promise<void> {
+  const end = Date.now() + ms;
+  while (!(await ok())) {
+    if (Date.now() > end) throw new Error(`${what} after ${ms} ms`);
+    await sleep(50);
   }
 }
 
 const load = (): string => execFileSync('uptime', { encoding: 'utf8' }).trim();
 console.log(`# vhost-user-net bench: ${seconds} s per run, ${rounds} round(s); ${load()}`);
-console.log('| ring | round | DPDK net_vhost Mpps | ours taken from A | ours into B | ours(B) / DPDK |');
-console.log('| --- | --- | --- | --- | --- | --- |');
+console.log('| ring | round | DPDK net_vhost Mpps | ours | taken from A | into B | ours(B) / DPDK |');
+console.log('| --- | --- | --- | --- | --- | --- | --- |');
 for (const [ring, devargs] of [['split', ''], ['packed', 'packed_vq=1']] as const) {
   for (let r = 1; r <= rounds; r++) {
     const d = await dpdk(devargs);
-    const o = await ours(devargs);
-    console.log(`| ${ring} | ${r} | ${d.toFixed(2)} | ${o.taken.toFixed(3)} | ${o.delivered.toFixed(3)} | ${(o.delivered / d).toFixed(3)} |`);
+    for (const poll of [false, true]) {
+      const o = await ours(devargs, poll);
+      console.log(`| ${ring} | ${r} | ${d.toFixed(2)} | ${poll ? 'polling' : 'event'} | ${o.taken.toFixed(3)} | ${o.delivered.toFixed(3)} | ${(o.delivered / d).toFixed(3)} |`);
+    }
   }
 }
 console.log(`# ${load()}`);

@@ -92,3 +92,52 @@ test('NetSwitchThread.start rejects a port it cannot open, and the worker ends',
     /ENOENT|no such|cannot/i,
   );
 });
+
+test('a polled port holds frames while the receiver has no RX buffer, and drops them after holdMs', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdevkit-poll-'));
+  const a = path.join(dir, 'a.sock');
+  const b = path.join(dir, 'b.sock');
+  const c = path.join(dir, 'c.sock');
+  // A holds for a long time, C not at all; B is the receiver.
+  const sw = await NetSwitchThread.start({
+    ports: [{ path: a, device: { poll: true, holdMs: 60_000 } }, { path: b }, { path: c, device: { poll: true, holdMs: 0 } }],
+  });
+  const ds: NetDriver[] = [];
+  try {
+    const da = await NetDriver.open(a);
+    ds.push(da);
+    const db = await NetDriver.open(b);
+    ds.push(db);
+    await sleep(50);
+    // Only A and B up: A's broadcast has one receiver, which has no buffer.
+    const fa = [ethFrame(BCAST, MAC_A, 60, 1), ethFrame(BCAST, MAC_A, 61, 2), ethFrame(BCAST, MAC_A, 62, 3)];
+    da.send(0, fa);
+    await sleep(200);
+    let snap = await sw.snapshot();
+    assert.equal(snap[1]!.drops['no-rx-buffer'], 0, 'held, not dropped');
+    assert.equal(snap[0]!.txPackets, 0, 'not sent yet');
+    assert.deepEqual(await da.waitUsed(1, 0, 10), [], 'A keeps its TX buffers');
+    db.postRx(0, 2);
+    assert.deepEqual(await db.receive(0, 2), fa.slice(0, 2), 'the first two, in order, as buffers came');
+    db.postRx(0, 2);
+    assert.deepEqual(await db.receive(0, 1), fa.slice(2));
+    assert.equal((await da.waitUsed(1, 3)).length, 3);
+    snap = await sw.snapshot();
+    assert.equal(snap[0]!.txPackets, 3);
+    assert.equal(snap[1]!.rxPackets, 3);
+    assert.equal(snap[1]!.drops['no-rx-buffer'], 0);
+
+    // C (holdMs 0) unicast to A, which has no buffer: dropped at once, C's buffers used.
+    const dc = await NetDriver.open(c);
+    ds.push(dc);
+    await sleep(50);
+    dc.send(0, [ethFrame(MAC_A, '52:54:00:00:00:0c', 70, 4)]);
+    assert.equal((await dc.waitUsed(1, 1)).length, 1);
+    snap = await sw.snapshot();
+    assert.equal(snap[0]!.drops['no-rx-buffer'], 1);
+  } finally {
+    for (const d of ds) d.close();
+    await sw.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -172,23 +172,33 @@ export class NetSwitch extends EventEmitter<SwitchEvents> implements FrameSink {
     for (const [mac, e] of this.#table) if (now - e.seen > this.ageingMs) this.#table.delete(mac);
   }
 
-  forward(from: VhostUserNetDevice, frame: Frame, dst: number, src: number, pair: number): void {
+  /**
+   * One frame from a port. With `hold` (a polled port), a frame whose only receiver
+   * has no RX buffer now is neither delivered nor dropped: false is returned and the
+   * port gives it again (a frame flooded to several ports is never held: a partial
+   * delivery cannot be retried without duplicates).
+   */
+  forward(from: VhostUserNetDevice, frame: Frame, dst: number, src: number, pair: number, hold = false): boolean {
     const port = this.#byDevice.get(from);
-    if (!port) return;
-    if (this.#inspect !== null) this.#inspect(port, copyFrame(frame));
+    if (!port) return true;
     if (!isMulticast(src)) this.#learn(src, port);
+    let ok = true;
+    let done = false;
     if (!isMulticast(dst)) {
       const e = this.#table.get(dst);
       if (e !== undefined) {
         if (this.#now - e.seen <= this.ageingMs && e.port.connected) {
           if (e.port === port) from.drop('no-destination');
-          else this.#deliver(e.port, frame, dst, pair);
-          return;
+          else ok = this.#deliver(e.port, frame, dst, pair, hold);
+          done = true;
+        } else {
+          this.#table.delete(dst);
         }
-        this.#table.delete(dst);
       }
     }
-    this.#flood(port, frame, dst, pair);
+    if (!done) ok = this.#flood(port, frame, dst, pair, hold);
+    if (ok && this.#inspect !== null) this.#inspect(port, copyFrame(frame));
+    return ok;
   }
 
   announce(from: VhostUserNetDevice, frame: Frame, mac: number): void {
@@ -229,8 +239,12 @@ export class NetSwitch extends EventEmitter<SwitchEvents> implements FrameSink {
     }
   }
 
-  #flood(from: Port, frame: Frame, dst: number, pair: number): void {
+  #flood(from: Port, frame: Frame, dst: number, pair: number, hold = false): boolean {
     const up = this.#up;
+    if (hold && up.length === 2 && (up[0] === from || up[1] === from)) {
+      // One receiver: the frame can wait for its buffers.
+      return this.#deliver(up[0] === from ? up[1]! : up[0]!, frame, dst, pair, true);
+    }
     let sent = 0;
     for (let i = 0; i < up.length; i++) {
       const p = up[i]!;
@@ -239,18 +253,23 @@ export class NetSwitch extends EventEmitter<SwitchEvents> implements FrameSink {
       sent++;
     }
     if (sent === 0) from.device.drop('no-destination');
+    return true;
   }
 
-  #deliver(to: Port, frame: Frame, dst: number, pair: number): void {
+  /** False: held (`hold` and no RX buffer for it now). */
+  #deliver(to: Port, frame: Frame, dst: number, pair: number, hold = false): boolean {
     const d = to.device;
     if (!d.accepts(dst)) {
       d.drop('filtered');
-      return;
+      return true;
     }
-    if (d.deliver(frame, pair) && !to.touched) {
+    const r = d.deliver(frame, pair, hold);
+    if (r < 0) return false;
+    if (r > 0 && !to.touched) {
       to.touched = true;
       this.#touched.push(to);
     }
+    return true;
   }
 }
 

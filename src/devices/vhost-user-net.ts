@@ -66,6 +66,8 @@ const L2_OVERHEAD = 18;
 /** TX chains handled per batch, and batches per wake-up before yielding to other rings. */
 const TX_BATCH = 64;
 const TX_TURNS = 32;
+/** A polled port holds a frame for a receiver without RX buffers this long, then drops it (default). */
+const HOLD_MS = 2;
 /** The largest control command accepted (a MAC table of ~10000 entries). */
 const MAX_CTRL = 64 * 1024;
 
@@ -114,8 +116,12 @@ export interface Frame {
 
 /** Where the frames a guest transmits go (the switch). */
 export interface FrameSink {
-  /** One frame from `from`'s TX queue pair `pair`; `dst` and `src` are the MACs as 48-bit numbers. */
-  forward(from: VhostUserNetDevice, frame: Frame, dst: number, src: number, pair: number): void;
+  /**
+   * One frame from `from`'s TX queue pair `pair`; `dst` and `src` are the MACs as 48-bit
+   * numbers. With `hold`, a frame whose only receiver has no RX buffer is neither
+   * delivered nor dropped: the sink returns false and the sender gives it again later.
+   */
+  forward(from: VhostUserNetDevice, frame: Frame, dst: number, src: number, pair: number, hold?: boolean): boolean | void;
   /** The end of a batch: push what was delivered into RX rings and notify. */
   flush(): void;
   /** SEND_RARP: a frame the port announces for the guest (after a migration). */
@@ -145,9 +151,13 @@ export interface VhostUserNetOptions {
   /**
    * Busy-poll this port's TX rings (kicks switched off while they run, as DPDK's PMD)
    * instead of waiting for kicks. The thread spins while the port is up: run the switch
-   * on a worker (NetSwitchThread). Default false (event-driven).
+   * on a worker (NetSwitchThread). A polled port holds a frame whose only receiver is
+   * out of RX buffers (for up to `holdMs`, retried on every pass) instead of dropping
+   * it. Default false (event-driven).
    */
   poll?: boolean;
+  /** How long a polled port holds a frame for a receiver without buffers (default 2 ms; 0: drop at once). */
+  holdMs?: number;
 }
 
 export function parseMac(s: string): Uint8Array {
@@ -280,6 +290,7 @@ export class VhostUserNetDevice implements VhostUserDevice {
   readonly name: string;
   /** TX rings are busy-polled (VhostUserNetOptions.poll). */
   readonly poll: boolean;
+  readonly holdMs: number;
   mac: Uint8Array;
   mtu: number;
   readonly stats: NetPortStats = { txPackets: 0, txBytes: 0, rxPackets: 0, rxBytes: 0, drops: emptyDrops(), ctrlOk: 0, ctrlErr: 0 };
@@ -305,6 +316,8 @@ export class VhostUserNetDevice implements VhostUserDevice {
   readonly #txChains: DescChain[] = [];
   readonly #txWritten: number[] = [];
   readonly #dirtyRx: RxState[] = [];
+  /** When the frame at the head of a polled TX ring was first held (0: none is). */
+  #heldSince = 0;
 
   constructor(options: VhostUserNetOptions = {}) {
     this.queuePairs = options.queuePairs ?? 1;
@@ -320,6 +333,8 @@ export class VhostUserNetDevice implements VhostUserDevice {
     this.#log = options.log ?? (() => undefined);
     this.activePairs = this.queuePairs;
     this.poll = options.poll === true;
+    this.holdMs = options.holdMs ?? HOLD_MS;
+    if (!(this.holdMs >= 0)) throw new RangeError(`holdMs: ${this.holdMs}`);
     this.#rx = Array.from({ length: this.queuePairs }, () => new RxState());
     let f = bit(VF.VERSION_1) | bit(VF.INDIRECT_DESC) | bit(VF.EVENT_IDX);
     if (options.packed !== false) f |= bit(VF.RING_PACKED);
@@ -418,7 +433,7 @@ export class VhostUserNetDevice implements VhostUserDevice {
     return this.poll && queueIndex !== this.#ctrlIndex && queueIndex % 2 === 1;
   }
 
-  handleQueue(q: VhostQueue): void {
+  handleQueue(q: VhostQueue): boolean | void {
     if (q.index === this.#ctrlIndex) return this.#handleCtrl(q);
     if (q.index % 2 === 1) return this.#handleTx(q);
     // RX: buffers are taken when frames come; the driver's kicks are not needed.
@@ -441,12 +456,13 @@ export class VhostUserNetDevice implements VhostUserDevice {
 
   /**
    * Copies `frame` into this guest's RX buffers (queue pair chosen from `pair`), a
-   * virtio-net header first; the chains are pushed at flush(). Returns false (and
-   * counts the cause) when it was dropped.
+   * virtio-net header first; the chains are pushed at flush(). Returns 1 (delivered),
+   * 0 (dropped, the cause counted) or, with `hold`, -1 when the ring has not the buffers
+   * for it now (nothing counted; give it again later).
    */
-  deliver(frame: Frame, pair: number): boolean {
+  deliver(frame: Frame, pair: number, hold = false): number {
     const rx = this.#rxQueue(pair);
-    if (rx === null) return this.#drop('rx-not-ready');
+    if (rx === null) return this.#dropped('rx-not-ready');
     const q = rx.queue!;
     const hdr = this.#hdrLen;
     const need = hdr + frame.length;
@@ -468,9 +484,9 @@ export class VhostUserNetDevice implements VhostUserDevice {
       if (!this.#mrg) break;
     }
     if (have < need || held[0]!.writableBytes < hdr) {
-      if (n === 0) return this.#drop('no-rx-buffer');
-      if (!this.#mrg) return this.#drop('rx-buffer-too-small');
-      return this.#drop('no-rx-buffer');
+      if (n === 0) return hold ? -1 : this.#dropped('no-rx-buffer');
+      if (!this.#mrg) return this.#dropped('rx-buffer-too-small');
+      return hold ? -1 : this.#dropped('no-rx-buffer');
     }
     // The header: all zero (no offloads) but num_buffers.
     const h = this.#scratch;
@@ -501,7 +517,7 @@ export class VhostUserNetDevice implements VhostUserDevice {
     if (start === 0) this.#dirtyRx.push(rx);
     this.stats.rxPackets++;
     this.stats.rxBytes += frame.length;
-    return true;
+    return 1;
   }
 
   /** Pushes the chains filled since the last flush into their RX rings and notifies. */
@@ -519,6 +535,11 @@ export class VhostUserNetDevice implements VhostUserDevice {
   #drop(cause: DropCause): false {
     this.stats.drops[cause]++;
     return false;
+  }
+
+  #dropped(cause: DropCause): 0 {
+    this.stats.drops[cause]++;
+    return 0;
   }
 
   #flushRx(rx: RxState): void {
@@ -549,24 +570,32 @@ export class VhostUserNetDevice implements VhostUserDevice {
     return null;
   }
 
-  #handleTx(q: VhostQueue): void {
+  #handleTx(q: VhostQueue): boolean {
     const ring = q.ring;
-    if (!ring) return;
+    if (!ring) return false;
     const pair = (q.index - 1) / 2;
     const chains = this.#txChains;
     const written = this.#txWritten;
     const polled = q.polled;
+    let progress = false;
     for (let turn = 0; turn < TX_TURNS; turn++) {
       if (!polled) ring.disableNotifications();
       let n = 0;
       let c: DescChain | null;
+      let blocked = false;
       while (n < TX_BATCH && (c = q.pop()) !== null) {
+        if (!q.enabled) this.#drop('tx-disabled');
+        else if (!this.#transmit(c, pair, polled)) {
+          // Its receiver has no buffer now: the poll loop gives it again.
+          q.unpop(c);
+          blocked = true;
+          break;
+        }
         chains.push(c);
         written.push(0);
         n++;
-        if (!q.enabled) this.#drop('tx-disabled');
-        else this.#transmit(c, pair);
       }
+      if (n > 0) progress = true;
       this.sink?.flush();
       if (n > 0) {
         q.pushBatch(chains, written);
@@ -574,27 +603,23 @@ export class VhostUserNetDevice implements VhostUserDevice {
         written.length = 0;
         q.notify();
       }
-      if (ring.broken) return;
+      if (ring.broken) return progress;
       if (n === TX_BATCH) continue;
       // Polled: kicks stay off, the poll loop comes back on its next pass.
-      if (polled || !ring.enableNotifications()) return;
+      if (blocked || polled || !ring.enableNotifications()) return progress;
     }
-    if (polled) return;
+    if (polled) return progress;
     // Still busy: yield to the other rings, come back without waiting for a kick.
     q.schedule();
+    return progress;
   }
 
-  #transmit(c: DescChain, pair: number): void {
+  /** False: held (a polled port's frame whose receiver has no buffer now). */
+  #transmit(c: DescChain, pair: number, polled: boolean): boolean {
     const hdr = this.#hdrLen;
     const len = c.readableBytes - hdr;
-    if (len < ETH_HLEN) {
-      this.#drop('runt');
-      return;
-    }
-    if (len > (this.#mtuAcked ? this.mtu : 65535) + L2_OVERHEAD) {
-      this.#drop('oversize');
-      return;
-    }
+    if (len < ETH_HLEN) return this.#drop('runt') || true;
+    if (len > (this.#mtuAcked ? this.mtu : 65535) + L2_OVERHEAD) return this.#drop('oversize') || true;
     const views = c.readable;
     // The header's flags and gso_type must be 0 (no offload was negotiated), then the MACs.
     let macs: Uint8Array;
@@ -603,7 +628,7 @@ export class VhostUserNetDevice implements VhostUserDevice {
     if (v0.byteLength >= hdr + 12) {
       if (v0[0] !== 0 || v0[1] !== 0) {
         this.#drop('bad-header');
-        return;
+        return true;
       }
       macs = v0;
       at = hdr;
@@ -612,7 +637,7 @@ export class VhostUserNetDevice implements VhostUserDevice {
       readAt(views, 0, h, 2);
       if (h[0] !== 0 || h[1] !== 0) {
         this.#drop('bad-header');
-        return;
+        return true;
       }
       macs = this.#macs;
       readAt(views, hdr, macs, 12);
@@ -620,14 +645,24 @@ export class VhostUserNetDevice implements VhostUserDevice {
     }
     const dst = macNumber(macs, at);
     const src = macNumber(macs, at + 6);
-    this.stats.txPackets++;
-    this.stats.txBytes += len;
     const f = this.#frame;
     f.views = views;
     f.offset = hdr;
     f.length = len;
-    if (this.sink) this.sink.forward(this, f, dst, src, pair);
-    else this.#drop('no-destination');
+    if (this.sink === null) {
+      this.#drop('no-destination');
+    } else {
+      // A polled port holds a frame for a receiver out of buffers, up to holdMs.
+      const hold = polled && this.holdMs > 0 && (this.#heldSince === 0 || performance.now() - this.#heldSince < this.holdMs);
+      if (this.sink.forward(this, f, dst, src, pair, hold) === false) {
+        if (this.#heldSince === 0) this.#heldSince = performance.now();
+        return false;
+      }
+      this.#heldSince = 0;
+    }
+    this.stats.txPackets++;
+    this.stats.txBytes += len;
+    return true;
   }
 
   #handleCtrl(q: VhostQueue): void {

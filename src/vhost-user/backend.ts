@@ -60,9 +60,11 @@ export interface VhostUserDevice {
   /**
    * A ring has buffers (a kick, its start, or a resubmission after reconnect):
    * pop chains with queue.pop(), complete each with queue.push(), then
-   * queue.notify(). Completion may come later (asynchronous I/O).
+   * queue.notify(). Completion may come later (asynchronous I/O). A busy-polled
+   * ring's handler may return false when it found nothing it could do (the poll
+   * loop then sleeps a few microseconds when no ring made progress).
    */
-  handleQueue(queue: VhostQueue): void;
+  handleQueue(queue: VhostQueue): void | boolean;
   /** RESET_DEVICE / RESET_OWNER / a front-end gone: forget per-session state. */
   reset?(): void;
   /** NET_SET_MTU (offered as NET_MTU when present). */
@@ -127,6 +129,8 @@ export class VhostQueue implements Pollable {
   #scheduled = false;
   /** Chains recovered from the inflight region, handed out by pop() first. */
   #resubmit: DescChain[] = [];
+  /** Chains given back by unpop() (a stack: the last given back is popped first). */
+  #unpopped: DescChain[] = [];
   #polled = false;
 
   /** @internal */
@@ -144,14 +148,27 @@ export class VhostQueue implements Pollable {
     return this.#polled;
   }
 
-  /** @internal One pass of the poll loop. */
-  pollOnce(): void {
-    if (!this.ring || !this.#served() || this.#owner.closed) return;
+  /** @internal One pass of the poll loop; false: nothing done. */
+  pollOnce(): boolean {
+    if (!this.ring || !this.#served() || this.#owner.closed) return false;
     try {
-      this.#owner.device.handleQueue(this);
+      return this.#owner.device.handleQueue(this) !== false;
     } catch (err) {
       this.#owner.log(`vring ${this.index}: the device's handler threw: ${(err as Error).stack ?? String(err)}`);
+      return false;
     }
+  }
+
+  /**
+   * Gives back a chain popped and not pushed: the next pop() returns it again
+   * (a device that cannot take a request now, e.g. a switch whose receiver has no
+   * buffers, and retries it later). Chains still given back when the ring stops are
+   * completed with length 0.
+   */
+  unpop(chain: DescChain): void {
+    if (!this.ring || this.#owner.closed) return;
+    this.inFlight = Math.max(0, this.inFlight - 1);
+    this.#unpopped.push(chain);
   }
 
   #startPolling(ring: DeviceQueue): boolean {
@@ -187,6 +204,11 @@ export class VhostQueue implements Pollable {
   pop(): DescChain | null {
     const ring = this.ring;
     if (!ring || !this.#served() || this.#owner.closed) return null;
+    const back = this.#unpopped.pop();
+    if (back) {
+      this.inFlight++;
+      return back;
+    }
     const again = this.#resubmit.shift();
     if (again) {
       this.inFlight++;
@@ -276,6 +298,12 @@ export class VhostQueue implements Pollable {
     this.#unsubscribe = null;
     if (this.#poller) clearInterval(this.#poller);
     this.#poller = null;
+    if (this.#unpopped.length > 0) {
+      const back = this.#unpopped.reverse();
+      this.#unpopped = [];
+      this.inFlight += back.length;
+      this.pushBatch(back, new Array<number>(back.length).fill(0));
+    }
     try {
       this.#owner.device.queueStopping?.(this);
     } catch (err) {
@@ -286,6 +314,7 @@ export class VhostQueue implements Pollable {
     const base = ring ? ring.base() : this.base;
     this.ring = null;
     this.#resubmit = [];
+    this.#unpopped = [];
     this.base = base;
     return base;
   }
@@ -315,6 +344,7 @@ export class VhostQueue implements Pollable {
     this.#poller = null;
     this.ring = null;
     this.#resubmit = [];
+    this.#unpopped = [];
     for (const f of [this.kick, this.call, this.err]) f?.close();
     this.kick = this.call = this.err = null;
     const w = this.#drainWaiters;

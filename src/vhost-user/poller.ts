@@ -15,15 +15,25 @@
  */
 
 export interface Pollable {
-  /** One pass: take what the ring has (the handler must not re-enable notifications). */
-  pollOnce(): void;
+  /** One pass: take what the ring has (the handler must not re-enable notifications); false: nothing done. */
+  pollOnce(): boolean;
 }
+
+/**
+ * A pass in which no ring made progress is followed by a sleep this long (a futex
+ * wait): on a machine with fewer cores than spinning threads the peers we wait for
+ * (a receiver refilling its ring) get the CPU, instead of us spinning on it.
+ */
+const IDLE_SLEEP_MS = 0.02;
 
 export class Poller {
   readonly #rings = new Set<Pollable>();
+  readonly #sleeper = new Int32Array(new SharedArrayBuffer(4));
   #running = false;
   /** Passes run so far (every ring once per pass). */
   passes = 0;
+  /** Passes that found nothing to do (each followed by a short sleep). */
+  idlePasses = 0;
 
   get size(): number {
     return this.#rings.size;
@@ -47,7 +57,12 @@ export class Poller {
       return;
     }
     this.passes++;
-    for (const r of this.#rings) r.pollOnce();
+    let busy = false;
+    for (const r of this.#rings) if (r.pollOnce()) busy = true;
+    if (!busy) {
+      this.idlePasses++;
+      Atomics.wait(this.#sleeper, 0, 0, IDLE_SLEEP_MS);
+    }
     setImmediate(this.#turn);
   };
 }
