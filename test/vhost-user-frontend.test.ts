@@ -20,6 +20,8 @@ import { VhostUserBackend } from '../src/vhost-user/backend.js';
 import { VhostUserBlkDevice } from '../src/devices/vhost-user-blk.js';
 import { VirtioBlkDriver } from '../src/vhost-user/blk-driver.js';
 import { NEED_REPLY, REPLY, u64, VERSION } from './helpers/vhost-user-raw.js';
+import { connectUnix } from '../src/sys/socket.js';
+import { until } from './helpers/sys.js';
 
 const F_PROTOCOL = 1n << 30n;
 const F_VERSION_1 = 1n << 32n;
@@ -347,4 +349,48 @@ test('front-end against our back-end: SET_LOG_BASE, GET/SET_INFLIGHT_FD, SET/GET
   }
   await new Promise((r) => setTimeout(r, 50));
   assert.equal(openFds(), before, 'no fd leaked');
+});
+
+test('front-end reconnect(): a new connection to the same path, negotiated state from scratch, memory regions kept and sent again; requests queued before the close never reach the new connection', async () => {
+  const before = openFds();
+  const seenFds: number[][] = [];
+  const be = fakeBackend((m) => {
+    if (m.request === 5) seenFds.push([m.fds.length]); // SET_MEM_TABLE
+  });
+  const fe = await VhostUserFrontend.connect(be.sock);
+  try {
+    await rejects(fe.reconnect(), 'INVALID', /while the connection is up/);
+    await fe.handshake({ config: 'require' });
+    assert.equal(fe.protocolFeatures, PF_REPLY_ACK | PF_CONFIG);
+    fe.addMemory(SharedMemory.create(1 << 20), 0);
+    await fe.syncMemory();
+    // Requests made now are queued behind a GET_FEATURES; the close comes first.
+    const queued = [fe.getFeatures(), fe.getQueueNum(), fe.setOwner()];
+    fe.close();
+    for (const p of queued) await rejects(p, 'DISCONNECTED', /closed/);
+    const sentBefore = be.seen.length;
+    let reconnected = 0;
+    fe.on('reconnect', () => reconnected++);
+    await fe.reconnect();
+    assert.equal(reconnected, 1);
+    assert.equal(fe.closed, false);
+    assert.equal(fe.features, 0n, 'negotiated state starts over');
+    assert.equal(fe.protocolFeatures, 0n);
+    assert.equal(fe.regions.length, 1, 'the region is kept');
+    await fe.handshake({ config: 'require' });
+    await fe.syncMemory();
+    // The new connection saw the handshake and the memory table only (GET_FEATURES 1, GET_PROTOCOL 15, SET_PROTOCOL 16, SET_OWNER 3, SET_MEM_TABLE 5).
+    assert.deepEqual(be.seen.slice(sentBefore), [1, 15, 16, 3, 5]);
+    assert.deepEqual(seenFds, [[1], [1]], 'SET_MEM_TABLE with the region fd on both connections');
+    assert.equal(fe.memory.view(0, 16)?.length, 16, 'the driver side still sees the region');
+    fe.close();
+    fe.releaseMemory();
+    const s = VhostUserFrontend.fromSocket(await connectUnix(be.sock));
+    s.close();
+    await rejects(s.reconnect(), 'UNSUPPORTED', /made from one/);
+  } finally {
+    fe.close();
+    be.done();
+  }
+  await until(() => openFds() === before, 5000, () => `fds: ${openFds()} open, ${before} before`);
 });
