@@ -936,7 +936,7 @@ test('two queues: notify offsets, a vector each, requests on both', async (t) =>
   }
 });
 
-test('DMA_UNMAP of guest RAM under a request in flight is answered once the I/O is done; a buffer in a message window breaks the queue', async (t) => {
+test('DMA_UNMAP of guest RAM under a request in flight is answered once the I/O is done; a buffer in a message window is served', async (t) => {
   const dir = tmp();
   const s = await serve(t, dir, 'a.sock', { file: makeDisk(dir), latencyMs: 100 });
   const ram = await guestRam(t, s.client);
@@ -966,15 +966,17 @@ test('DMA_UNMAP of guest RAM under a request in flight is answered once the I/O 
   const side = SharedMemory.create(1 << 16);
   t.after(() => side.close());
   await s.client.dmaMap({ iova: 0x8000_0000, size: 1 << 16, memory: side, passFd: false });
-  const { ring: ring2, cfgIrq } = await bringUp(t, s, ram);
-  const bad = blkRequest(ram, heap, T_IN, 8, SECTOR);
-  bad.data = 0x8000_0000;
-  submit(ring2, bad);
-  const irq = interrupt(cfgIrq, 'config interrupt: NEEDS_RESET');
+  const { ring: ring2, qIrq } = await bringUp(t, s, ram);
+  const far = blkRequest(ram, heap, T_IN, 8, SECTOR);
+  far.data = 0x8000_0000;
+  submit(ring2, far);
+  const irq = interrupt(qIrq, 'the read with its data in a window without fd');
   await drv.kick(0);
   await irq;
-  assert.ok((await drv.status()) & NEEDS_RESET);
-  assert.equal(ring2.usedIdx, 0);
+  assert.equal(await drv.status() & NEEDS_RESET, 0);
+  assert.equal(ring2.usedIdx, 1);
+  assert.equal(statusOf(ram, far), 0);
+  assert.deepEqual(Buffer.from(side.bytes.subarray(0, SECTOR)), diskPattern(8, SECTOR), 'written back by DMA_WRITE');
 });
 
 test('vdevkit serve virtio-blk --file IMAGE --socket PATH', async (t) => {
@@ -1119,4 +1121,134 @@ test('migration of a packed ring in the middle of I/O (its base carries both wra
   assert.deepEqual(dataOf(ram, r), diskPattern(33, SECTOR));
   assert.deepEqual(dataOf(ram, late), diskPattern(34, SECTOR));
   assert.deepEqual(fs.readFileSync(file).subarray(600 * SECTOR, 601 * SECTOR), dataOf(ram, w));
+});
+
+/** A window the client maps without its fd: the server reaches it by DMA_READ / DMA_WRITE messages only. */
+const SIDE_GPA = 0x8000_0000;
+const SIDE_BYTES = 1 << 20;
+
+test('buffers in DMA windows without fd: read in by DMA_READ, written back by DMA_WRITE before the used entry, mixed with fd windows; checked against the file', async (t) => {
+  const dir = tmp();
+  const file = makeDisk(dir);
+  const s = await serve(t, dir, 'a.sock', { file, serial: 'side-serial' });
+  const ram = await guestRam(t, s.client);
+  const side = SharedMemory.create(SIDE_BYTES);
+  t.after(() => side.close());
+  await s.client.dmaMap({ iova: SIDE_GPA, size: SIDE_BYTES, memory: side, passFd: false });
+  const { drv, ring, qIrq } = await bringUp(t, s, ram);
+  const heap = new Heap();
+  let next = SIDE_GPA;
+  const sideAlloc = (len: number): number => {
+    const gpa = next;
+    next += Math.ceil(len / 4096) * 4096;
+    return gpa;
+  };
+  const sideHeader = (type: number, sector: number): number => {
+    const gpa = sideAlloc(16);
+    side.view.setUint32(gpa - SIDE_GPA, type, true);
+    side.view.setUint32(gpa - SIDE_GPA + 4, 0, true);
+    side.view.setBigUint64(gpa - SIDE_GPA + 8, BigInt(sector), true);
+    return gpa;
+  };
+  const sideBytes = (gpa: number, len: number): Buffer => Buffer.from(side.bytes.subarray(gpa - SIDE_GPA, gpa - SIDE_GPA + len));
+  /** Waits for the used idx to reach n, checking at every turn that `ready()` already holds when it does (data before the used entry). */
+  const usedAfter = async (n: number, ready: () => boolean): Promise<void> => {
+    const t0 = performance.now();
+    while (ring.usedIdx !== n) {
+      assert.ok(performance.now() - t0 < 5000, `used idx ${n}`);
+      await new Promise((r) => setImmediate(r));
+    }
+    assert.ok(ready(), 'the device-written buffers were in guest memory when the used idx moved');
+  };
+
+  // 1. Everything in the window without fd: header, 2 sectors of data, status.
+  const hdr = sideHeader(T_IN, 20);
+  const data = sideAlloc(2 * SECTOR);
+  side.bytes.fill(0xee, data - SIDE_GPA, data - SIDE_GPA + 2 * SECTOR);
+  const st = sideAlloc(1);
+  side.bytes[st - SIDE_GPA] = 0xff;
+  const head = ring.add([
+    { gpa: hdr, len: 16, write: false },
+    { gpa: data, len: 2 * SECTOR, write: true },
+    { gpa: st, len: 1, write: true },
+  ]);
+  let irq = interrupt(qIrq, 'completion of a request in the window without fd');
+  await drv.kick(0);
+  await usedAfter(1, () => side.bytes[st - SIDE_GPA] === 0);
+  await irq;
+  assert.deepEqual(ring.takeUsed(), [{ id: head, len: 2 * SECTOR + 1 }]);
+  assert.deepEqual(sideBytes(data, 2 * SECTOR), fs.readFileSync(file).subarray(20 * SECTOR, 22 * SECTOR));
+  assert.ok(s.spec.transport.stats.bounceReads >= 3, 'header, data and status read in');
+  assert.ok(s.spec.transport.stats.bounceWrites >= 2, 'data and status written back');
+
+  // 2. Mixed: header and status in fd RAM, the data to write in the window without fd.
+  const w = blkRequest(ram, heap, T_OUT, 40, 3 * SECTOR);
+  const wdata = sideAlloc(3 * SECTOR);
+  for (let i = 0; i < 3 * SECTOR; i++) side.bytes[wdata - SIDE_GPA + i] = (i * 5 + 3) & 0xff;
+  const wHead = ring.add([
+    { gpa: w.hdr, len: 16, write: false },
+    { gpa: wdata, len: 3 * SECTOR, write: false },
+    { gpa: w.status, len: 1, write: true },
+  ]);
+  // 3. Mixed the other way: header in the window without fd, data in RAM, status in the window without fd; and GET_ID.
+  const r = blkRequest(ram, heap, T_IN, 7, SECTOR);
+  const rhdr = sideHeader(T_IN, 7);
+  const rst = sideAlloc(1);
+  side.bytes[rst - SIDE_GPA] = 0xff;
+  const rHead = ring.add([
+    { gpa: rhdr, len: 16, write: false },
+    { gpa: r.data, len: SECTOR, write: true },
+    { gpa: rst, len: 1, write: true },
+  ]);
+  const idBuf = sideAlloc(20);
+  const idSt = sideAlloc(1);
+  const idHead = ring.add([
+    { gpa: sideHeader(T_GET_ID, 0), len: 16, write: false },
+    { gpa: idBuf, len: 20, write: true },
+    { gpa: idSt, len: 1, write: true },
+  ]);
+  irq = interrupt(qIrq, 'the mixed requests');
+  await drv.kick(0);
+  await waitFor(() => ring.usedIdx === 4, 'three more used');
+  await irq;
+  const used = ring.takeUsed();
+  assert.deepEqual(new Map(used.map((u) => [u.id, u.len])), new Map([[wHead, 1], [rHead, SECTOR + 1], [idHead, 21]]));
+  assert.equal(statusOf(ram, w), 0);
+  assert.deepEqual(fs.readFileSync(file).subarray(40 * SECTOR, 43 * SECTOR), sideBytes(wdata, 3 * SECTOR), 'the file has the data read by DMA_READ');
+  assert.equal(side.bytes[rst - SIDE_GPA], 0);
+  assert.deepEqual(dataOf(ram, r), diskPattern(7, SECTOR));
+  assert.equal(sideBytes(idBuf, 20).toString('latin1').replace(/\0+$/, ''), 'side-serial');
+  assert.equal(side.bytes[idSt - SIDE_GPA], 0);
+  assert.equal(s.spec.transport.stats.brokenQueues, 0);
+});
+
+test('buffers in windows without fd are bounded: a chain larger than bounceLimit breaks the queue, the device goes on after a reset', async (t) => {
+  const dir = tmp();
+  const file = makeDisk(dir);
+  const s = await serve(t, dir, 'a.sock', { file, bounceLimit: 8192 });
+  const ram = await guestRam(t, s.client);
+  const side = SharedMemory.create(SIDE_BYTES);
+  t.after(() => side.close());
+  await s.client.dmaMap({ iova: SIDE_GPA, size: SIDE_BYTES, memory: side, passFd: false });
+  const { drv, ring, cfgIrq } = await bringUp(t, s, ram);
+  const heap = new Heap();
+  const big = blkRequest(ram, heap, T_IN, 0, 17 * SECTOR);
+  big.data = SIDE_GPA; // 17 sectors in the window without fd: over the 8 KiB limit
+  submit(ring, big);
+  const irq = interrupt(cfgIrq, 'NEEDS_RESET');
+  await drv.kick(0);
+  await irq;
+  assert.ok((await drv.status()) & NEEDS_RESET);
+  assert.equal(ring.usedIdx, 0);
+  assert.equal(s.spec.transport.stats.bounceReads, 0, 'nothing was fetched for it');
+  // Within the limit after a reset: served.
+  const { ring: ring2, qIrq } = await bringUp(t, s, ram);
+  const ok = blkRequest(ram, heap, T_IN, 3, 4 * SECTOR);
+  ok.data = SIDE_GPA;
+  submit(ring2, ok);
+  const irq2 = interrupt(qIrq, 'a chain within the limit');
+  await drv.kick(0);
+  await irq2;
+  assert.equal(statusOf(ram, ok), 0);
+  assert.deepEqual(Buffer.from(side.bytes.subarray(0, 4 * SECTOR)), diskPattern(3, 4 * SECTOR));
 });

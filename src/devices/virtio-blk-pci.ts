@@ -10,7 +10,7 @@ import { virtioPciDevice, type VirtioPciDeviceSpec, type VirtioPciOptions } from
 /** The virtio device id of a block device. */
 export const VIRTIO_ID_BLOCK = 2;
 
-export type VirtioBlkPciOptions = VhostUserBlkOptions & Pick<VirtioPciOptions, 'ioeventfds' | 'accessPlatform'>;
+export type VirtioBlkPciOptions = VhostUserBlkOptions & Pick<VirtioPciOptions, 'ioeventfds' | 'accessPlatform' | 'bounceLimit'>;
 
 /** The spec, with the disk (close() closes both the transport's eventfds and the file). */
 export type VirtioBlkPciDeviceSpec = VirtioPciDeviceSpec & { readonly disk: VhostUserBlkDevice };
@@ -25,6 +25,7 @@ export function virtioBlkPciDevice(options: VirtioBlkPciOptions = {}): VirtioBlk
       ...(options.log ? { log: options.log } : {}),
       ...(options.ioeventfds !== undefined ? { ioeventfds: options.ioeventfds } : {}),
       ...(options.accessPlatform !== undefined ? { accessPlatform: options.accessPlatform } : {}),
+      ...(options.bounceLimit !== undefined ? { bounceLimit: options.bounceLimit } : {}),
     });
   } catch (err) {
     disk.close();

@@ -49,6 +49,7 @@ import { VfioError, Errno } from '../vfio/errors.js';
 import { GuestMemory, type DirtyLog } from '../virtio/memory.js';
 import { createDeviceQueue, type DeviceQueue } from '../virtio/queue.js';
 import { VirtioError, hex } from '../virtio/errors.js';
+import { BounceMemory, BounceMiss } from '../virtio/bounce-memory.js';
 import type { DescChain, GuestMemoryView } from '../virtio/types.js';
 import type { VirtioDeviceModel, VirtioQueueHandle } from '../virtio/device-queue-handle.js';
 import type { DeviceContext, DmaWindow, IoEventFdSpec, VfioUserDeviceSpec } from '../vfio-user/device.js';
@@ -135,6 +136,11 @@ export interface VirtioPciOptions {
   accessPlatform?: boolean;
   /** Offer one ioeventfd per queue on the notify area with GET_REGION_IO_FDS (default true). */
   ioeventfds?: boolean;
+  /**
+   * Most bytes of buffers in DMA windows without fd held in bounce buffers at
+   * once, per queue (default 16 MiB): a chain larger than this breaks the queue.
+   */
+  bounceLimit?: number;
   /** Name for the server's logs. */
   name?: string;
   log?: (line: string) => void;
@@ -219,8 +225,11 @@ const RUNNING_STATES = new Set(['RUNNING', 'PRE_COPY', 'RUNNING_P2P', 'PRE_COPY_
  */
 class DmaMemory implements GuestMemoryView {
   readonly mapped = new GuestMemory();
-  /** Windows the engine cannot use (no fd, or not both readable and writable). */
+  /** Windows the engine cannot use (not both readable and writable). */
   readonly unusable: DmaWindow[] = [];
+  /** Read-write windows without fd: buffers there are copied in and out by DMA_READ / DMA_WRITE (BounceMemory). */
+  messages: DmaWindow[] = [];
+  #messagesGen = 0;
   /**
    * Windows the client unmapped while requests were in flight: kept (their
    * mapping held) until those complete, so completions reach the rings; no
@@ -229,7 +238,30 @@ class DmaMemory implements GuestMemoryView {
   ghosts: DmaWindow[] = [];
 
   get generation(): number {
-    return this.mapped.generation;
+    return this.mapped.generation + this.#messagesGen;
+  }
+
+  get regions(): readonly { guestPhysAddr: number; size: number }[] {
+    return this.mapped.regions;
+  }
+
+  addMessageWindow(w: DmaWindow): void {
+    this.messages = [...this.messages, w].sort((a, b) => a.iova - b.iova);
+    this.#messagesGen++;
+  }
+
+  /** Removes a window without fd; false when it is not one. */
+  removeMessageWindow(w: DmaWindow): boolean {
+    const before = this.messages.length;
+    this.messages = this.messages.filter((m) => !(m.iova === w.iova && m.size === w.size));
+    if (this.messages.length === before) return false;
+    this.#messagesGen++;
+    return true;
+  }
+
+  /** The window without fd overlapping [gpa, +length), if any. */
+  messageAt(gpa: number, length: number): DmaWindow | undefined {
+    return this.messages.find((w) => gpa < w.iova + w.size && w.iova < gpa + Math.max(1, length));
   }
 
   view(gpa: number, length: number): Uint8Array | null {
@@ -278,7 +310,7 @@ class DmaMemory implements GuestMemoryView {
 }
 
 function whyUnusable(w: DmaWindow): string {
-  if (!w.mapped) return 'the client mapped without an fd: it is reached by DMA_READ/DMA_WRITE messages only, which the synchronous ring engine cannot use';
+  if (!w.mapped) return 'the client mapped without an fd: buffers there are copied by DMA_READ/DMA_WRITE, rings must be in a window with an fd';
   return `is ${w.readable ? 'read-only' : 'write-only'}: rings and buffers need a readable and writable window`;
 }
 
@@ -301,6 +333,14 @@ export class PciQueue implements VirtioQueueHandle {
   base: number | null = null;
   /** The ring engine's queue, from the ring's start (DRIVER_OK) to a reset. */
   engine: DeviceQueue | null = null;
+  /** The engine's memory (fd windows in place, windows without fd through bounce buffers). */
+  bounce: BounceMemory | null = null;
+  /** Buffers of a chain being fetched by DMA_READ: no pop until they are in. */
+  #fetching = false;
+  /** The bounce budget is in use: no pop until a chain holding bounce buffers completes. */
+  #waiting = false;
+  /** The bounce buffers of chains in flight. */
+  readonly #bounced = new Map<DescChain, { memory: BounceMemory; buffers: Uint8Array[] }>();
   /** Chains popped and not yet pushed. */
   inFlight = 0;
   /** A kick came while the device was stopped (migration). */
@@ -340,15 +380,19 @@ export class PciQueue implements VirtioQueueHandle {
 
   pop(): DescChain | null {
     const ring = this.ring;
-    if (!ring || !this.#t.serving) return null;
+    if (!ring || !this.#t.serving || this.#fetching || this.#waiting) return null;
     let chain: DescChain | null;
     try {
       chain = ring.pop();
     } catch (err) {
-      this.#t.queueBroken(this, err as Error);
+      if (err instanceof BounceMiss) this.#miss(err);
+      else this.#t.queueBroken(this, err as Error);
       return null;
     }
     if (chain) {
+      const memory = this.bounce;
+      const buffers = memory?.claim() ?? [];
+      if (memory && buffers.length > 0) this.#bounced.set(chain, { memory, buffers });
       this.#from.set(chain, ring);
       this.inFlight++;
       this.#t.busy(1);
@@ -364,12 +408,100 @@ export class PciQueue implements VirtioQueueHandle {
     if (chains.length > 0) this.#complete(chains, (ring) => ring.pushBatch(chains, written));
   }
 
+  /**
+   * The engine needs buffers in windows without fd: read them (DMA_READ),
+   * then pop again (the pop that missed advanced nothing).
+   */
+  #miss(miss: BounceMiss): void {
+    if (miss.wait) {
+      this.#waiting = true;
+      return;
+    }
+    const dma = this.#t.dma;
+    const memory = this.bounce;
+    const engine = this.engine;
+    if (!dma || !memory) return;
+    this.#fetching = true;
+    this.#t.stats.bounceReads += miss.ranges.length;
+    Promise.all(
+      miss.ranges.map(async (r) => {
+        const b = new Uint8Array(r.length);
+        await dma.readInto(r.gpa, b);
+        return [r.gpa, b] as const;
+      }),
+    ).then(
+      (fetched) => {
+        this.#fetching = false;
+        if (this.engine !== engine || this.bounce !== memory) return; // reset meanwhile
+        for (const [gpa, b] of fetched) memory.fill(gpa, b);
+        this.schedule();
+      },
+      (err: Error) => {
+        this.#fetching = false;
+        if (this.engine !== engine) return;
+        this.#t.queueBroken(this, new Error(`DMA_READ of a buffer failed: ${err.message}`));
+      },
+    );
+  }
+
+  /**
+   * Completes chains. Those with bounce buffers have their device-writable
+   * ones written back first (DMA_WRITE, whole: the device may write anywhere
+   * in them, as virtio-blk's status byte at their end); only once the client
+   * has them are the chains pushed to the ring (data before the used entry),
+   * then the interrupt.
+   */
   #complete(chains: readonly DescChain[], write: (ring: DeviceQueue) => void): void {
-    const ring = this.ring;
+    const backs: { gpa: number; bytes: Uint8Array }[] = [];
+    const held: { memory: BounceMemory; buffers: Uint8Array[] }[] = [];
+    for (const c of chains) {
+      const b = this.#bounced.get(c);
+      if (!b) continue;
+      this.#bounced.delete(c);
+      held.push(b);
+      const seen = new Set<Uint8Array>();
+      for (const v of c.writable) {
+        const gpa = b.memory.gpaOf(v);
+        if (gpa === undefined || seen.has(v)) continue;
+        seen.add(v);
+        backs.push({ gpa, bytes: v });
+      }
+    }
+    if (held.length === 0) return this.#finish(chains, write);
+    const release = (): void => {
+      for (const h of held) h.memory.release(h.buffers);
+      if (this.#waiting) {
+        this.#waiting = false;
+        this.schedule();
+      }
+    };
+    const dma = this.#t.dma;
+    if (backs.length === 0 || !dma) {
+      if (backs.length > 0) this.#t.log(`queue ${this.index}: a completion dropped, no client to write its buffers back to`);
+      release();
+      return this.#finish(chains, backs.length === 0 ? write : null);
+    }
+    this.#t.stats.bounceWrites += backs.length;
+    Promise.all(backs.map((b) => dma.write(b.gpa, b.bytes))).then(
+      () => {
+        release();
+        this.#finish(chains, write);
+        this.notify();
+      },
+      (err: Error) => {
+        this.#t.log(`queue ${this.index}: a completion dropped, DMA_WRITE of its buffers failed: ${err.message}`);
+        release();
+        this.#finish(chains, null);
+      },
+    );
+  }
+
+  #finish(chains: readonly DescChain[], write: ((ring: DeviceQueue) => void) | null): void {
+    const ring = write ? this.ring : null;
     const ours = ring !== null && chains.every((c) => this.#from.get(c) === ring);
     let n = 0;
     for (const c of chains) if (this.#from.delete(c)) n++;
-    if (ours) {
+    if (ours && write) {
       try {
         write(ring);
       } catch (err) {
@@ -378,7 +510,7 @@ export class PciQueue implements VirtioQueueHandle {
       }
     }
     // A completion for a ring that was reset (or replaced) is dropped: that ring is gone.
-    if (!ours && this.engine && ring === null) this.#t.log(`queue ${this.index}: a completion dropped, the ring is not in the DMA windows mapped`);
+    if (!ours && write && this.engine && ring === null) this.#t.log(`queue ${this.index}: a completion dropped, the ring is not in the DMA windows mapped`);
     this.inFlight = Math.max(0, this.inFlight - n);
     this.#t.busy(-n);
     if (this.inFlight === 0 && this.#drainWaiters.length > 0) {
@@ -420,6 +552,9 @@ export class PciQueue implements VirtioQueueHandle {
   /** Back to the state after reset (the ring dropped; completions still due are discarded). */
   resetRegisters(): void {
     this.engine = null;
+    this.bounce = null;
+    this.#fetching = false;
+    this.#waiting = false;
     this.size = this.maxSize;
     this.vector = VIRTIO_MSI_NO_VECTOR;
     this.enabled = false;
@@ -439,6 +574,9 @@ export interface VirtioPciStats {
   interrupts: number;
   resets: number;
   brokenQueues: number;
+  /** DMA_READ transfers of buffers in windows without fd, and DMA_WRITE write-backs. */
+  bounceReads: number;
+  bounceWrites: number;
 }
 
 /** The transport's state: common cfg registers, queues, interrupts, DMA memory, migration. */
@@ -447,11 +585,12 @@ export class VirtioPciTransport {
   readonly queues: PciQueue[];
   readonly memory = new DmaMemory();
   readonly ioEventFds: IoEventFdSpec[] = [];
-  readonly stats: VirtioPciStats = { kicks: 0, ioeventfdKicks: 0, interrupts: 0, resets: 0, brokenQueues: 0 };
+  readonly stats: VirtioPciStats = { kicks: 0, ioeventfdKicks: 0, interrupts: 0, resets: 0, brokenQueues: 0, bounceReads: 0, bounceWrites: 0 };
   /** The features offered (device features the transport supports). */
   readonly offered: bigint;
   readonly configSize: number;
   readonly vectors: number;
+  readonly bounceLimit: number;
   driverFeatures = 0n;
   deviceFeatureSelect = 0;
   driverFeatureSelect = 0;
@@ -482,6 +621,8 @@ export class VirtioPciTransport {
   constructor(device: VirtioDeviceModel, options: VirtioPciOptions) {
     this.device = device;
     this.#log = options.log ?? (() => undefined);
+    this.bounceLimit = options.bounceLimit ?? 16 << 20;
+    if (!Number.isSafeInteger(this.bounceLimit) || this.bounceLimit < 4096) throw new RangeError(`bounceLimit ${this.bounceLimit}`);
     if (!Number.isInteger(options.deviceId) || options.deviceId < 1 || options.deviceId > 0xffff - VIRTIO_PCI_DEVICE_ID_BASE) {
       throw new RangeError(`virtio device id ${options.deviceId}`);
     }
@@ -524,6 +665,11 @@ export class VirtioPciTransport {
 
   log(line: string): void {
     this.#log(line);
+  }
+
+  /** @internal The client's DMA, while one is connected. */
+  get dma(): DeviceContext['dma'] | null {
+    return this.#ctx?.dma ?? null;
   }
 
   /** Whether new requests are taken (not stopped, not resetting, no DMA_UNMAP waiting for requests in flight). */
@@ -579,6 +725,12 @@ export class VirtioPciTransport {
   dmaMapped(w: DmaWindow): void {
     const ctx = this.#ctx;
     if (!ctx) return;
+    if (!w.mapped && w.readable && w.writable) {
+      // Reached by DMA_READ / DMA_WRITE: buffers there go through bounce buffers.
+      this.memory.addMessageWindow(w);
+      for (const q of this.queues) if (q.engine) q.schedule();
+      return;
+    }
     const bytes = w.mapped && w.readable && w.writable ? ctx.dma.view(w.iova, w.size) : null;
     if (!bytes) {
       this.memory.unusable.push(w);
@@ -596,6 +748,7 @@ export class VirtioPciTransport {
   }
 
   dmaUnmapped(w: DmaWindow): void {
+    if (this.memory.removeMessageWindow(w)) return;
     const i = this.memory.unusable.findIndex((u) => u.iova === w.iova && u.size === w.size);
     if (i >= 0) {
       this.memory.unusable.splice(i, 1);
@@ -812,7 +965,7 @@ export class VirtioPciTransport {
     const n = q.size;
     for (const [what, gpa, len] of this.#ringAreas(q)) {
       if (this.memory.has(gpa, len)) continue;
-      const w = this.memory.unusableAt(gpa, len);
+      const w = this.memory.unusableAt(gpa, len) ?? this.memory.messageAt(gpa, len);
       if (w) {
         this.queueBroken(q, new VirtioError('RING_LAYOUT', `queue ${q.index}: the ${what} at ${hex(gpa)} is in the DMA window [${hex(w.iova)}, +${hex(w.size)}), which ${whyUnusable(w)}`));
       } else {
@@ -825,8 +978,9 @@ export class VirtioPciTransport {
       return;
     }
     try {
+      const bounce = new BounceMemory(this.memory, () => this.memory.messages, () => this.memory.generation, this.bounceLimit);
       q.engine = createDeviceQueue({
-        memory: this.memory,
+        memory: bounce,
         size: n,
         packed,
         desc: q.desc,
@@ -837,6 +991,7 @@ export class VirtioPciTransport {
         ...(q.base !== null ? { base: q.base } : {}),
         log: this.#dirtyLog,
       });
+      q.bounce = bounce;
     } catch (err) {
       this.queueBroken(q, err as Error);
       return;
