@@ -439,7 +439,8 @@ export class VirtioBlkDriver extends EventEmitter<BlkDriverEvents> {
 
   #onClose(err: VhostUserError): void {
     if (this.#reconnecting) return; // an attempt's connection: the loop sees it
-    if (this.#closing || this.#error || !this.#reconnect || err.code !== 'DISCONNECTED') {
+    // A front-end made from a socket has nowhere to reconnect to.
+    if (this.#closing || this.#error || !this.#reconnect || err.code !== 'DISCONNECTED' || this.frontend.reconnectPath === null) {
       this.#failAll(err);
       return;
     }

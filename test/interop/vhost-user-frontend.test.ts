@@ -7,6 +7,9 @@
  *   flight on every queue complete.
  * - our back-end as a process of its own (`vdevkit vhost-user-blk`): the same
  *   block tests, split and packed rings (qemu-storage-daemon has no packed).
+ * - reconnect: qemu-storage-daemon SIGKILLed mid-I/O and started again on the
+ *   same socket; it offers no INFLIGHT_SHMFD (7.2), so the driver resubmits
+ *   what was on its rings; every write is in the host file.
  *
  * Peers are started here (by pid); a missing one fails the test.
  */
