@@ -80,6 +80,11 @@ export interface IrqSpec {
 /** The interrupt indexes a device triggers through its context. */
 export type IrqName = 'intx' | 'msi' | 'msix' | 'err' | 'req';
 
+/** Config space as a device hook reads it. */
+export interface ConfigReader {
+  read(offset: number, length: number): Uint8Array;
+}
+
 /** A DMA window the client mapped, as the device sees it. */
 export interface DmaWindow {
   readonly iova: number;
@@ -200,6 +205,17 @@ export interface VfioUserDeviceSpec {
   dmaMapped?(window: DmaWindow): void;
   /** A DMA window is being unmapped: stop using it before returning. */
   dmaUnmapped?(window: DmaWindow): void;
+  /**
+   * Config space accesses by message, after the library's own emulation (its
+   * checks passed, a write applied): `read` may change `out` (the bytes at
+   * `offset` the client gets), `write` sees what was written. `config` reads
+   * config space as it is now. For registers whose value the device computes
+   * on access, as virtio's VIRTIO_PCI_CAP_PCI_CFG window into its BARs.
+   */
+  configAccess?: {
+    read?(offset: number, out: Uint8Array, config: ConfigReader): void;
+    write?(offset: number, data: Uint8Array, config: ConfigReader): void;
+  };
   /** Interrupt masking changed by SET_IRQS (libvfio-user's irq state callback). */
   irqMasked?(irq: IrqName, vector: number, masked: boolean): void;
   migration?: MigrationSpec;

@@ -179,6 +179,7 @@ export class DeviceRuntime {
     if (out.length === 0) return;
     if (index === PciRegion.CONFIG) {
       this.config.readInto(offset, out);
+      this.spec.configAccess?.read?.(offset, out, this.config);
       return;
     }
     if (this.msix && index < 6 && this.msix.claims(index, offset, out.length)) {
@@ -196,6 +197,7 @@ export class DeviceRuntime {
     if (data.length === 0) return;
     if (index === PciRegion.CONFIG) {
       this.config.write(offset, data);
+      this.spec.configAccess?.write?.(offset, data, this.config);
       return;
     }
     if (this.msix && index < 6 && this.msix.claims(index, offset, data.length)) {
