@@ -27,6 +27,7 @@ export const F = {
   PROTOCOL_FEATURES: 30n,
   VERSION_1: 32n,
   RING_PACKED: 34n,
+  IN_ORDER: 35n,
 } as const;
 const PF_MQ = 1n << 0n;
 const PF_REPLY_ACK = 1n << 3n;
@@ -204,6 +205,8 @@ export interface NetDriverOptions {
   enable?: boolean;
   /** Negotiate PROTOCOL_FEATURES (default true; without it rings start enabled). */
   protocolFeatures?: boolean;
+  /** Ack IN_ORDER when offered (default false). */
+  inOrder?: boolean;
 }
 
 /** One front-end (guest) of a vhost-user-net port. */
@@ -262,6 +265,7 @@ export class NetDriver {
     if (proto) want |= bit(F.PROTOCOL_FEATURES);
     if (o.eventIdx !== false) want |= bit(F.EVENT_IDX);
     if (o.packed) want |= bit(F.RING_PACKED);
+    if (o.inOrder) want |= bit(F.IN_ORDER);
     if (o.mrg ?? offered(F.MRG_RXBUF)) want |= bit(F.MRG_RXBUF);
     const pairs = o.pairs ?? 1;
     if (pairs > 1) want |= bit(F.MQ);

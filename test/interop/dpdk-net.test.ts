@@ -51,6 +51,8 @@ interface RunOptions {
   serverA?: boolean;
   /** How long A sends. */
   sendMs?: number;
+  /** Offer IN_ORDER (give testpmd in_order=1 in devargs to have it acked). */
+  inOrder?: boolean;
 }
 
 async function run(t: { diagnostic(s: string): void }, o: RunOptions): Promise<void> {
@@ -75,8 +77,9 @@ async function run(t: { diagnostic(s: string): void }, o: RunOptions): Promise<v
   let outB = '';
   try {
     let portA: SwitchPort | null = null;
-    if (!o.serverA) portA = sw.listen(sockA, { queuePairs: q });
-    const portB = sw.listen(sockB, { queuePairs: q });
+    const dev = { queuePairs: q, inOrder: o.inOrder === true };
+    if (!o.serverA) portA = sw.listen(sockA, dev);
+    const portB = sw.listen(sockB, dev);
     const rx = startTestpmd({ socket: sockB, mode: 'rxonly', prefix: `vdk-rx-${process.pid}`, queues: q, devargs: o.devargs, mainLcore: 0 });
     peers.push(rx);
     await until('testpmd rxonly connected to port B', () => portB.connected && portB.device.rxReady, 20_000, peers);
@@ -91,10 +94,15 @@ async function run(t: { diagnostic(s: string): void }, o: RunOptions): Promise<v
     peers.push(tx);
     if (o.serverA) {
       await waitForSocket(sockA, tx, 20_000);
-      portA = await sw.connect(sockA, { queuePairs: q }, { timeoutMs: 20_000 });
+      portA = await sw.connect(sockA, dev, { timeoutMs: 20_000 });
     }
     const a = portA!;
     await until('testpmd txonly connected to port A', () => a.connected && a.device.stats.txPackets > 0, 20_000, peers);
+    if (o.inOrder) {
+      // testpmd's virtio_user acks IN_ORDER when offered (its in_order devarg defaults to 1).
+      assert.ok((a.device.ackedFeatures & (1n << 35n)) !== 0n, 'IN_ORDER acked on port A');
+      assert.ok((portB.device.ackedFeatures & (1n << 35n)) !== 0n, 'IN_ORDER acked on port B');
+    }
     await new Promise((r) => setTimeout(r, o.sendMs ?? 3000));
     outA = await stopTestpmd(tx);
     // Let the switch finish and B read everything (the counters stand still), then stop B.
@@ -160,6 +168,11 @@ test('DPDK testpmd through our switch: without MRG_RXBUF (mrg_rxbuf=0), split an
 
 test('DPDK testpmd through our switch: 2 queue pairs, both queues carry frames', { timeout: 90_000 }, async (t) => {
   await run(t, { queues: 2 });
+});
+
+test('DPDK testpmd through our switch: IN_ORDER offered and acked, split and packed', { timeout: 120_000 }, async (t) => {
+  await run(t, { inOrder: true });
+  await run(t, { inOrder: true, devargs: 'packed_vq=1' });
 });
 
 test('DPDK testpmd as the socket server (server=1): our port A connects to it', { timeout: 90_000 }, async (t) => {
