@@ -38,7 +38,7 @@ const PCI_VENDOR = 0x00, PCI_DEVICE = 0x02, PCI_STATUS = 0x06, PCI_REVISION = 0x
 const PCI_SUBSYS_VENDOR = 0x2c, PCI_SUBSYS_ID = 0x2e, PCI_CAP_PTR = 0x34, PCI_STATUS_CAP_LIST = 0x10;
 const CAP_VNDR = 0x09, CAP_MSIX = 0x11;
 // virtio_pci_cap cfg_type.
-const COMMON_CFG = 1, NOTIFY_CFG = 2, ISR_CFG = 3, DEVICE_CFG = 4;
+const COMMON_CFG = 1, NOTIFY_CFG = 2, ISR_CFG = 3, DEVICE_CFG = 4, PCI_CFG = 5;
 // virtio_pci_common_cfg offsets (4.1.4.3).
 const DFSELECT = 0, DF = 4, GFSELECT = 8, GF = 12, MSIX_CONFIG = 16, NUM_QUEUES = 18, STATUS = 20, CFG_GEN = 21;
 const Q_SELECT = 22, Q_SIZE = 24, Q_MSIX = 26, Q_ENABLE = 28, Q_NOTIFY_OFF = 30, Q_DESC = 32, Q_DRIVER = 40, Q_DEVICE = 48;
@@ -135,6 +135,8 @@ class Driver {
         if (cap.type === NOTIFY_CFG) {
           assert.equal(c[at + 2], 20, 'notify cap_len');
           cap.multiplier = c.readUInt32LE(at + 16);
+        } else if (cap.type === PCI_CFG) {
+          assert.equal(c[at + 2], 20, 'virtio_pci_cfg_cap: cap_len 20 (the cap, then pci_cfg_data[4])');
         } else {
           assert.equal(c[at + 2], 16, 'cap_len');
         }
@@ -432,8 +434,8 @@ test('config space: virtio ids, the four virtio capabilities into BAR4, MSI-X in
   assert.equal(c.readUIntLE(PCI_CLASS, 3), 0x010000, 'mass storage');
   assert.equal(c.readUInt16LE(PCI_SUBSYS_VENDOR), 0x1af4);
   assert.equal(c.readUInt16LE(PCI_SUBSYS_ID), 2);
-  assert.deepEqual([...drv.caps.keys()].sort(), [COMMON_CFG, NOTIFY_CFG, ISR_CFG, DEVICE_CFG]);
-  for (const cap of drv.caps.values()) assert.equal(cap.bar, 4, `cap ${cap.type} in BAR4`);
+  assert.deepEqual([...drv.caps.keys()].sort(), [COMMON_CFG, NOTIFY_CFG, ISR_CFG, DEVICE_CFG, PCI_CFG]);
+  for (const cap of drv.caps.values()) if (cap.type !== PCI_CFG) assert.equal(cap.bar, 4, `cap ${cap.type} in BAR4`);
   assert.equal(drv.caps.get(COMMON_CFG)!.length, 60, 'the 1.2 common cfg is 60 bytes');
   assert.equal(drv.caps.get(DEVICE_CFG)!.length, 60, 'virtio_blk_config');
   assert.equal(drv.caps.get(NOTIFY_CFG)!.multiplier, 4);
@@ -1251,4 +1253,62 @@ test('buffers in windows without fd are bounded: a chain larger than bounceLimit
   await irq2;
   assert.equal(statusOf(ram, ok), 0);
   assert.deepEqual(Buffer.from(side.bytes.subarray(0, 4 * SECTOR)), diskPattern(3, 4 * SECTOR));
+});
+
+test('VIRTIO_PCI_CAP_PCI_CFG (4.1.4.9): config-space accesses through pci_cfg_data reach the common cfg and the device cfg; bad bar/offset/length ignored', async (t) => {
+  const dir = tmp();
+  const s = await serve(t, dir, 'a.sock', { file: makeDisk(dir), queues: 2 });
+  const drv = new Driver(s.dev);
+  await drv.discover();
+  const pc = drv.caps.get(PCI_CFG)!;
+  const common = drv.caps.get(COMMON_CFG)!;
+  const devcfg = drv.caps.get(DEVICE_CFG)!;
+  // struct virtio_pci_cfg_cap: cap_vndr 0x09, cap_next, cap_len 20, cfg_type 5, bar, id, padding[2], offset, length, pci_cfg_data[4].
+  const raw = Buffer.from(await s.dev.read(7, pc.at, 20));
+  assert.equal(raw[0], CAP_VNDR);
+  assert.equal(raw[2], 20);
+  assert.equal(raw[3], PCI_CFG);
+  const cfgW = (off: number, bytes: number[]): Promise<void> => s.dev.write(7, pc.at + off, Buffer.from(bytes));
+  const le = (v: number, n: number): number[] => Array.from({ length: n }, (_, i) => (v >>> (8 * i)) & 0xff);
+  /** Sets cap.bar, cap.offset, cap.length by config writes of the widths a driver uses. */
+  const window = async (bar: number, offset: number, length: number): Promise<void> => {
+    await cfgW(4, [bar]);
+    await cfgW(8, le(offset, 4));
+    await cfgW(12, le(length, 4));
+  };
+  const data = async (): Promise<Buffer> => Buffer.from(await s.dev.read(7, pc.at + 16, 4));
+
+  // num_queues (u16 at 18 of the common cfg).
+  await window(common.bar, common.offset + NUM_QUEUES, 2);
+  assert.equal((await data()).readUInt16LE(0), 2, 'num_queues through pci_cfg_data');
+  // device_feature_select = 1 written through pci_cfg_data, then device_feature read through it: the high word.
+  await window(common.bar, common.offset + DFSELECT, 4);
+  await cfgW(16, le(1, 4));
+  assert.equal(await drv.common.r(DFSELECT, 4), 1, 'the write reached the common cfg');
+  await window(common.bar, common.offset + DF, 4);
+  assert.equal((await data()).readUInt32LE(0) & 1, 1, 'VERSION_1 (feature 32) in the high word');
+  // device_status: a 1-byte write through pci_cfg_data, read back through the BAR.
+  await window(common.bar, common.offset + STATUS, 1);
+  await cfgW(16, [ACKNOWLEDGE]);
+  assert.equal(await drv.status(), ACKNOWLEDGE);
+  assert.equal((await data())[0], ACKNOWLEDGE);
+  // The device cfg: capacity (le64 at 0), its low dword.
+  await window(devcfg.bar, devcfg.offset, 4);
+  assert.equal((await data()).readUInt32LE(0), DISK_BYTES / SECTOR, 'virtio_blk_config.capacity');
+  // A read of the whole capability at once sees pci_cfg_data filled too.
+  const whole = Buffer.from(await s.dev.read(7, pc.at, 20));
+  assert.equal(whole.readUInt32LE(16), DISK_BYTES / SECTOR);
+
+  // Bad windows: not BAR4, a length not 1/2/4, unaligned, past the BAR: the access is ignored.
+  await drv.common.w(DFSELECT, 4, 0);
+  const marker = [0x5a, 0x5a, 0x5a, 0x5a];
+  for (const [bar, off, len] of [[0, common.offset + DFSELECT, 4], [common.bar, common.offset + DFSELECT, 3], [common.bar, common.offset + DFSELECT + 2, 4], [common.bar, 0x4000, 4], [common.bar, 0xfffffffc, 4]] as const) {
+    await window(bar, off, len);
+    await cfgW(16, marker);
+    assert.deepEqual([...(await data())], marker, `bar ${bar} offset ${off} length ${len}: pci_cfg_data reads as written`);
+  }
+  assert.equal(await drv.common.r(DFSELECT, 4), 0, 'no bad window wrote the common cfg');
+  // And a good one afterwards still works.
+  await window(common.bar, common.offset + NUM_QUEUES, 2);
+  assert.equal((await data()).readUInt16LE(0), 2);
 });

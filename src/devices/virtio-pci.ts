@@ -52,7 +52,7 @@ import { VirtioError, hex } from '../virtio/errors.js';
 import { BounceMemory, BounceMiss } from '../virtio/bounce-memory.js';
 import type { DescChain, GuestMemoryView } from '../virtio/types.js';
 import type { VirtioDeviceModel, VirtioQueueHandle } from '../virtio/device-queue-handle.js';
-import type { DeviceContext, DmaWindow, IoEventFdSpec, VfioUserDeviceSpec } from '../vfio-user/device.js';
+import type { ConfigReader, DeviceContext, DmaWindow, IoEventFdSpec, VfioUserDeviceSpec } from '../vfio-user/device.js';
 
 export const VIRTIO_PCI_VENDOR_ID = 0x1af4;
 /** Modern devices: 0x1040 + the virtio device id. */
@@ -119,6 +119,14 @@ const F_RING_PACKED = 34;
 const bit = (n: number): bigint => 1n << BigInt(n);
 /** Device-type bits 0..23, and the ring features the engine implements. */
 const TRANSPORT_FEATURES = (bit(24) - 1n) | bit(F_INDIRECT_DESC) | bit(F_EVENT_IDX) | bit(F_VERSION_1) | bit(F_RING_PACKED);
+
+/**
+ * Where the VIRTIO_PCI_CAP_PCI_CFG capability sits in config space: after the
+ * four others (0x40 common 16 bytes, 0x50 notify 20, 0x64 ISR 16, 0x74 device 16).
+ */
+export const PCI_CFG_CAP_OFFSET = 0x84;
+/** pci_cfg_data in that capability (after its 16-byte virtio_pci_cap). */
+const PCI_CFG_DATA = PCI_CFG_CAP_OFFSET + 16;
 
 const MAX_QUEUES = VirtioPciLayout.NOTIFY_SIZE / VirtioPciLayout.NOTIFY_OFF_MULTIPLIER;
 const STATE_MAGIC = 'vdkvpci\x01';
@@ -187,6 +195,8 @@ export function virtioPciDevice(device: VirtioDeviceModel, options: VirtioPciOpt
         },
         { type: 'vendor', readOnly: true, payload: cap(VirtioPciCapType.ISR, L.ISR, 1) },
         { type: 'vendor', readOnly: true, payload: cap(VirtioPciCapType.DEVICE, L.DEVICE, t.configSize) },
+        // virtio_pci_cfg_cap (4.1.4.9): the driver writes bar, offset, length, then reads or writes pci_cfg_data.
+        { type: 'vendor', offset: PCI_CFG_CAP_OFFSET, payload: [VirtioPciCapType.PCI, 0, 0, 0, 0, ...le32(0), ...le32(0), ...le32(0)] },
       ],
     },
     regions: {
@@ -199,6 +209,10 @@ export function virtioPciDevice(device: VirtioDeviceModel, options: VirtioPciOpt
       },
     },
     irqs: { intx: true, msix: vectors, msixBar: { bar: L.MSIX_BAR, tableOffset: 0, pbaOffset } },
+    configAccess: {
+      read: (offset, out, config) => t.pciCfgRead(offset, out, config),
+      write: (offset, data, config) => t.pciCfgWrite(offset, data, config),
+    },
     attach: (ctx) => t.attach(ctx),
     detach: () => t.detach(),
     reset: () => t.deviceReset(),
@@ -617,6 +631,7 @@ export class VirtioPciTransport {
   readonly #unsubscribe: (() => void)[] = [];
   readonly #dirtyLog: DirtyLog;
   #configWriteLogged = false;
+  #pciCfgBadLogged = false;
 
   constructor(device: VirtioDeviceModel, options: VirtioPciOptions) {
     this.device = device;
@@ -776,6 +791,50 @@ export class VirtioPciTransport {
   async deviceReset(): Promise<void> {
     this.#driverReset();
     await this.#resetDone;
+  }
+
+  // --- VIRTIO_PCI_CAP_PCI_CFG (4.1.4.9) ---
+
+  /** A config read overlapping pci_cfg_data: the BAR access cap.bar/offset/length names, its bytes in pci_cfg_data. */
+  pciCfgRead(offset: number, out: Uint8Array, config: ConfigReader): void {
+    if (offset >= PCI_CFG_DATA + 4 || offset + out.length <= PCI_CFG_DATA) return;
+    const at = this.#pciCfgTarget(config);
+    if (!at) return; // a bad window: pci_cfg_data reads as written
+    const bytes = new Uint8Array(at.length);
+    this.barRead(at.offset, bytes);
+    for (let i = 0; i < at.length; i++) {
+      const o = PCI_CFG_DATA + i - offset;
+      if (o >= 0 && o < out.length) out[o] = bytes[i]!;
+    }
+  }
+
+  /** A config write overlapping pci_cfg_data: the first cap.length bytes of it written to the BAR. */
+  pciCfgWrite(offset: number, data: Uint8Array, config: ConfigReader): void {
+    if (offset >= PCI_CFG_DATA + 4 || offset + data.length <= PCI_CFG_DATA) return;
+    const at = this.#pciCfgTarget(config);
+    if (at) this.barWrite(at.offset, config.read(PCI_CFG_DATA, at.length));
+  }
+
+  /**
+   * cap.bar, cap.offset and cap.length as the driver set them, or null when
+   * they do not name an aligned access of 1, 2 or 4 bytes inside BAR4 (the
+   * driver MUST NOT use pci_cfg_data then; the access is ignored, logged once).
+   */
+  #pciCfgTarget(config: ConfigReader): { offset: number; length: number } | null {
+    const c = config.read(PCI_CFG_CAP_OFFSET, 16);
+    const v = new DataView(c.buffer, c.byteOffset, c.byteLength);
+    const bar = c[4]!;
+    const offset = v.getUint32(8, true);
+    const length = v.getUint32(12, true);
+    const L = VirtioPciLayout;
+    if (bar === L.BAR && (length === 1 || length === 2 || length === 4) && offset % length === 0 && offset + length <= L.BAR_SIZE) {
+      return { offset, length };
+    }
+    if (!this.#pciCfgBadLogged) {
+      this.#pciCfgBadLogged = true;
+      this.#log(`pci_cfg_data access ignored: cap.bar ${bar}, cap.offset ${hex(offset)}, cap.length ${length} (an aligned 1, 2 or 4 bytes in BAR${L.BAR})`);
+    }
+    return null;
   }
 
   // --- BAR4 ---
