@@ -1,8 +1,9 @@
 /**
  * `vhost-user-probe` and `blk-bench` (the exported command functions, run in
  * a child process as the CLI will run them) against real back-ends:
- * qemu-storage-daemon, our vhost-user-blk process, and virtiofsd (fs: its
- * features decoded; it offers no CONFIG). Peers are started here by pid; a
+ * qemu-storage-daemon, our vhost-user-blk process, virtiofsd (fs: its
+ * features decoded; it offers no CONFIG), DPDK testpmd's net_vhost and our
+ * vhost-user-net switch (net: features and config decoded). Peers are started here by pid; a
  * missing one fails.
  */
 import { test } from 'node:test';
@@ -12,6 +13,7 @@ import { mkdirSync, truncateSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { scratchDir, startPeer, waitForSocket, type Peer } from './peers.js';
+import { startTestpmd, stopTestpmd } from '../helpers/testpmd.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const CLI = path.resolve(HERE, '../../src/cli/main.js');
@@ -31,7 +33,9 @@ function run(which: 'probe' | 'bench', args: string[]): Promise<{ code: number; 
   });
 }
 
-async function peer(kind: 'qsd' | 'ours' | 'virtiofsd'): Promise<{ socket: string; peer: Peer; close(): Promise<void> }> {
+type Kind = 'qsd' | 'ours' | 'virtiofsd' | 'dpdk' | 'ours-net';
+
+async function peer(kind: Kind): Promise<{ socket: string; peer: Peer; close(): Promise<void> }> {
   const scratch = scratchDir('vdevkit-probe-');
   const socket = path.join(scratch.dir, 'be.sock');
   const image = path.join(scratch.dir, 'disk.img');
@@ -42,6 +46,10 @@ async function peer(kind: 'qsd' | 'ours' | 'virtiofsd'): Promise<{ socket: strin
     p = startPeer('qemu-storage-daemon', ['--blockdev', `driver=file,node-name=f0,filename=${image},cache.direct=off`, '--export', `type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=${socket},writable=on,num-queues=2`]);
   } else if (kind === 'ours') {
     p = startPeer(process.execPath, [CLI, 'vhost-user-blk', '--socket', socket, '--file', image, '--queues', '2']);
+  } else if (kind === 'dpdk') {
+    p = startTestpmd({ socket, vhost: true, mode: 'rxonly', prefix: `vdk-probe-${process.pid}`, queues: 2 });
+  } else if (kind === 'ours-net') {
+    p = startPeer(process.execPath, [CLI, 'vhost-user-net', '--socket', socket, '--queues', '2', '--mtu', '9000']);
   } else {
     const dir = path.join(scratch.dir, 'share');
     mkdirSync(dir);
@@ -57,6 +65,7 @@ async function peer(kind: 'qsd' | 'ours' | 'virtiofsd'): Promise<{ socket: strin
     socket,
     peer: p,
     async close() {
+      if (kind === 'dpdk') await stopTestpmd(p, 5000);
       await p.stop();
       scratch.remove();
     },
@@ -72,7 +81,7 @@ interface Report {
   checks: { name: string; result: string; detail: string }[];
 }
 
-for (const kind of ['qsd', 'ours', 'virtiofsd'] as const) {
+for (const kind of ['qsd', 'ours', 'virtiofsd', 'dpdk', 'ours-net'] as const) {
   test(`vhost-user-probe against ${kind}: decoded features, queues, config; every conformance check passes (or is skipped / a warning)`, { timeout: 30_000 }, async () => {
     const be = await peer(kind);
     try {
@@ -81,11 +90,21 @@ for (const kind of ['qsd', 'ours', 'virtiofsd'] as const) {
       const rep = JSON.parse(r.stdout) as Report;
       assert.ok(rep.features.names.includes('VERSION_1'));
       assert.ok(rep.protocolFeatures?.names.includes('REPLY_ACK'));
-      assert.equal(rep.queues, 2);
+      // GET_QUEUE_NUM: net_vhost answers 128 (its maximum); our net port 2 pairs + the control queue.
+      assert.equal(rep.queues, kind === 'dpdk' ? 128 : kind === 'ours-net' ? 5 : 2);
       assert.ok(rep.checks.length >= 8);
       assert.ok(rep.checks.every((c) => c.result !== 'fail'), JSON.stringify(rep.checks));
       assert.equal(rep.checks.find((c) => c.name.startsWith('vring 0'))?.result, 'pass');
-      if (kind === 'virtiofsd') {
+      if (kind === 'dpdk' || kind === 'ours-net') {
+        assert.equal(rep.type, 'net');
+        assert.ok(rep.features.names.includes('MRG_RXBUF'), rep.features.names.join(' '));
+        assert.ok(rep.features.names.includes('CTRL_VQ'));
+        if (kind === 'ours-net') {
+          assert.ok(rep.features.names.includes('MQ'));
+          assert.equal(rep.config?.maxVirtqueuePairs, 2);
+          assert.equal(rep.config?.mtu, 9000);
+        }
+      } else if (kind === 'virtiofsd') {
         assert.equal(rep.type, 'fs');
         assert.equal(rep.config, null, 'virtiofsd 7.2 offers no CONFIG');
       } else {
@@ -95,7 +114,7 @@ for (const kind of ['qsd', 'ours', 'virtiofsd'] as const) {
         assert.equal(rep.config?.numQueues, 2);
         if (kind === 'ours') assert.ok(rep.features.names.includes('RING_PACKED'));
       }
-      if (kind !== 'virtiofsd') {
+      if (kind === 'qsd' || kind === 'ours') {
         const text = await run('probe', ['--socket', be.socket]);
         assert.equal(text.code, 0, text.stderr);
         assert.match(text.stdout, /check +result +detail/);
