@@ -30,9 +30,14 @@
  * Queue memory: IOVA = guest-physical address. Windows the client mapped
  * with an fd, readable and writable, are guest memory for the ring engine
  * (read and written in place). A window without fd is reached only by
- * DMA_READ / DMA_WRITE messages, which the synchronous engine cannot use: a
- * ring or a buffer there breaks the queue (DEVICE_NEEDS_RESET, a log line
- * that says why). Read-only windows are not used either.
+ * DMA_READ / DMA_WRITE messages: buffers there go through bounce buffers
+ * (BounceMemory: read in when the engine's pop misses them, the pop run
+ * again; device-writable ones written back before the chain is pushed,
+ * capped by `bounceLimit`); a ring there breaks the queue (DEVICE_NEEDS_RESET,
+ * a log line that says why). Read-only windows are not used either.
+ *
+ * VIRTIO_PCI_CAP_PCI_CFG (cfg_type 5, config space 0x84): config accesses
+ * to its pci_cfg_data reach BAR4 at cap.offset, cap.length bytes.
  *
  * Migration (records mode): at STOP the device quiesces as the vhost-user
  * back-end does at GET_VRING_BASE: no new requests are taken, those in flight
