@@ -14,7 +14,8 @@ Commands:
   vhost-user-net  a learning L2 switch whose ports are vhost-user sockets
   vhost-user-probe  what a vhost-user back-end offers, and a conformance check
   blk-bench   a small fio-like job against a vhost-user-blk back-end
-  demo [sys]  run the demo: a virtio-blk disk over vhost-user driven by our
+  demo [sys]  run the demo: our switch (polling) between two of our virtio-net
+              drivers; a virtio-blk disk over vhost-user driven by our
               front-end; a vfio-user device served, driven and migrated
               (sys: two processes sharing a memfd and eventfds)
   version     print the version
@@ -73,6 +74,8 @@ async function main(argv: string[]): Promise<number> {
         const { runSysDemo } = await import('../demo/sys-demo.js');
         await runSysDemo();
       } else {
+        const { runNetDemo } = await import('../demo/net-demo.js');
+        await runNetDemo();
         const { runVhostUserDemo } = await import('../demo/vhost-user-demo.js');
         await runVhostUserDemo();
         const { runVfioUserDemo } = await import('../demo/vfio-user-demo.js');
