@@ -59,15 +59,22 @@ export async function runNetDemo(log: (line: string) => void = console.log): Pro
     await da.receive({ timeoutMs: 5000 });
     const t0 = performance.now();
     const sizes = (i: number): number => 60 + ((i * 37) % 1455);
+    // A window below B's 256 RX buffers: the switch never runs out of room for them
+    // (without one, a frame waiting over 2 ms for a buffer is dropped, as a switch does).
+    let received = 0;
+    let wake: () => void = () => undefined;
     const receiving = (async () => {
       for (let i = 1; i <= FRAMES; i++) {
         const got = await db.receive({ timeoutMs: 10_000 });
+        received = i;
+        wake();
         const want = frame(mb, ma, i, sizes(i));
         if (!got.equals(want)) throw new Error(`frame ${i}: ${got.length} bytes, not the ${want.length} sent`);
       }
     })();
     for (let i = 1; i <= FRAMES; i++) {
       const f = frame(mb, ma, i, sizes(i));
+      while (i - received > 128) await new Promise<void>((r) => (wake = r));
       while (!da.trySend(f)) await da.writable();
     }
     await receiving;
