@@ -150,13 +150,15 @@ export class VhostQueue implements Pollable {
 
   /** @internal One pass of the poll loop; false: nothing done. */
   pollOnce(): boolean {
-    if (!this.ring || !this.#served() || this.#owner.closed) return false;
+    if (!this.ring || !this.#served() || this.#owner.closed || this.#owner.memoryFaulted()) return false;
+    let busy = false;
     try {
-      return this.#owner.device.handleQueue(this) !== false;
+      busy = this.#owner.device.handleQueue(this) !== false;
     } catch (err) {
       this.#owner.log(`vring ${this.index}: the device's handler threw: ${(err as Error).stack ?? String(err)}`);
-      return false;
     }
+    if (busy) this.#owner.memoryFaulted(); // the pass touched memory the front-end truncated: end the session
+    return busy;
   }
 
   /**
