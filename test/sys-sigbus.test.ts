@@ -16,6 +16,9 @@ import { VhostUserError } from '../src/vhost-user/errors.js';
 import { VhostUserBlkDevice } from '../src/devices/vhost-user-blk.js';
 import { RawFrontEnd, state, u64 } from './helpers/vhost-user-raw.js';
 import { openFdCount, openFdsBackTo } from './helpers/sys.js';
+import { VfioUserServer } from '../src/vfio-user/server.js';
+import type { DeviceContext, VfioUserDeviceSpec } from '../src/vfio-user/device.js';
+import { Bytes, RawVfioUserClient } from '../src/testing/index.js';
 
 const PAGE = nativeAddon.PAGE_SIZE;
 
@@ -212,6 +215,67 @@ test('a vhost-user back-end whose front-end truncates its memory closes that ses
       x.call.close();
       x.mem.close();
     }
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  await openFdsBackTo(before, 'fds left after the sessions closed');
+});
+
+/* ---- A vfio-user server whose client truncates a DMA window's memfd. ---- */
+
+test('a vfio-user server whose client truncates a mapped DMA window closes that session and keeps serving', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vfu-sigbus-'));
+  const before = openFdCount();
+  const logs: string[] = [];
+  const contexts: DeviceContext[] = [];
+  // BAR0 reads return the first bytes of the DMA window at IOVA 0x10000 (read in place, through a view).
+  const device = (): VfioUserDeviceSpec => {
+    let ctx: DeviceContext | null = null;
+    return {
+      pci: { vendorId: 0x1af4, deviceId: 0x10f0, classCode: 0xff0000 },
+      regions: { 0: { size: 4096, read: (off, out) => out.set(ctx?.dma.view(0x10000 + 4 * PAGE - out.length, out.length) ?? new Uint8Array(out.length)), write: () => {} } },
+      attach: (c) => {
+        ctx = c;
+        contexts.push(c);
+      },
+    };
+  };
+  const server = VfioUserServer.listen(path.join(dir, 's.sock'), { device, log: (l: string) => logs.push(l) });
+  // DMA_MAP (flags READ|WRITE, offset 0, iova 0x10000, size 4 pages) and REGION_READ (offset 0, region 0, count 4), by hand.
+  const map = new Bytes().u32(32).u32(3).u64(0).u64(0x10000).u64(4 * PAGE).build();
+  const read = new Bytes().u64(0).u32(0).u32(4).build();
+  const clients: RawVfioUserClient[] = [];
+  const mems: SharedMemory[] = [];
+  try {
+    const open = async () => {
+      const c = await RawVfioUserClient.connect(server.path);
+      clients.push(c);
+      assert.equal((await c.version()).isError, false);
+      const mem = SharedMemory.create(4 * PAGE);
+      mems.push(mem);
+      mem.bytes.fill(0xa5);
+      assert.equal((await c.call(2, map, { fds: [mem.fd] })).isError, false, 'DMA_MAP');
+      const r = await c.call(9, read);
+      assert.equal(r.isError, false);
+      assert.deepEqual([...r.body.subarray(16, 20)], [0xa5, 0xa5, 0xa5, 0xa5], 'the window read in place');
+      return { c, mem };
+    };
+    const a = await open();
+    const b = await open();
+    // A's client shrinks its window's file to one page; the next read of its last page faults (contained).
+    nativeAddon.ftruncate(a.mem.fd.value, PAGE);
+    await assert.rejects(a.c.call(9, read), /closed/, 'the session is closed, not answered with zeros');
+    await a.c.whenClosed();
+    assert.ok(logs.some((l) => /truncated a DMA window/.test(l)), logs.join('\n'));
+    assert.equal(contexts[0]!.dma.faulted(), true);
+    // B, in the same process, reads its memory as before; a new client is served.
+    const rb = await b.c.call(9, read);
+    assert.deepEqual([...rb.body.subarray(16, 20)], [0xa5, 0xa5, 0xa5, 0xa5]);
+    assert.equal(contexts[1]!.dma.faulted(), false);
+    await open();
+  } finally {
+    for (const c of clients) c.close();
+    server.close();
+    for (const m of mems) m.close();
     fs.rmSync(dir, { recursive: true, force: true });
   }
   await openFdsBackTo(before, 'fds left after the sessions closed');

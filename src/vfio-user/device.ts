@@ -140,6 +140,13 @@ export interface DmaAccess {
   hold(iova: number, length: number): () => void;
   /** The windows mapped now. */
   windows(): DmaWindow[];
+  /**
+   * Whether the client truncated a mapped window's memfd under us and an access faulted
+   * (SIGBUS contained: the window reads zeros since). True means the session is closed now.
+   * The server checks after each request; a device that touches views outside a request
+   * (I/O completions, kicks by ioeventfd) calls this after such a batch.
+   */
+  faulted(): boolean;
 }
 
 /** What the server hands a device while a client is connected. */

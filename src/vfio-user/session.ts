@@ -105,6 +105,8 @@ export class Session {
   readonly irqs: IrqState;
   readonly ctx: DeviceContext;
   #versionTimer: NodeJS.Timeout;
+  /** SharedMemory.sigbusContained when this session last found none of its windows faulted. */
+  #sigbusSeen = SharedMemory.sigbusContained;
 
   constructor(socket: UnixSocket, runtime: DeviceRuntime, options: SessionOptions) {
     this.runtime = runtime;
@@ -112,7 +114,11 @@ export class Session {
     const limits = this.#limits();
     this.conn = new Connection(socket, {
       limits,
-      onRequest: (msg, fds) => this.#handle(msg, fds),
+      onRequest: (msg, fds) => {
+        const reply = this.#handle(msg, fds);
+        this.memoryFaulted(); // the request touched a window the client truncated: end the session
+        return reply;
+      },
       // Until VERSION has succeeded, any bad message ends the connection (after its error reply).
       onBadRequest: () => {
         if (!this.#client) process.nextTick(() => this.conn.socket.end());
@@ -147,6 +153,26 @@ export class Session {
 
   close(): void {
     this.conn.close();
+  }
+
+  /**
+   * Whether the client truncated the memfd of a DMA window we mapped and an access faulted
+   * (SIGBUS contained by src/sys/shm.ts: that window now holds zero pages, not guest memory).
+   * If so the session is closed, with a log line; true then. Checked after each request and by
+   * devices after work outside a request (ctx.dma.faulted()). Cheap when nothing faulted
+   * anywhere: one read of the process's contained-fault counter.
+   */
+  memoryFaulted(): boolean {
+    if (this.conn.closed) return true;
+    const n = SharedMemory.sigbusContained;
+    if (n === this.#sigbusSeen) return false;
+    if (!this.dma.regions().some((r) => r.handle.shm?.faulted === true)) {
+      this.#sigbusSeen = n; // another session's fault
+      return false;
+    }
+    this.#options.log('the client truncated a DMA window\'s memory under our mapping (SIGBUS contained): session closed');
+    this.conn.close();
+    return true;
   }
 
   #limits(): CodecLimits {
@@ -551,6 +577,7 @@ export class Session {
         };
       },
       windows: () => session.dma.regions().map(windowOf),
+      faulted: () => session.memoryFaulted(),
     };
     return {
       trigger(irq, vector = 0) {
