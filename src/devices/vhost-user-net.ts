@@ -1,6 +1,8 @@
 /**
  * vhost-user-net: one virtio-net device (virtio 1.2 section 5.1) per switch
- * port, served by VhostUserBackend. The device owns the rings of one
+ * port, served by VhostUserBackend, or as a whole virtio PCI device over
+ * vfio-user (src/devices/virtio-net-pci.ts: the same object behind the PCI
+ * transport, its queues adapted with NetQueueAdapter). The device owns the rings of one
  * front-end (QEMU's `-netdev vhost-user`, DPDK's net_virtio_user, our own
  * front-end): frames the guest transmits are handed to a FrameSink (the
  * switch, src/devices/net-switch.ts), and frames for the guest are copied by
@@ -21,8 +23,130 @@
  * frame and given back empty when the ring stops.
  */
 import type { DescChain } from '../virtio/types.js';
+import type { VirtioDeviceModel, VirtioQueueHandle } from '../virtio/device-queue-handle.js';
 import { bit, VirtioFeature as VF } from '../vhost-user/constants.js';
 import type { VhostQueue, VhostUserDevice } from '../vhost-user/backend.js';
+
+/**
+ * A queue as the net device uses it: the transport-neutral handle plus what a
+ * switch port needs. The vhost-user back-end's VhostQueue is one as it is; a
+ * handle without these (the virtio PCI transport's PciQueue) is wrapped in a
+ * NetQueueAdapter by the device itself (handleQueue takes any VirtioQueueHandle).
+ */
+export interface NetQueueHandle extends VirtioQueueHandle {
+  /**
+   * The ring may be given frames (RX) and its frames forwarded (TX). vhost-user:
+   * SET_VRING_ENABLE (a started, disabled TX ring is served and its frames
+   * discarded); PCI: the ring runs.
+   */
+  readonly enabled: boolean;
+  /** Busy-polled: kicks stay off, the handler is called on every pass (no rescheduling). */
+  readonly polled: boolean;
+  /** Gives back a chain popped and not pushed: the next pop() returns it again. */
+  unpop(chain: DescChain): void;
+  /** Calls the device's handler for this queue again soon (without waiting for a kick). */
+  schedule(): void;
+}
+
+/** Compile-time check that VhostQueue is a NetQueueHandle as it is (no adapter for vhost-user). */
+type Holds<T extends true> = T;
+export type VhostQueueIsNetQueueHandle = Holds<VhostQueue extends NetQueueHandle ? true : false>;
+
+/** The parts a handle may have of NetQueueHandle (PciQueue has `enabled` and `schedule`, not `unpop` or `polled`). */
+type PartialNetQueue = VirtioQueueHandle & { readonly enabled?: boolean; schedule?(): void; unpop?: unknown; polled?: unknown };
+
+/**
+ * A NetQueueHandle over a handle that lacks `unpop` / `polled`: chains given
+ * back wait in a stack that pop() serves first (as VhostQueue's), `polled` is
+ * false, `enabled` means the ring runs (and, where the handle has it, its own
+ * `enabled`), `schedule` is the handle's or a setImmediate of `again`.
+ */
+export class NetQueueAdapter implements NetQueueHandle {
+  readonly polled = false;
+  readonly inner: VirtioQueueHandle;
+  readonly #schedule: () => void;
+  readonly #unpopped: DescChain[] = [];
+  #scheduled = false;
+
+  constructor(inner: VirtioQueueHandle, again: () => void) {
+    this.inner = inner;
+    const s = (inner as PartialNetQueue).schedule;
+    this.#schedule =
+      typeof s === 'function'
+        ? () => s.call(inner)
+        : () => {
+            if (this.#scheduled) return;
+            this.#scheduled = true;
+            setImmediate(() => {
+              this.#scheduled = false;
+              again();
+            });
+          };
+  }
+
+  get index(): number {
+    return this.inner.index;
+  }
+
+  get ring(): VirtioQueueHandle['ring'] {
+    return this.inner.ring;
+  }
+
+  get features(): bigint {
+    return this.inner.features;
+  }
+
+  get enabled(): boolean {
+    return this.inner.ring !== null && (this.inner as PartialNetQueue).enabled !== false;
+  }
+
+  /** Chains given back and not yet popped again. */
+  get unpopped(): number {
+    return this.#unpopped.length;
+  }
+
+  pop(): DescChain | null {
+    if (this.#unpopped.length > 0) {
+      if (this.inner.ring === null) return null;
+      return this.#unpopped.pop()!;
+    }
+    return this.inner.pop();
+  }
+
+  unpop(chain: DescChain): void {
+    // The ring stopped meanwhile: complete it empty now (the transport drops or counts it).
+    if (this.inner.ring === null) this.inner.push(chain, 0);
+    else this.#unpopped.push(chain);
+  }
+
+  push(chain: DescChain, written: number): void {
+    this.inner.push(chain, written);
+  }
+
+  pushBatch(chains: readonly DescChain[], written: ArrayLike<number>): void {
+    this.inner.pushBatch(chains, written);
+  }
+
+  notify(): void {
+    this.inner.notify();
+  }
+
+  schedule(): void {
+    this.#schedule();
+  }
+
+  /** Completes the chains given back with length 0 (the ring is stopping). */
+  giveBack(): void {
+    if (this.#unpopped.length === 0) return;
+    const chains = this.#unpopped.splice(0);
+    this.inner.pushBatch(chains, new Array<number>(chains.length).fill(0));
+  }
+}
+
+function isNetQueue(q: VirtioQueueHandle): q is NetQueueHandle {
+  const p = q as PartialNetQueue;
+  return typeof p.unpop === 'function' && typeof p.polled === 'boolean' && typeof p.enabled === 'boolean' && typeof p.schedule === 'function';
+}
 
 /** virtio-net feature bits (virtio 1.2 5.1.3). */
 export const NetFeature = {
@@ -278,11 +402,15 @@ class RxState {
   readonly held: DescChain[] = [];
   readonly chains: DescChain[] = [];
   readonly written: number[] = [];
-  queue: VhostQueue | null = null;
+  queue: NetQueueHandle | null = null;
 }
 
-/** A virtio-net device for VhostUserBackend, a port of a switch. */
-export class VhostUserNetDevice implements VhostUserDevice {
+/**
+ * A virtio-net device, a port of a switch: for VhostUserBackend (a
+ * VhostUserDevice) or behind the virtio PCI transport over vfio-user (a
+ * VirtioDeviceModel: src/devices/virtio-net-pci.ts).
+ */
+export class VhostUserNetDevice implements VhostUserDevice, VirtioDeviceModel {
   readonly features: bigint;
   readonly numQueues: number;
   readonly maxQueueSize: number;
@@ -318,6 +446,8 @@ export class VhostUserNetDevice implements VhostUserDevice {
   readonly #dirtyRx: RxState[] = [];
   /** When the frame at the head of a polled TX ring was first held (0: none is). */
   #heldSince = 0;
+  /** Adapters of the handles that are not NetQueueHandles (PCI queues), by handle. */
+  readonly #adapters = new WeakMap<VirtioQueueHandle, NetQueueAdapter>();
 
   constructor(options: VhostUserNetOptions = {}) {
     this.queuePairs = options.queuePairs ?? 1;
@@ -403,12 +533,26 @@ export class VhostUserNetDevice implements VhostUserDevice {
     return queueIndex !== this.#ctrlIndex && queueIndex % 2 === 1;
   }
 
-  queueStopping(queue: VhostQueue): void {
-    if (queue.index % 2 !== 0 || queue.index === this.#ctrlIndex) return;
-    const rx = this.#rx[queue.index / 2];
+  queueStopping(queue: VirtioQueueHandle): void {
+    const q = this.#net(queue);
+    if (q instanceof NetQueueAdapter) q.giveBack();
+    if (q.index % 2 !== 0 || q.index === this.#ctrlIndex) return;
+    const rx = this.#rx[q.index / 2];
     if (!rx) return;
     this.#flushRx(rx);
-    this.#giveBack(rx, queue);
+    this.#giveBack(rx, q);
+  }
+
+  /** The handle itself when it is a NetQueueHandle (VhostQueue), else its adapter. */
+  #net(q: VirtioQueueHandle): NetQueueHandle {
+    if (isNetQueue(q)) return q;
+    let a = this.#adapters.get(q);
+    if (a === undefined) {
+      const adapter = new NetQueueAdapter(q, () => this.handleQueue(adapter));
+      this.#adapters.set(q, adapter);
+      a = adapter;
+    }
+    return a;
   }
 
   reset(): void {
@@ -433,7 +577,8 @@ export class VhostUserNetDevice implements VhostUserDevice {
     return this.poll && queueIndex !== this.#ctrlIndex && queueIndex % 2 === 1;
   }
 
-  handleQueue(q: VhostQueue): boolean | void {
+  handleQueue(queue: VirtioQueueHandle): boolean | void {
+    const q = this.#net(queue);
     if (q.index === this.#ctrlIndex) return this.#handleCtrl(q);
     if (q.index % 2 === 1) return this.#handleTx(q);
     // RX: buffers are taken when frames come; the driver's kicks are not needed.
@@ -551,7 +696,7 @@ export class VhostUserNetDevice implements VhostUserDevice {
     q.notify();
   }
 
-  #giveBack(rx: RxState, q: VhostQueue): void {
+  #giveBack(rx: RxState, q: NetQueueHandle): void {
     if (rx.held.length === 0) return;
     const zeros = new Array<number>(rx.held.length).fill(0);
     q.pushBatch(rx.held, zeros);
@@ -570,7 +715,7 @@ export class VhostUserNetDevice implements VhostUserDevice {
     return null;
   }
 
-  #handleTx(q: VhostQueue): boolean {
+  #handleTx(q: NetQueueHandle): boolean {
     const ring = q.ring;
     if (!ring) return false;
     const pair = (q.index - 1) / 2;
@@ -665,7 +810,7 @@ export class VhostUserNetDevice implements VhostUserDevice {
     return true;
   }
 
-  #handleCtrl(q: VhostQueue): void {
+  #handleCtrl(q: NetQueueHandle): void {
     let c: DescChain | null;
     while ((c = q.pop()) !== null) {
       let status: number = NetCtrl.ERR;
