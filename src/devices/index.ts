@@ -4,6 +4,7 @@ import { gpioDevice } from './gpio.js';
 import { sampleDevice } from './sample.js';
 import { serverSampleDevice } from './server-sample.js';
 import { virtioBlkPciDevice } from './virtio-blk-pci.js';
+import { virtioNetPciDevice, virtioNetPciFromCli } from './virtio-net-pci.js';
 
 /** A device option on the command line (`vdevkit serve <device> --name VALUE`). */
 export interface DeviceOption {
@@ -55,6 +56,18 @@ export const devices: Record<string, DeviceEntry> = {
     },
     dispose: (spec) => (spec as ReturnType<typeof virtioBlkPciDevice>).close(),
   },
+  'virtio-net': {
+    description: 'a virtio-net NIC as a virtio PCI modern device (0x1af4:0x1041), a port of our learning switch: --vhost-user PATH,... adds vhost-user ports',
+    options: {
+      mac: { type: 'string', help: 'the MAC in virtio_net_config (default 02:76 + 4 random bytes)' },
+      queues: { type: 'string', help: 'queue pairs (default 1; more offers MQ)' },
+      mtu: { type: 'string', help: 'the MTU in virtio_net_config (default 1500)' },
+      'no-mrg-rxbuf': { type: 'boolean', help: 'do not offer VIRTIO_NET_F_MRG_RXBUF' },
+      'vhost-user': { type: 'string', help: 'vhost-user sockets (comma-separated) to listen on, ports of the same switch' },
+    },
+    create: ({ log, values = {} }) => virtioNetPciFromCli(values, log),
+    dispose: (spec) => (spec as ReturnType<typeof virtioNetPciDevice>).close(),
+  },
 };
 
-export { gpioDevice, sampleDevice, serverSampleDevice, virtioBlkPciDevice };
+export { gpioDevice, sampleDevice, serverSampleDevice, virtioBlkPciDevice, virtioNetPciDevice };

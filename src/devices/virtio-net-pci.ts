@@ -77,3 +77,44 @@ export function virtioNetPciDevice(options: VirtioNetPciOptions = {}): VirtioNet
     },
   });
 }
+
+/**
+ * `vdevkit serve virtio-net` (the devices registry, src/devices/index.ts): the
+ * PCI port's options from the command line; `--vhost-user PATH[,PATH...]` adds
+ * vhost-user ports (listening on those sockets) to its switch.
+ */
+export function virtioNetPciFromCli(values: Record<string, string | boolean | undefined>, log: (line: string) => void): VirtioNetPciDeviceSpec {
+  const int = (name: string): number | undefined => {
+    const v = values[name];
+    if (v === undefined) return undefined;
+    const n = Number(v);
+    if (typeof v !== 'string' || !Number.isInteger(n) || n < 1) throw new RangeError(`--${name}: a positive integer`);
+    return n;
+  };
+  const queues = int('queues');
+  const mtu = int('mtu');
+  const sw = new NetSwitch({ log });
+  let spec: VirtioNetPciDeviceSpec;
+  try {
+    spec = virtioNetPciDevice({
+      switch: sw,
+      log,
+      ...(typeof values.mac === 'string' ? { mac: values.mac } : {}),
+      ...(queues !== undefined ? { queues } : {}),
+      ...(mtu !== undefined ? { mtu } : {}),
+      ...(values['no-mrg-rxbuf'] === true ? { mrgRxbuf: false } : {}),
+    });
+    const paths = typeof values['vhost-user'] === 'string' ? values['vhost-user'].split(',').filter((p) => p !== '') : [];
+    for (const p of paths) sw.listen(p, mtu !== undefined ? { mtu } : {}, { log });
+  } catch (err) {
+    sw.close();
+    throw err;
+  }
+  const close = spec.close;
+  return Object.assign(spec, {
+    close: () => {
+      close();
+      sw.close();
+    },
+  });
+}
