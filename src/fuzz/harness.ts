@@ -93,10 +93,35 @@ export interface FuzzTarget {
   name: string;
   generate(rng: Rng): FuzzInput;
   start(pool: FdPool): Promise<Instance>;
+  /**
+   * Inputs run at once, each on its own connection (default 1). For targets whose inputs mostly
+   * wait (reply timeouts, closes): the run's CPU, not the waits, sets its rate. The instance's
+   * run() must then not assume it is alone (per-batch checks, such as sessions drained, go in
+   * probe(), which runs with nothing else in flight).
+   */
+  concurrency?: number;
 }
 
 export function openFdCount(): number {
   return fs.readdirSync('/proc/self/fd').length;
+}
+
+/** What each open fd is (readlink of /proc/self/fd/N), for a leak's report. */
+export function openFdNames(): Map<number, string> {
+  const m = new Map<number, string>();
+  for (const n of fs.readdirSync('/proc/self/fd')) {
+    try {
+      m.set(Number(n), fs.readlinkSync(`/proc/self/fd/${n}`));
+    } catch {
+      // closed meanwhile (the directory's own fd)
+    }
+  }
+  return m;
+}
+
+function leakDetail(before: Map<number, string>): string {
+  const extra = [...openFdNames()].filter(([n, what]) => before.get(n) !== what).map(([n, what]) => `${n} -> ${what}`);
+  return extra.length ? `; new: ${extra.slice(0, 8).join(', ')}` : '';
 }
 
 export const tick = (ms = 0): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -184,8 +209,12 @@ export async function runTarget(target: FuzzTarget, o: RunOptions): Promise<RunR
   const t0 = performance.now();
   const end = t0 + o.seconds * 1000;
   let inputs = 0;
+  // The first write to a piped stdout makes libuv open its one reserve fd (/dev/null, for EMFILE):
+  // log before the fd baseline is taken, or that fd counts as the first batch's leak.
+  log(`${target.name}: seed 0x${o.seed.toString(16)}, concurrency ${target.concurrency ?? 1}`);
   let inst = await target.start(pool);
   let base = await baseline(inst);
+  let baseNames = openFdNames();
   let pending: { index: number; input: FuzzInput }[] = [];
   let lastReport = t0;
   const found = async (f: Finding | Error, batchInputs: { index: number; input: FuzzInput }[]): Promise<void> => {
@@ -198,21 +227,28 @@ export async function runTarget(target: FuzzTarget, o: RunOptions): Promise<RunR
     escapes.take();
     inst = await target.start(pool);
     base = await baseline(inst);
+    baseNames = openFdNames();
     pending = [];
   };
   try {
     while (performance.now() < end && (o.maxInputs === undefined || inputs < o.maxInputs)) {
       if (o.stopOnFinding && findings.length) break;
       if (findings.length >= 20) break;
-      const index = inputs++;
-      const input = target.generate(Rng.forInput(o.seed, index));
-      pending.push({ index, input });
+      const group: { index: number; input: FuzzInput }[] = [];
+      const k = Math.max(1, Math.min(target.concurrency ?? 1, o.maxInputs === undefined ? Infinity : o.maxInputs - inputs));
+      for (let j = 0; j < k; j++) {
+        const index = inputs++;
+        group.push({ index, input: target.generate(Rng.forInput(o.seed, index)) });
+      }
+      pending.push(...group);
       try {
-        await deadline(inst.run(input), 10_000, 'input');
+        const settled = await Promise.allSettled(group.map((g) => deadline(inst.run(g.input), 10_000, 'input')));
+        const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+        if (failed) throw failed.reason;
         const esc = escapes.take();
         if (esc.length) throw new Finding('exception', `escaped a handler: ${describe(esc[0])}`);
       } catch (e) {
-        await found(e as Error, [{ index, input }]);
+        await found(e as Error, group);
         continue;
       }
       if (pending.length >= batch) {
@@ -221,7 +257,7 @@ export async function runTarget(target: FuzzTarget, o: RunOptions): Promise<RunR
         try {
           await deadline(inst.probe(), 10_000, 'probe on a new connection');
           const now = await fdsBackTo(base, 2000);
-          if (now > base) throw new Finding('leak', `${now - base} fds more than at the start of the batch (${now} open, ${base} expected)`);
+          if (now > base) throw new Finding('leak', `${now - base} fds more than at the start of the batch (${now} open, ${base} expected)${leakDetail(baseNames)}`);
           const heap = process.memoryUsage().heapUsed;
           if (heap > MAX_HEAP) throw new Finding('memory', `heap at ${heap >> 20} MiB`);
           const esc = escapes.take();
