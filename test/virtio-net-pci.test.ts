@@ -17,7 +17,9 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import type { VfioUserDevice } from '../src/vfio-user/client-device.js';
+import { spawn, spawnSync } from 'node:child_process';
+import { VfioUserClient } from '../src/vfio-user/client.js';
+import { VfioUserDevice } from '../src/vfio-user/client-device.js';
 import { SharedMemory, EventFd } from '../src/sys/index.js';
 import { NetSwitch } from '../src/devices/net-switch.js';
 import { VirtioNetDriver } from '../src/vhost-user/net-driver.js';
@@ -691,6 +693,51 @@ test('reset in the middle of traffic: chains the device holds are given back, th
   await recv;
   assert.deepEqual(got, back2.slice(0, 15));
   assert.equal(p.spec.transport.stats.brokenQueues, 0);
+});
+
+test('vdevkit serve virtio-net --socket PATH --mac MAC --vhost-user PATH: a frame each way between the PCI guest and a vhost-user driver', async (t) => {
+  const dir = tmpdir();
+  const sock = path.join(dir, 'cli.sock');
+  const vsock = path.join(dir, 'cli-v.sock');
+  const main = new URL('../src/cli/main.js', import.meta.url).pathname;
+  const child = spawn(process.execPath, [main, 'serve', 'virtio-net', '--socket', sock, '--mac', MAC_P, '--vhost-user', vsock, '--mtu', '2000'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (b: Buffer) => (stderr += b.toString()));
+  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+  t.after(() => child.kill('SIGKILL'));
+  await until(() => stderr.includes('serving virtio-net'), () => `the server starts (stderr: ${stderr})`, 10000);
+  const client = await VfioUserClient.connect(sock);
+  const dev = new VfioUserDevice(client);
+  const ram = new Ram();
+  t.after(() => ram.shm.close());
+  await client.dmaMap({ iova: RAM_GPA, size: RAM_BYTES, memory: ram.shm });
+  const guest = new Guest(dev);
+  await guest.probe();
+  assert.equal(guest.config.readUInt16LE(CFG_DEVICE), 0x1041);
+  assert.equal((await guest.deviceCfg(NC_MAC, 6)).toString('hex'), MAC_P.replaceAll(':', ''));
+  assert.equal((await guest.deviceCfg(NC_MTU, 2)).readUInt16LE(0), 2000);
+  const features = await guest.init(F_VERSION_1 | F_MAC | F_MRG_RXBUF);
+  const up: Up = { rx: new RxQueue(ram, new Split(ram, 16), 2048), tx: new TxQueue(ram, new Split(ram, 16), guest), ctrl: new Split(ram, 4), features };
+  await guest.queue(RX, up.rx.ring);
+  await guest.queue(TX, up.tx.ring);
+  up.rx.post(16);
+  await guest.driverOk();
+  const nic = await VirtioNetDriver.connect(vsock);
+  assert.equal(nic.config.mtu, 2000);
+  await pciToVhost(up, nic, [ethFrame(MAC_V, MAC_P, 1800, 1)]);
+  await vhostToPci(up, nic, [ethFrame(MAC_P, MAC_V, 1514, 2)], { mrg: true });
+  await nic.close();
+  guest.close();
+  dev.close();
+  client.close();
+  child.kill('SIGTERM');
+  assert.equal(await exited, 0);
+  // An option of another device is refused.
+  const foreign = spawnSync(process.execPath, [main, 'serve', 'virtio-net', '--file', 'x.img', '--socket', sock]);
+  assert.equal(foreign.status, 2);
+  const bad = spawnSync(process.execPath, [main, 'serve', 'virtio-net', '--mac', 'nope', '--socket', sock]);
+  assert.equal(bad.status, 1);
+  assert.match(bad.stderr.toString(), /bad MAC/);
 });
 
 test('NetQueueAdapter: unpop is a stack pop() serves first, giveBack completes what is left with length 0; VhostQueue needs no adapter', async () => {
