@@ -55,11 +55,16 @@ export class FdPool {
   }
 }
 
+/** Where the fds of a message come from: the run's FdPool, or a target's own (per-connection memory, sockets). */
+export interface FdSource {
+  fd(kind: FdKind): number;
+}
+
 /**
  * Writes the input's messages on `sock`, cut at `input.cuts` into separate
  * writes; each message's fds go with the write holding its first byte.
  */
-export async function writeInput(sock: UnixSocket, input: FuzzInput, pool: FdPool, msgs = input.msgs): Promise<void> {
+export async function writeInput(sock: UnixSocket, input: FuzzInput, pool: FdSource, msgs = input.msgs): Promise<void> {
   const stream = concat(msgs.map((m) => m.bytes));
   const starts: { at: number; fds: FdKind[] }[] = [];
   let at = 0;
