@@ -402,7 +402,7 @@ class RxQueue {
 class TxQueue {
   #n = 0;
   readonly inFlight = new Set<number>();
-  constructor(readonly ram: Ram, readonly ring: GuestRing, readonly guest: Guest) {}
+  constructor(readonly ram: Ram, readonly ring: GuestRing, readonly guest: Guest, readonly index = TX) {}
 
   /** Makes frames available (a zero virtio_net_hdr before each), then one kick. */
   async send(frames: Buffer[]): Promise<void> {
@@ -414,7 +414,7 @@ class TxQueue {
       const segs = this.#n++ % 2 === 0 ? [{ gpa: hdr, len: HDR + f.length }] : [{ gpa: hdr, len: HDR }, { gpa: hdr + HDR, len: f.length }];
       this.inFlight.add(this.ring.add(segs));
     }
-    await this.guest.kick(TX);
+    await this.guest.kick(this.index);
   }
 
   /** Used TX chains; each must have been in flight, with length 0 (nothing written). */
@@ -646,6 +646,48 @@ test('two PCI ports of one switch: frames between two vfio-user guests, both way
     });
   }
   assert.equal(sw.snapshot().reduce((n, s) => n + Object.values(s.drops).reduce((x, y) => x + y, 0), 0), 0);
+});
+
+test('two queue pairs over PCI (MQ): each TX queue reaches the vhost-user driver on its pair, each pair\'s frames land in that RX queue', async (t) => {
+  const dir = tmpdir();
+  const sw = new NetSwitch();
+  t.after(() => sw.close());
+  const p = await pciPort(t, dir, 'p.sock', { mac: MAC_P, switch: sw, queues: 2 });
+  const features = await p.guest.init(F_VERSION_1 | F_MAC | F_MRG_RXBUF | F_MQ | F_CTRL_VQ);
+  assert.equal(features & F_MQ, F_MQ);
+  // rx0 0, tx0 1, rx1 2, tx1 3, ctrl 4 (5.1.2).
+  const rx = [new RxQueue(p.ram, new Split(p.ram, 32), 2048), new RxQueue(p.ram, new Split(p.ram, 32), 2048)];
+  const tx = [new TxQueue(p.ram, new Split(p.ram, 32), p.guest, 1), new TxQueue(p.ram, new Split(p.ram, 32), p.guest, 3)];
+  for (let pair = 0; pair < 2; pair++) {
+    await p.guest.queue(2 * pair, rx[pair]!.ring);
+    await p.guest.queue(2 * pair + 1, tx[pair]!.ring);
+  }
+  await p.guest.queue(4, new Split(p.ram, 4));
+  for (const r of rx) r.post(32);
+  await p.guest.driverOk();
+  await until(() => p.spec.net.rxReady, () => 'RX running');
+  const sock = path.join(dir, 'v.sock');
+  sw.listen(sock, { mac: MAC_V, queuePairs: 2 });
+  const nic = await VirtioNetDriver.connect(sock, { queuePairs: 2 });
+  t.after(() => nic.close());
+  for (let pair = 0; pair < 2; pair++) {
+    const out = SIZES.map((n, i) => ethFrame(MAC_V, MAC_P, n, 10 * pair + i));
+    const got = (async () => {
+      const r: Buffer[] = [];
+      while (r.length < out.length) r.push(await nic.receive({ queue: pair, timeoutMs: 5000 }));
+      return r;
+    })();
+    let used = 0;
+    await tx[pair]!.send(out);
+    await until(() => (used += tx[pair]!.reap()) === out.length, () => `TX${pair} used ${used}`);
+    assert.deepEqual(await got, out, `pair ${pair}: frames from tx${pair} on the driver's pair ${pair}`);
+    const back = SIZES.map((n, i) => ethFrame(MAC_P, MAC_V, n, 100 + 10 * pair + i));
+    await nic.sendBatch(back, { queue: pair });
+    await until(() => (rx[pair]!.reap(), rx[pair]!.frames.length === back.length), () => `rx${pair}: ${rx[pair]!.frames.length}`);
+    assert.deepEqual(rx[pair]!.frames.map((f) => f.frame), back);
+  }
+  assert.equal(rx[0]!.frames.length, SIZES.length, 'nothing of pair 1 on rx0');
+  assert.ok(p.guest.interrupts[1 + 0]! > 0 && p.guest.interrupts[1 + 2]! > 0, 'MSI-X on both RX vectors');
 });
 
 test('reset in the middle of traffic: chains the device holds are given back, the reset completes, the port goes on after a new bring-up', async (t) => {
