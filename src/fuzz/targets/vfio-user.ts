@@ -268,7 +268,7 @@ const CLIENT_OPS = 11;
 
 export const vfioUserClient: FuzzTarget = {
   name: 'vfio-user-client',
-  concurrency: 32,
+  concurrency: 512,
   generate: (rng) =>
     generate(rng, {
       prefix: (r) => [versionReplySeed(r)],
