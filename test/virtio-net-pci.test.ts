@@ -737,6 +737,56 @@ test('reset in the middle of traffic: chains the device holds are given back, th
   assert.equal(p.spec.transport.stats.brokenQueues, 0);
 });
 
+test('an untrusted guest: runt, offload flags, oversize and a buffer outside its RAM; drops by cause, DEVICE_NEEDS_RESET, a new bring-up works; no fd left open', async (t) => {
+  const fdsBefore = fs.readdirSync('/proc/self/fd').length;
+  await t.test('the port\'s lifetime', async (st) => {
+    const dir = tmpdir();
+    const sw = new NetSwitch();
+    st.after(() => sw.close());
+    const p = await pciPort(st, dir, 'p.sock', { mac: MAC_P, switch: sw });
+    const up = await bringUp(p, { packed: false, rxBuf: 2048 });
+    assert.equal(up.features & F_MTU, F_MTU);
+    const nic = await vhostPort(st, sw, dir, false);
+    const tx = up.tx.ring;
+    const frame = (len: number, hdr: number[] = []): number => {
+      const gpa = p.ram.alloc(HDR + len);
+      p.ram.b.fill(0, p.ram.at(gpa), p.ram.at(gpa) + HDR);
+      p.ram.b.set(hdr, p.ram.at(gpa));
+      (len >= 14 ? ethFrame(MAC_V, MAC_P, len, len) : Buffer.alloc(len, 0xab)).copy(p.ram.b, p.ram.at(gpa) + HDR);
+      return gpa;
+    };
+    const ids = [
+      tx.add([{ gpa: frame(13), len: HDR + 13 }]), // shorter than an Ethernet header
+      tx.add([{ gpa: frame(100, [1]), len: HDR + 100 }]), // flags NEEDS_CSUM, not negotiated
+      tx.add([{ gpa: frame(100, [0, 1]), len: HDR + 100 }]), // gso_type TCPV4
+      tx.add([{ gpa: frame(1519), len: HDR + 1519 }]), // MTU 1500 + 18 < 1519
+      tx.add([{ gpa: frame(1518), len: HDR + 1518 }]), // fits (a VLAN tag's room)
+      tx.add([{ gpa: frame(5), len: 5 }]), // not even the virtio header
+    ];
+    await p.guest.kick(TX);
+    let used: { id: number; len: number }[] = [];
+    await until(() => (used.push(...tx.used()), used.length === ids.length), () => `TX used ${used.length}`);
+    assert.deepEqual(used.map((u) => u.id), ids);
+    assert.ok((await nic.receive({ timeoutMs: 5000 })).equals(ethFrame(MAC_V, MAC_P, 1518, 1518)));
+    const d = p.spec.net.stats.drops;
+    assert.deepEqual([d.runt, d['bad-header'], d.oversize], [2, 2, 1]);
+    assert.equal(p.spec.net.stats.txPackets, 1);
+    // A descriptor pointing past guest RAM: the queue breaks, the device asks for a reset.
+    const cfgIrqs = p.guest.interrupts[0]!;
+    tx.add([{ gpa: RAM_GPA + RAM_BYTES + 0x10000, len: 64 }]);
+    await p.guest.kick(TX);
+    await until(async () => ((await p.guest.rd(T_COMMON, C_STATUS, 1)) & 64) !== 0, () => 'DEVICE_NEEDS_RESET');
+    await until(() => p.guest.interrupts[0]! > cfgIrqs, () => 'a config interrupt');
+    assert.equal(p.spec.transport.stats.brokenQueues, 1);
+    // Reset and bring up again: traffic flows.
+    const again = await bringUp(p, { packed: true, rxBuf: 2048 });
+    await pciToVhost(again, nic, [ethFrame(MAC_V, MAC_P, 64, 7)]);
+    await vhostToPci(again, nic, [ethFrame(MAC_P, MAC_V, 64, 8)], { mrg: true });
+  });
+  await tick(20);
+  assert.equal(fs.readdirSync('/proc/self/fd').length, fdsBefore, 'every fd of the server, client, switch, eventfds and memfd closed');
+});
+
 test('vdevkit serve virtio-net --socket PATH --mac MAC --vhost-user PATH: a frame each way between the PCI guest and a vhost-user driver', async (t) => {
   const dir = tmpdir();
   const sock = path.join(dir, 'cli.sock');
