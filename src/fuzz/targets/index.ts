@@ -1,8 +1,9 @@
 import type { FuzzTarget } from '../harness.js';
 import { vfioUserClient, vfioUserCodec, vfioUserServer } from './vfio-user.js';
+import { vhostUserBackend, vhostUserCodec, vhostUserFrontend } from './vhost-user.js';
 
 /** Every fuzz target, by name. */
-export const TARGETS: readonly FuzzTarget[] = [vfioUserCodec, vfioUserServer, vfioUserClient];
+export const TARGETS: readonly FuzzTarget[] = [vfioUserCodec, vfioUserServer, vfioUserClient, vhostUserCodec, vhostUserBackend, vhostUserFrontend];
 
 export function targetByName(name: string): FuzzTarget | undefined {
   return TARGETS.find((t) => t.name === name);
