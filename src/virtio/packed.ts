@@ -184,12 +184,20 @@ export class PackedQueue extends BaseQueue {
     const inflight = this.#inflight;
     const firstSlot = this.#usedIdx;
     const firstWrap = this.#usedWrap;
+    if (inflight !== null) {
+      // The region is the front-end's memory: a bad entry (INFLIGHT_LAYOUT) breaks the queue before any ring write.
+      try {
+        for (const c of cs) inflight.free(c.slot);
+      } catch (err) {
+        this.failed(err);
+        throw err;
+      }
+    }
     let slot = firstSlot;
     let wrap = firstWrap;
     for (let k = 0; k < cs.length; k++) {
       const c = cs[k]!;
       this.logWritten(c, written[k]!);
-      inflight?.free(c.slot);
       this.#writeUsed(c, written[k]!, slot, wrap, k > 0);
       this.pushed += c.descCount;
       slot += c.descCount;
