@@ -26,7 +26,10 @@ import { NetQueueAdapter, type NetQueueHandle } from '../src/devices/vhost-user-
 import type { VhostQueue } from '../src/vhost-user/backend.js';
 import { ethFrame } from './helpers/net-driver.js';
 import { tick } from './helpers/sys.js';
-import { B, CFG_CLASS, CFG_DEVICE, CFG_REVISION, CFG_SUBSYS, CFG_SUBSYS_VENDOR, CFG_VENDOR, CTRL, CTRL_MAC, CTRL_MAC_ADDR_SET, CTRL_OK, C_GF, C_GFSEL, C_NUMQ, C_STATUS, F_CSUM, F_CTRL_MAC_ADDR, F_CTRL_RX, F_CTRL_VQ, F_EVENT_IDX, F_GSO, F_GUEST_CSUM, F_INDIRECT, F_IN_ORDER, F_MAC, F_MQ, F_MRG_RXBUF, F_MTU, F_RING_PACKED, F_STATUS, F_VERSION_1, Guest, HDR, HDR_NUM_BUFFERS, NC_MAC, NC_MTU, NC_PAIRS, NC_STATUS, NET_S_LINK_UP, RAM_BYTES, RAM_GPA, RX, Ram, type Rx, RxQueue, S_ACK, S_DRIVER, S_FEATURES_OK, Split, TX, T_COMMON, T_DEVICE, T_ISR, T_NOTIFY, TxQueue, type Up, bringUp, pciPort, until } from './helpers/virtio-net-pci-guest.js';
+import { serveSpec } from './helpers/vfio-user-serve.js';
+import { migrate } from '../src/vfio-user/migrate.js';
+import { virtioNetPciDevice } from '../src/devices/virtio-net-pci.js';
+import { B, CFG_CLASS, CFG_DEVICE, CFG_REVISION, CFG_SUBSYS, CFG_SUBSYS_VENDOR, CFG_VENDOR, CTRL, CTRL_MAC, CTRL_MAC_ADDR_SET, CTRL_OK, C_GF, C_GFSEL, C_NUMQ, C_STATUS, F_CSUM, F_CTRL_MAC_ADDR, F_CTRL_RX, F_CTRL_VQ, F_EVENT_IDX, F_GSO, F_GUEST_CSUM, F_INDIRECT, F_IN_ORDER, F_MAC, F_MQ, F_MRG_RXBUF, F_MTU, F_RING_PACKED, F_STATUS, F_VERSION_1, Guest, HDR, HDR_NUM_BUFFERS, NC_MAC, NC_MTU, NC_PAIRS, NC_STATUS, NET_S_LINK_UP, RAM_BYTES, RAM_GPA, RX, Ram, type Rx, RxQueue, S_ACK, S_DRIVER, S_FEATURES_OK, Split, TX, T_COMMON, T_DEVICE, T_ISR, T_NOTIFY, TxQueue, type Up, bringUp, pciPort, until, S_DRIVER_OK } from './helpers/virtio-net-pci-guest.js';
 
 const MAC_P = '52:54:00:aa:00:01';
 const MAC_Q = '52:54:00:aa:00:02';
@@ -301,6 +304,49 @@ test('reset in the middle of traffic: chains the device holds are given back, th
   await recv;
   assert.deepEqual(got, back2.slice(0, 15));
   assert.equal(p.spec.transport.stats.brokenQueues, 0);
+});
+
+test('migration of the PCI port between two servers on one switch, RX buffers held at STOP: given back, the destination carries traffic on the same rings', async (t) => {
+  const dir = tmpdir();
+  const sw = new NetSwitch();
+  t.after(() => sw.close());
+  const src = await serveSpec(t, path.join(dir, 'src.sock'), virtioNetPciDevice({ mac: MAC_P, switch: sw }));
+  const dst = await serveSpec(t, path.join(dir, 'dst.sock'), virtioNetPciDevice({ mac: MAC_P, switch: sw }));
+  const ram = new Ram();
+  t.after(() => ram.shm.close());
+  for (const c of [src.client, dst.client]) await c.dmaMap({ iova: RAM_GPA, size: RAM_BYTES, memory: ram.shm });
+  const g = new Guest(src.dev);
+  t.after(() => g.close());
+  await g.probe();
+  const up = await bringUp({ ...src, guest: g, ram }, { packed: false, rxBuf: 512, rxCount: 2, size: 32 });
+  const nic = await vhostPort(t, sw, dir, false);
+  await pciToVhost(up, nic, SIZES.map((n, i) => ethFrame(MAC_V, MAC_P, n, i)));
+  await vhostToPci(up, nic, [ethFrame(MAC_P, MAC_V, 100, 1)], { mrg: true });
+  // A frame needing three buffers where two are: the device holds both.
+  await nic.send(ethFrame(MAC_P, MAC_V, 1514, 2));
+  await until(() => src.spec.net.stats.drops['no-rx-buffer'] === 1, () => 'held');
+  await migrate(src.dev, dst.dev);
+  up.rx.reap();
+  assert.equal(up.rx.empties, 2, 'the two held RX buffers given back (used, length 0) before STOP completed');
+  // The VMM leaves the source and wires the destination's interrupts.
+  src.dev.close();
+  src.client.close();
+  await until(() => !src.spec.port.connected, () => 'the source port down once its client went');
+  const g2 = new Guest(dst.dev);
+  t.after(() => g2.close());
+  await g2.probe();
+  await g2.wireIrqs();
+  assert.equal(await g2.rd(T_COMMON, C_STATUS, 1), S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK, 'the destination runs');
+  assert.equal(dst.spec.net.ackedFeatures, up.features, 'the features the driver accepted, set on the destination');
+  // Same rings, served now by the destination: more RX buffers, frames both ways.
+  up.rx.post(28);
+  const moved = { ...up, tx: new TxQueue(ram, up.tx.ring, g2) };
+  await vhostToPci(moved, nic, SIZES.map((n, i) => ethFrame(MAC_P, MAC_V, n, 50 + i)), { mrg: true });
+  assert.ok(g2.interrupts[1 + RX]! > 0, "MSI-X on the destination's RX vector");
+  await pciToVhost(moved, nic, SIZES.map((n, i) => ethFrame(MAC_V, MAC_P, n, 80 + i)));
+  assert.equal(dst.spec.net.stats.rxPackets, SIZES.length);
+  assert.equal(dst.spec.net.stats.txPackets, SIZES.length);
+  assert.equal(sw.lookup(0x525400aa0001)?.id, dst.spec.port.id, 'MAC_P learned on the destination port');
 });
 
 test('an untrusted guest: runt, offload flags, oversize and a buffer outside its RAM; drops by cause, DEVICE_NEEDS_RESET, a new bring-up works; no fd left open', async (t) => {

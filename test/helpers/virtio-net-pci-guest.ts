@@ -286,6 +286,13 @@ export class Guest {
     }
     await this.wr(T_COMMON, C_STATUS, 1, S_ACK | S_DRIVER | S_FEATURES_OK);
     assert.equal(await this.rd(T_COMMON, C_STATUS, 1), S_ACK | S_DRIVER | S_FEATURES_OK, 'FEATURES_OK kept');
+    await this.wireIrqs();
+    await this.wr(T_COMMON, C_MSIX, 2, 0);
+    return f;
+  }
+
+  /** An eventfd on every MSI-X vector (SET_IRQS), counted in `interrupts`: what the VMM does, also on a migration's destination. */
+  async wireIrqs(): Promise<void> {
     if (this.irqs.length === 0) {
       for (let v = 0; v < this.msixVectors; v++) {
         const e = EventFd.create();
@@ -295,8 +302,6 @@ export class Guest {
       }
     }
     await this.dev.setEventFds(IRQ_MSIX, 0, this.irqs);
-    await this.wr(T_COMMON, C_MSIX, 2, 0);
-    return f;
   }
 
   /** Queue `index` on `ring`, interrupting on vector index + 1. */
@@ -342,6 +347,8 @@ export interface Rx {
 export class RxQueue {
   readonly #bufs = new Map<number, number>();
   readonly frames: Rx[] = [];
+  /** Buffers used with length 0 (no frame in them). */
+  empties = 0;
   /** Used entries of a frame whose num_buffers are not all in yet. */
   #partial: { gpa: number; len: number }[] = [];
   constructor(readonly ram: Ram, readonly ring: GuestRing, readonly bufSize: number) {}
@@ -362,6 +369,12 @@ export class RxQueue {
       assert.ok(gpa !== undefined, `RX used id ${u.id}`);
       this.#bufs.delete(u.id);
       assert.ok(u.len <= this.bufSize, `RX used len ${u.len} within the buffer`);
+      if (u.len === 0 && this.#partial.length === 0) {
+        // Given back empty (buffers the device held when its queue stopped): no frame.
+        this.empties++;
+        if (repost) this.#post(gpa);
+        continue;
+      }
       this.#partial.push({ gpa, len: u.len });
       const first = this.#partial[0]!;
       const hdr = Buffer.from(this.ram.b.subarray(this.ram.at(first.gpa), this.ram.at(first.gpa) + HDR));
