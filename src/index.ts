@@ -27,3 +27,9 @@ export type { NetSwitchThreadOptions, ThreadPortSpec } from './devices/net-switc
 export { Poller, threadPoller } from './vhost-user/poller.js';
 export { virtioPciDevice } from './devices/virtio-pci.js';
 export type { VirtioPciOptions, VirtioPciDeviceSpec } from './devices/virtio-pci.js';
+export { virtioBlkPciDevice, VIRTIO_ID_BLOCK } from './devices/virtio-blk-pci.js';
+export type { VirtioBlkPciOptions, VirtioBlkPciDeviceSpec } from './devices/virtio-blk-pci.js';
+export { virtioNetPciDevice, VIRTIO_ID_NET } from './devices/virtio-net-pci.js';
+export type { VirtioNetPciOptions, VirtioNetPciDeviceSpec } from './devices/virtio-net-pci.js';
+export { NetQueueAdapter } from './devices/vhost-user-net.js';
+export type { NetQueueHandle } from './devices/vhost-user-net.js';
