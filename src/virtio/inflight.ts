@@ -342,6 +342,8 @@ export class PackedInflightQueue extends InflightBase {
   /** Reads back the descriptors of the chain at head entry `head` into `d`; returns how many. */
   descriptorsOf(head: number, d: PackedDescs): number {
     const num = this.#u16(this.#entry(head) + 6);
+    // Checked on attach too, but the front-end may have written the region since.
+    if (num < 1 || num > d.addr.length) throw new VirtioError('INFLIGHT_LAYOUT', `inflight entry ${head} holds ${num} descriptors`);
     let i = head;
     for (let k = 0; k < num; k++) {
       const e = this.#entry(this.#index(i, 'next'));

@@ -417,6 +417,24 @@ class Gen {
     return this.rng.int(this.rounds + 1);
   }
 
+  /** A write to the inflight buffer (the front-end's): a field of an entry or the header, or random bytes. */
+  inflightLie(phase: number, trigger: number): void {
+    const rng = this.rng;
+    const l = this.l;
+    const n = l.size;
+    if (rng.chance(0.6)) {
+      // A field of an entry (split: inflight, next; packed: inflight, next, last, num, id, flags, len) or of the header.
+      const [hdr, ent] = l.packed ? [32, 32] : [16, 16];
+      const e = rng.chance(0.7) ? rng.int(Math.min(n, 8)) : rng.int(n);
+      const field = rng.chance(0.2) ? rng.pick(l.packed ? [8, 10, 12, 14, 16, 18, 20] : [8, 10, 12, 14]) : hdr + ent * e + rng.pick(l.packed ? [0, 2, 4, 6, 16, 18, 20] : [0, 6]);
+      const v = rng.pick([0, 1, 2, n - 1, n, n + 1, 0x8000, 0xffff, rng.u32() & 0xffff]);
+      this.put(phase, field, Uint8Array.of(v & 0xff, v >>> 8), 'raw', 1, trigger);
+    } else {
+      const off = rng.chance(0.3) ? rng.int(32) : rng.int(inflightQueueSize(n, l.packed));
+      this.put(phase, off, rng.chance(0.5) ? rng.bytes(1 + rng.int(4)) : Uint8Array.of(rng.pick([0, 1, 2, 0xff]), rng.pick([0, 0x80, 0xff])), 'raw', 1, trigger);
+    }
+  }
+
   /** A structure-aware bad write, at `phase` (with `trigger` for TOCTOU). */
   bad(phase: number, trigger: number, inflight: boolean): void {
     const rng = this.rng;
@@ -508,11 +526,8 @@ class Gen {
       }
       default: {
         // The inflight buffer (the front-end's memory) or the used ring: both lies.
-        if (inflight && rng.chance(0.6)) {
-          const size = inflightQueueSize(n, l.packed);
-          const off = rng.chance(0.3) ? rng.int(32) : rng.int(size);
-          this.put(phase, off, rng.chance(0.5) ? rng.bytes(1 + rng.int(4)) : Uint8Array.of(rng.pick([0, 1, 2, 0xff]), rng.pick([0, 0x80, 0xff])), 'raw', 1, trigger);
-        } else this.put(phase, a.device[0] + rng.int(a.device[1]), rng.bytes(1 + rng.int(4)), 'raw', 0, trigger);
+        if (inflight && rng.chance(0.6)) this.inflightLie(phase, trigger);
+        else this.put(phase, a.device[0] + rng.int(a.device[1]), rng.bytes(1 + rng.int(4)), 'raw', 0, trigger);
       }
     }
   }
@@ -674,7 +689,7 @@ export function generateRing(rng: Rng, packed: boolean): FuzzInput {
         const seed: Seed = { name: w.kind, bytes: w.msg.bytes, fields: [{ off: 4, size: 4 }, ...FIELDS[w.kind]], fds: [] };
         const m = mutate(rng, seed, [seed], null);
         g.writes[k] = { msg: { bytes: m.bytes, fds: [] }, kind: w.kind };
-      } else if (inflight) g.bad(PH_RESUBMIT, 0, true);
+      } else if (inflight) g.inflightLie(PH_RESUBMIT, 0);
       else g.bad(PH_TOCTOU, 1 + rng.int(Math.min(0xffff, g.reads + 4)), inflight);
     }
   }
@@ -818,6 +833,8 @@ class RingRun {
   stopped = false;
   /** A queue was created (the engine owns its areas from then on). */
   created = false;
+  /** The device pushes nothing while popping (the round before a crash). */
+  holding = false;
 
   constructor(rig: Rig, packed: boolean, input: FuzzInput) {
     this.rig = rig;
@@ -1124,6 +1141,12 @@ class RingRun {
       const d = this.call('disableNotifications (broken)', () => q.disableNotifications());
       if (!d.ok) throw new Finding('invariant', 'disableNotifications threw on a broken queue');
       this.call('needsNotify (broken)', () => q.needsNotify());
+      if (this.pushedSince > 0) {
+        // The engine's decision point moved as for any call with pushes.
+        this.pushedSince = 0;
+        this.valid = true;
+        this.signalled = this.usedIdx;
+      }
       this.call('base (broken)', () => q.base());
       if (q.broken !== broken) throw new Finding('invariant', 'the broken error changed');
       for (const s of snaps) {
@@ -1259,7 +1282,7 @@ class RingRun {
       if (c === null) return;
       this.take(c, 'pop');
       this.checkAvailEvent('pop');
-      if (rng.chance(0.4)) this.push([this.held.get(c.id)!], false);
+      if (!this.holding && rng.chance(0.4)) this.push([this.held.get(c.id)!], false);
     }
   }
 
@@ -1280,7 +1303,8 @@ class RingRun {
     }
   }
 
-  round(r: number): void {
+  /** `hold`: the device keeps what it popped (a crash follows). */
+  round(r: number, hold = false): void {
     const rng = this.rng;
     this.phase(r);
     if (this.stopped) return;
@@ -1289,8 +1313,8 @@ class RingRun {
     for (let pass = 0; pass < 4 && !this.stopped; pass++) {
       this.popAll(mustPop);
       if (this.stopped) break;
-      if (rng.chance(0.8)) this.pushHeld(false);
-      if (rng.chance(0.8)) this.needsNotify();
+      if (!hold && rng.chance(0.8)) this.pushHeld(false);
+      if (!this.stopped && rng.chance(0.8)) this.needsNotify();
       if (this.stopped || !rng.chance(0.8)) break;
       mustPop = this.enable();
       if (!mustPop) break;
@@ -1448,8 +1472,14 @@ function runRings(rig: Rig, packed: boolean, input: FuzzInput): number {
       return 0;
     }
     const rounds = Math.max(1, Math.min(MAX_ROUNDS, input.extra[X_ROUNDS] ?? 1));
-    for (let r = 1; r <= rounds; r++) run.round(r);
-    if ((run.flags & (F_INFLIGHT | F_RECONNECT)) === (F_INFLIGHT | F_RECONNECT) && run.q) run.reconnect();
+    const crash = (run.flags & (F_INFLIGHT | F_RECONNECT)) === (F_INFLIGHT | F_RECONNECT);
+    const hold = crash && run.rng.chance(0.5);
+    for (let r = 1; r <= rounds; r++) {
+      run.holding = hold && r === rounds;
+      run.round(r, run.holding);
+    }
+    run.holding = false;
+    if (crash && run.q) run.reconnect();
     if (run.q && run.held.size > 0) run.pushHeld(true);
     if (run.q && !run.stopped && run.held.size > 0) throw new Finding('invariant', `${run.held.size} chains still held after pushing them all`);
     if (run.q?.broken) run.checkInert();
