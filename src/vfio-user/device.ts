@@ -206,6 +206,14 @@ export interface VfioUserDeviceSpec {
   attach?(ctx: DeviceContext): void;
   /** The client went away; DMA windows are gone, interrupts unwired; device state is kept. */
   detach?(): void;
+  /**
+   * The server is done with the device: called by VfioUserServer for a
+   * device its factory made, once that device's connection has closed (after
+   * detach). Release what the device holds (fds, mappings, timers). Never
+   * called for a device object the server was given (its state outlives
+   * connections; its owner releases it).
+   */
+  dispose?(): void;
   /** DEVICE_RESET or a function-level reset. */
   reset?(): void | Promise<void>;
   /** A DMA window was mapped. */

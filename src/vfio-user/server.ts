@@ -2,7 +2,8 @@
  * The vfio-user server: listens on a UNIX socket path and serves a device to
  * each client that connects. Given a device object, one client at a time
  * drives it and its state survives reconnects (the spec's rule); given a
- * factory, every connection gets a device of its own.
+ * factory, every connection gets a device of its own, disposed (its
+ * dispose hook) when that connection closes.
  */
 import { EventEmitter } from 'node:events';
 import { UnixServer, type UnixSocket } from '../sys/index.js';
@@ -94,10 +95,20 @@ export class VfioUserServer extends EventEmitter<ServerEvents> {
       return;
     }
     let runtime: DeviceRuntime;
+    let made: VfioUserDeviceSpec | null = null;
     try {
-      runtime = this.#shared ?? new DeviceRuntime((this.#options.device as () => VfioUserDeviceSpec)());
+      if (this.#shared) runtime = this.#shared;
+      else {
+        made = (this.#options.device as () => VfioUserDeviceSpec)();
+        runtime = new DeviceRuntime(made);
+      }
     } catch (err) {
       this.#log(`connection ${n}: device setup failed: ${(err as Error).message}`);
+      try {
+        made?.dispose?.(); // the factory's device that the runtime refused
+      } catch {
+        // reported above already
+      }
       sock.destroy();
       return;
     }
@@ -118,6 +129,14 @@ export class VfioUserServer extends EventEmitter<ServerEvents> {
       this.#sessions.delete(session);
       if (this.#busy === session) this.#busy = null;
       log(`closed${err ? `: ${err.message}` : ''}`);
+      // A device of the factory's is this connection's alone: release it (the session has detached it).
+      if (!this.#shared) {
+        try {
+          runtime.spec.dispose?.();
+        } catch (e) {
+          log(`device dispose failed: ${(e as Error).message}`);
+        }
+      }
     });
     this.emit('session', session);
   }
