@@ -17,6 +17,7 @@ import { EventEmitter } from 'node:events';
 import fs from 'node:fs';
 import { Fd, closeAll } from '../sys/fd.js';
 import { EventFd } from '../sys/eventfd.js';
+import { native } from '../sys/native.js';
 import { SharedMemory } from '../sys/shm.js';
 import { UnixServer, UnixSocket, connectUnix } from '../sys/socket.js';
 import { GuestMemory, DirtyLog, InflightRegion, createDeviceQueue, inflightQueueSize, VirtioError } from '../virtio/index.js';
@@ -1037,6 +1038,14 @@ class Session {
       this.log(`SET_DEVICE_STATE_FD: ${why}`);
       return { payload: u64(0x101n) };
     };
+    // A blocking pipe would hold a thread-pool worker in read()/write() until the front-end acts,
+    // past the session's end (gone() is checked between calls only): non-blocking, the transfer
+    // retries on EAGAIN and ends with the session.
+    try {
+      native.setNonBlock(fd.value, true);
+    } catch (err) {
+      return refuse(`the fd cannot be made non-blocking: ${(err as Error).message}`);
+    }
     if (direction > 1 || phase !== 0) return refuse(`direction ${direction}, phase ${phase} (only SAVE / LOAD in the stopped phase)`);
     if (this.queues.some((q) => q.started)) return refuse('a ring runs (the device must be stopped)');
     const device = this.device;

@@ -9,11 +9,12 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { connectUnix, EventFd, SharedMemory, socketPair, socketPairFds, UnixSocket, type Fd } from '../../sys/index.js';
+import { connectUnix, EventFd, nativeAddon, SharedMemory, socketPair, socketPairFds, UnixSocket, type Fd } from '../../sys/index.js';
 import { MessageChannel, type VhostUserMessage } from '../../vhost-user/channel.js';
 import { VhostUserBackend } from '../../vhost-user/backend.js';
 import { VhostUserFrontend } from '../../vhost-user/frontend.js';
 import { VhostUserError } from '../../vhost-user/errors.js';
+import { BackendReq, bit, ProtocolFeature, Req, VirtioFeature } from '../../vhost-user/constants.js';
 import { VhostUserBlkDevice } from '../../devices/vhost-user-blk.js';
 import { concat, framesExactly, generate, mutate, SeedBuilder, type FdKind, type Framing, type FuzzInput, type Seed, type WireMessage } from '../mutator.js';
 import { deadline, Finding, tick, writeInput, type FdPool, type FdSource, type FuzzTarget, type Instance } from '../harness.js';
@@ -29,56 +30,11 @@ const V = 0x1;
 const REPLY = 0x4;
 const NEED_REPLY = 0x8;
 
-// Front-end request numbers (spec table, "Front-end message types").
-const R = {
-  GET_FEATURES: 1,
-  SET_FEATURES: 2,
-  SET_OWNER: 3,
-  RESET_OWNER: 4,
-  SET_MEM_TABLE: 5,
-  SET_LOG_BASE: 6,
-  SET_LOG_FD: 7,
-  SET_VRING_NUM: 8,
-  SET_VRING_ADDR: 9,
-  SET_VRING_BASE: 10,
-  GET_VRING_BASE: 11,
-  SET_VRING_KICK: 12,
-  SET_VRING_CALL: 13,
-  SET_VRING_ERR: 14,
-  GET_PROTOCOL_FEATURES: 15,
-  SET_PROTOCOL_FEATURES: 16,
-  GET_QUEUE_NUM: 17,
-  SET_VRING_ENABLE: 18,
-  SEND_RARP: 19,
-  NET_SET_MTU: 20,
-  SET_BACKEND_REQ_FD: 21,
-  IOTLB_MSG: 22,
-  SET_VRING_ENDIAN: 23,
-  GET_CONFIG: 24,
-  SET_CONFIG: 25,
-  POSTCOPY_ADVISE: 28,
-  GET_INFLIGHT_FD: 31,
-  SET_INFLIGHT_FD: 32,
-  RESET_DEVICE: 34,
-  VRING_KICK: 35,
-  GET_MAX_MEM_SLOTS: 36,
-  ADD_MEM_REG: 37,
-  REM_MEM_REG: 38,
-  SET_STATUS: 39,
-  GET_STATUS: 40,
-  GET_SHARED_OBJECT: 41,
-  SET_DEVICE_STATE_FD: 42,
-  CHECK_DEVICE_STATE: 43,
-} as const;
-
-/** Back-end request numbers ("Back-end message types"). */
-const B = { IOTLB_MSG: 1, CONFIG_CHANGE_MSG: 2, VRING_HOST_NOTIFIER_MSG: 3, VRING_CALL: 4, VRING_ERR: 5, SHARED_OBJECT_ADD: 6, SHARED_OBJECT_REMOVE: 7, SHARED_OBJECT_LOOKUP: 8 } as const;
-
-/** Protocol feature bits. */
-const PF = { MQ: 0, LOG_SHMFD: 1, RARP: 2, REPLY_ACK: 3, NET_MTU: 4, BACKEND_REQ: 5, CONFIG: 9, BACKEND_SEND_FD: 10, HOST_NOTIFIER: 11, INFLIGHT_SHMFD: 12, RESET_DEVICE: 13, INBAND_NOTIFICATIONS: 14, CONFIGURE_MEM_SLOTS: 15, STATUS: 16, DEVICE_STATE: 19 } as const;
-/** Virtio feature bits. */
-const VF = { INDIRECT_DESC: 28, EVENT_IDX: 29, PROTOCOL_FEATURES: 30, LOG_ALL: 26, VERSION_1: 32, RING_PACKED: 34 } as const;
-const bit = (n: number): bigint => 1n << BigInt(n);
+// Request numbers and feature bits: the spec's tables (src/vhost-user/constants.ts holds them).
+const R = Req;
+const B = BackendReq;
+const PF = ProtocolFeature;
+const VF = VirtioFeature;
 
 /** Requests whose reply is part of the protocol, NEED_REPLY or not. */
 const ALWAYS_REPLIED = new Set<number>([R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.GET_QUEUE_NUM, R.GET_MAX_MEM_SLOTS, R.GET_VRING_BASE, R.GET_CONFIG, R.GET_INFLIGHT_FD, R.GET_STATUS, R.SET_LOG_BASE]);
@@ -204,8 +160,37 @@ async function untilTrue(cond: () => boolean, ms: number, what: string): Promise
   }
 }
 
+/** The /proc/self/fd link names of the open fds. */
+function openFdNames(): Set<string> {
+  const out = new Set<string>();
+  for (const n of fs.readdirSync('/proc/self/fd')) {
+    try {
+      out.add(fs.readlinkSync(`/proc/self/fd/${n}`));
+    } catch {
+      // closed meanwhile
+    }
+  }
+  return out;
+}
+
 function tmpDir(tag: string): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), `vdk-fuzz-${tag}-`));
+}
+
+/** Frames in the stream if it frames exactly (sizes within MAX_FRAME), else null. */
+function frameCount(msgs: readonly WireMessage[]): number | null {
+  const s = concat(msgs.map((m) => m.bytes));
+  const dv = new DataView(s.buffer, s.byteOffset, s.length);
+  let n = 0;
+  let at = 0;
+  while (at < s.length) {
+    if (s.length - at < 12) return null;
+    const size = dv.getUint32(at + 8, true);
+    if (size > MAX_PAYLOAD) return null;
+    at += 12 + size;
+    n++;
+  }
+  return at === s.length ? n : null;
 }
 
 /** Whether the stream frames exactly and every header says version 1 (only then must the peer read on). */
@@ -320,16 +305,19 @@ export const vhostUserCodec: FuzzTarget = {
 
 // ---- the back-end -----------------------------------------------------------------------------
 
-/** Where the front-end's memory is: one 1 MiB memfd at GPA 0, seen at UVA_BASE by the front-end. */
-const MEM_SIZE = 1 << 20;
+/**
+ * Where the front-end's memory is: one 256 KiB memfd at GPA 0, seen at UVA by the front-end (small:
+ * every mapping the back-end makes counts as external memory, which drives V8's collections).
+ */
+const MEM_SIZE = 0x40000;
 const UVA = 0x7f00_0000_0000;
 /** Per queue q: descriptor table / ring at 0x4000 q, driver area + 0x1000, device area + 0x2000. */
 const ringAt = (q: number): { desc: number; avail: number; used: number } => ({ desc: 0x4000 * q, avail: 0x4000 * q + 0x1000, used: 0x4000 * q + 0x2000 });
 const INDIRECT_AREA = 0x8000;
 const DATA_AREA = 0x10000;
-const LOG_OFFSET = 0xf0000;
-const INFLIGHT_OFFSET = 0xc0000;
-const INFLIGHT_SIZE = 0x20000;
+const LOG_OFFSET = 0x38000;
+const INFLIGHT_OFFSET = 0x20000;
+const INFLIGHT_SIZE = 0x10000;
 const BLK_QUEUES = 2;
 const BLK_MAX_QUEUE = 256;
 
@@ -408,7 +396,7 @@ function frontendRequestSeeds(rng: Rng, l: Layout): Seed[] {
     vmsg('VRING_KICK', R.VRING_KICK, fl(), (b) => vringState(b, qi, 0)),
     vmsg('GET_MAX_MEM_SLOTS', R.GET_MAX_MEM_SLOTS, V, () => {}),
     vmsg('ADD_MEM_REG', R.ADD_MEM_REG, fl(), (b) => region(b.u64(0, false), 0, MEM_SIZE, UVA, 0), ['memfd']),
-    vmsg('ADD_MEM_REG/hi', R.ADD_MEM_REG, fl(), (b) => region(b.u64(0, false), 0x100000, 0x10000, UVA + 0x100000, 0x80000), ['memfd']),
+    vmsg('ADD_MEM_REG/hi', R.ADD_MEM_REG, fl(), (b) => region(b.u64(0, false), 0x100000, 0x10000, UVA + 0x100000, 0x30000), ['memfd']),
     vmsg('REM_MEM_REG', R.REM_MEM_REG, fl(), (b) => region(b.u64(0, false), 0, MEM_SIZE, UVA, 0)),
     vmsg('SET_STATUS', R.SET_STATUS, fl(), (b) => b.u64(rng.pick([0, 1, 3, 7, 0xf, 0x4f, 0x80]))),
     vmsg('GET_STATUS', R.GET_STATUS, V, () => {}),
@@ -502,7 +490,7 @@ function writeRings(mem: Uint8Array, seed: number, l: Layout): void {
   if (r.chance(0.3)) mem.fill(0, INFLIGHT_OFFSET, INFLIGHT_OFFSET + INFLIGHT_SIZE);
   else for (let i = r.int(32); i > 0; i--) mem[INFLIGHT_OFFSET + r.int(0x2000)] = r.u32() & 0xff;
   if (r.chance(0.08)) {
-    mem.set(r.bytes(0x8000), 0);
+    for (let o = 0; o < 0x8000; o += 4) dv.setUint32(o, r.u32(), true);
     return;
   }
   for (let q = 0; q < BLK_QUEUES; q++) {
@@ -667,6 +655,9 @@ export const vhostUserBackend: FuzzTarget = {
       // The back-end channel (SET_BACKEND_REQ_FD): a socketpair per input; its far end is a
       // front-end that acks what asks for it, and closes once the input is over.
       const [near, farFd] = socketPairFds();
+      // Blocking in half the inputs, as front-ends make them (QEMU's socketpair and pipes are).
+      if ((input.extra[0] ?? 0) & 0x10) nativeAddon.setNonBlock(near.value, false);
+      const nearName = fs.readlinkSync(`/proc/self/fd/${near.value}`);
       const far = new RawEnd(new UnixSocket(farFd));
       let violation: Finding | null = null;
       far.onMessage = (m) => {
@@ -726,9 +717,15 @@ export const vhostUserBackend: FuzzTarget = {
       } finally {
         if (!near.closed) near.close();
         c?.close();
+      }
+      try {
+        await ended(s, 'input');
+        // No fd of the session outlives it: the socket the front-end gave (the back-end channel, a
+        // device state pipe) is closed once the session is over, while the front-end keeps its end.
+        if (input.msgs.some((m) => m.fds.includes('socket'))) await untilTrue(() => !openFdNames().has(nearName), 1000, `the back-end holds the socket the front-end gave (${nearName}) after the session ended`);
+      } finally {
         far.close();
       }
-      await ended(s, 'input');
       if (violation) throw violation;
     };
 
@@ -1047,6 +1044,8 @@ export const vhostUserFrontend: FuzzTarget = {
     // The probe talks to a real back-end.
     const disk = VhostUserBlkDevice.open({ size: 1 << 20, queues: 1 });
     const real = VhostUserBackend.listen(sockPath, disk);
+    /** Requests the front-end made, by type (VDK_FUZZ_STATS prints them at the end). */
+    const seen = new Map<number, number>();
     return {
       async run(input) {
         const [ours, theirs] = socketPair();
@@ -1065,6 +1064,24 @@ export const vhostUserFrontend: FuzzTarget = {
         };
         const isRequest = (b: Uint8Array): boolean => b.length >= 8 && (new DataView(b.buffer, b.byteOffset, b.length).getUint32(4, true) & REPLY) === 0;
         // Back-end requests at the head of what is left go out first (on the request channel when there is one).
+        /**
+         * A stream that does not frame (a truncated or oversized message, or an empty one where a reply
+         * was due) leaves the front-end waiting for bytes: the rest of the input follows until it frames
+         * with more than `before` frames, or the peer closes once nothing is left.
+         */
+        const settle = (before: number): void => {
+          for (;;) {
+            const n = frameCount(mainSent);
+            if (peer.closed || (n !== null && n > before)) return;
+            const more = input.msgs[k++];
+            if (!more) {
+              peer.close();
+              return;
+            }
+            sendOn(peer, more);
+            mainSent.push(more);
+          }
+        };
         const sendRequests = (): void => {
           while (k < input.msgs.length && isRequest(input.msgs[k]!.bytes)) {
             const m = input.msgs[k++]!;
@@ -1072,12 +1089,16 @@ export const vhostUserFrontend: FuzzTarget = {
               sendOn(backend, m);
               backendSent.push(m);
             } else {
+              // Unsolicited on the front-end channel.
+              const before = frameCount(mainSent) ?? 0;
               sendOn(peer, m);
               mainSent.push(m);
+              settle(before);
             }
           }
         };
         const sendReply = (req: RawMsg): void => {
+          if (peer.closed) return;
           if (syncing || k >= input.msgs.length) {
             if (!behaved && !syncing) {
               peer.close();
@@ -1090,24 +1111,18 @@ export const vhostUserFrontend: FuzzTarget = {
             }
             return;
           }
+          const before = frameCount(mainSent) ?? 0;
           const m = input.msgs[k++]!;
           const b = Uint8Array.from(m.bytes);
           if (b.length >= 4 && new DataView(b.buffer).getUint32(0, true) === 0) new DataView(b.buffer).setUint32(0, req.request, true);
           const w = { bytes: b, fds: m.fds };
           sendOn(peer, w);
           mainSent.push(w);
-          // A reply that does not frame leaves the front-end waiting for bytes: the rest of the stream follows.
-          while (!framesExactly(mainSent, VHOST_FRAMING, MAX_FRAME) && !peer.closed) {
-            const more = input.msgs[k++];
-            if (!more) {
-              peer.close();
-              return;
-            }
-            sendOn(peer, more);
-            mainSent.push(more);
-          }
+          settle(before);
         };
         peer.onMessage = (req) => {
+          if (process.env.VDK_FUZZ_LOG) console.log(`peer< ${req.request} 0x${req.flags.toString(16)} ${req.payload.length} B; next ${k}/${input.msgs.length}`);
+          seen.set(req.request, (seen.get(req.request) ?? 0) + 1);
           if (req.request === R.SET_BACKEND_REQ_FD && req.fds.length === 1) {
             backend?.close();
             backend = new RawEnd(new UnixSocket(req.fds.pop()!));
@@ -1118,7 +1133,7 @@ export const vhostUserFrontend: FuzzTarget = {
           if (!syncing) sendRequests();
           if (req.flags & NEED_REPLY || ALWAYS_REPLIED.has(req.request)) sendReply(req);
         };
-        const fe = VhostUserFrontend.fromSocket(ours, { timeoutMs: 2000 });
+        const fe = VhostUserFrontend.fromSocket(ours, { timeoutMs: 2000, ...(process.env.VDK_FUZZ_LOG ? { log: (l: string) => console.log(`fe: ${l}`) } : {}) });
         fe.on('error', () => {});
         const kick = EventFd.create();
         const call = EventFd.create();
@@ -1225,6 +1240,7 @@ export const vhostUserFrontend: FuzzTarget = {
         await untilTrue(() => !real.connected, 5000, 'probe: the back-end session stayed open');
       },
       async close() {
+        if (process.env.VDK_FUZZ_STATS) console.log(JSON.stringify(Object.fromEntries([...seen].sort((a, b) => a[0] - b[0]))));
         real.close();
         disk.close();
         await tick(20);
