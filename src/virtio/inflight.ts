@@ -219,6 +219,8 @@ export interface PackedRecovery {
   readonly usedWrap: boolean;
   /** Ring descriptors the in-flight chains hold (the avail side is this far past the used side). */
   readonly descriptors: number;
+  /** Descriptors of each entry of `entries` (its `num` when the queue attached). */
+  readonly counts: number[];
 }
 
 /** A packed queue's region. */
@@ -290,7 +292,7 @@ export class PackedInflightQueue extends InflightBase {
     if (this.attachFresh()) {
       this.setUsed(usedIdx, usedWrap);
       this.commit();
-      return { entries: [], usedIdx, usedWrap, descriptors: 0 };
+      return { entries: [], usedIdx, usedWrap, descriptors: 0, counts: [] };
     }
     if (this.usedIdx !== this.oldUsedIdx || this.usedWrap !== this.oldUsedWrap) {
       const f = ringFlags(this.#index(this.oldUsedIdx, 'old_used_idx'));
@@ -307,13 +309,15 @@ export class PackedInflightQueue extends InflightBase {
     }
     const entries = this.inflightByCounter(PACKED_ENTRY, PACKED_HEADER, 8);
     let descriptors = 0;
+    const counts: number[] = [];
     for (const e of entries) {
       const num = this.#u16(this.#entry(e) + 6);
       if (num < 1 || num > this.size) throw new VirtioError('INFLIGHT_LAYOUT', `inflight entry ${e} holds ${num} descriptors`);
       descriptors += num;
+      counts.push(num);
     }
     if (descriptors > this.size) throw new VirtioError('INFLIGHT_LAYOUT', `${descriptors} descriptors in flight on a ring of ${this.size}`);
-    return { entries, usedIdx: this.#index(this.usedIdx, 'used_idx'), usedWrap: this.usedWrap, descriptors };
+    return { entries, usedIdx: this.#index(this.usedIdx, 'used_idx'), usedWrap: this.usedWrap, descriptors, counts };
   }
 
   /** Copies the `n` descriptors of a chain taken from the ring; returns its head entry. */

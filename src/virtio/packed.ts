@@ -47,6 +47,8 @@ export class PackedQueue extends BaseQueue {
   readonly #ids = new Map<number, Chain>();
   /** Ring descriptors held by chains in flight (at most the ring size). */
   #descsInFlight = 0;
+  /** After a reconnect: the descriptor count of each inflight entry to resubmit, as counted in #descsInFlight. */
+  readonly #recorded = new Map<number, number>();
 
   constructor(o: DeviceQueueOptions) {
     super(o, true);
@@ -84,6 +86,7 @@ export class PackedQueue extends BaseQueue {
           this.#availWrap = !this.#availWrap;
         }
         this.resubmitList = r.entries;
+        r.entries.forEach((e, i) => this.#recorded.set(e, r.counts[i]!));
         // Their descriptors stay counted until they are pushed (resubmitted or not).
         this.#descsInFlight = r.descriptors;
       }
@@ -297,7 +300,10 @@ export class PackedQueue extends BaseQueue {
   }
 
   protected rebuild(entry: number): Chain {
-    const c = this.#build(this.#inflight!.descriptorsOf(entry, this.#d));
+    const n = this.#inflight!.descriptorsOf(entry, this.#d);
+    // The front-end may have rewritten the entry since the queue counted it.
+    if (n !== this.#recorded.get(entry)) throw new VirtioError('INFLIGHT_LAYOUT', `inflight entry ${entry} holds ${n} descriptors, ${String(this.#recorded.get(entry))} when the queue started`);
+    const c = this.#build(n);
     c.slot = entry;
     this.#descsInFlight -= c.descCount; // counted since the queue was created
     this.#track(c);
