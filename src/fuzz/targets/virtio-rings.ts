@@ -1399,6 +1399,8 @@ class RingRun {
     this.phase(PH_RESUBMIT);
     const rs = this.call('resubmit', () => q.resubmit(), Infinity);
     if (!rs.ok) return this.broke(rs.err, 'resubmit', null);
+    ringStats.reconnects++;
+    ringStats.resubmitted += rs.v.length;
     for (const c of rs.v) this.take(c, 'resubmit', false);
     if (q.inFlight !== this.held.size) throw new Finding('invariant', `inFlight ${q.inFlight} after resubmitting ${this.held.size}`);
     const again = this.call('resubmit (second)', () => q.resubmit());
@@ -1474,14 +1476,27 @@ class RingRun {
 }
 
 /** Runs one input; returns the chains popped (for the probe). */
+/** What the inputs reached (counted over every run in this process; for tuning the generator). */
+export const ringStats = {
+  inputs: 0,
+  queues: 0,
+  chains: 0,
+  broken: new Map<string, number>(),
+  toctouApplied: 0,
+  reconnects: 0,
+  resubmitted: 0,
+};
+
 function runRings(rig: Rig, packed: boolean, input: FuzzInput): number {
   const run = new RingRun(rig, packed, input);
+  ringStats.inputs++;
   try {
     run.phase(0);
     if (!run.create()) {
       run.checkMemory();
       return 0;
     }
+    ringStats.queues++;
     const rounds = Math.max(1, Math.min(MAX_ROUNDS, input.extra[X_ROUNDS] ?? 1));
     const crash = (run.flags & (F_INFLIGHT | F_RECONNECT)) === (F_INFLIGHT | F_RECONNECT);
     const hold = crash && run.rng.chance(0.5);
@@ -1497,6 +1512,10 @@ function runRings(rig: Rig, packed: boolean, input: FuzzInput): number {
     run.checkMemory();
     return run.popped;
   } finally {
+    ringStats.chains += run.popped;
+    ringStats.toctouApplied += run.mem.applied;
+    const code = run.q?.broken?.code;
+    if (code) ringStats.broken.set(code, (ringStats.broken.get(code) ?? 0) + 1);
     run.cleanup();
   }
 }
