@@ -35,6 +35,8 @@ export class MessageChannel extends EventEmitter<ChannelEvents> {
   #received = 0;
   #consumed = 0;
   #closed = false;
+  /** Reading paused until our write queue drains (backpressure). */
+  #throttled = false;
   readonly #maxPayload: number;
 
   constructor(socket: UnixSocket, options: { maxPayload?: number } = {}) {
@@ -60,7 +62,16 @@ export class MessageChannel extends EventEmitter<ChannelEvents> {
     msg.writeUInt32LE(flags >>> 0, 4);
     msg.writeUInt32LE(payload.byteLength, 8);
     msg.set(payload, HEADER_SIZE);
-    this.socket.write(msg, fds ?? null, true);
+    if (!this.socket.write(msg, fds ?? null, true) && !this.#throttled) {
+      // A peer that sends and does not read what we owe it: stop reading it until that drains,
+      // or its requests would pile up their replies here without bound.
+      this.#throttled = true;
+      this.socket.pause();
+      this.socket.once('drain', () => {
+        this.#throttled = false;
+        if (!this.#closed) this.socket.resume();
+      });
+    }
   }
 
   close(err?: Error): void {

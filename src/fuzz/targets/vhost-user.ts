@@ -39,6 +39,10 @@ const VF = VirtioFeature;
 /** Requests whose reply is part of the protocol, NEED_REPLY or not. */
 const ALWAYS_REPLIED = new Set<number>([R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.GET_QUEUE_NUM, R.GET_MAX_MEM_SLOTS, R.GET_VRING_BASE, R.GET_CONFIG, R.GET_INFLIGHT_FD, R.GET_STATUS, R.SET_LOG_BASE]);
 
+/** Debugging: VDK_FUZZ_LOG=1 prints the endpoints' logs and every request, VDK_FUZZ_STATS=1 what the run reached. */
+const DEBUG_LOG = process.env.VDK_FUZZ_LOG === '1';
+const DEBUG_STATS = process.env.VDK_FUZZ_STATS === '1';
+
 /** A vhost-user message seed: the 12-byte header (request, flags, size), then the body; the size is set to the body's. */
 function vmsg(name: string, request: number, flags: number, body: (b: SeedBuilder) => void, fds: FdKind[] = []): Seed {
   const b = new SeedBuilder().u32(request).u32(flags).u32(0);
@@ -586,7 +590,7 @@ function backendInput(rng: Rng): FuzzInput {
   return {
     msgs: [...head, ...rest.msgs],
     cuts: rest.cuts.map((c) => c + shift),
-    extra: [rng.u32(), (l.packed ? 1 : 0) | (l.eventIdx ? 2 : 0) | (l.indirect ? 4 : 0) | (l.logAll ? 8 : 0), l.sizes[0]!, l.sizes[1]!, rng.int(4), head.length],
+    extra: [rng.u32(), (l.packed ? 1 : 0) | (l.eventIdx ? 2 : 0) | (l.indirect ? 4 : 0) | (l.logAll ? 8 : 0), l.sizes[0]!, l.sizes[1]!, rng.int(4), head.length, rng.chance(0.001) ? 1 : 0],
   };
 }
 
@@ -620,6 +624,9 @@ interface Slot {
 }
 
 const GET_ID = 8;
+/** What a flooding front-end sends without reading, and how much of it the back-end may take. */
+const FLOOD = 8 << 20;
+const FLOOD_LIMIT = 4 << 20;
 
 export const vhostUserBackend: FuzzTarget = {
   name: 'vhost-user-backend',
@@ -631,7 +638,7 @@ export const vhostUserBackend: FuzzTarget = {
     for (let i = 0; i < 4; i++) {
       const p = path.join(dir, `b${i}.sock`);
       const device = VhostUserBlkDevice.open({ size: 1 << 20, queues: BLK_QUEUES, maxQueueSize: BLK_MAX_QUEUE });
-      slots.push({ path: p, device, backend: VhostUserBackend.listen(p, device, process.env.VDK_FUZZ_LOG ? { log: (l) => console.log(`b${i}: ${l}`), trace: (l) => console.log(`b${i}> ${l}`) } : {}), mem: SharedMemory.create(MEM_SIZE), ev: EventFd.create() });
+      slots.push({ path: p, device, backend: VhostUserBackend.listen(p, device, DEBUG_LOG ? { log: (l) => console.log(`b${i}: ${l}`), trace: (l) => console.log(`b${i}> ${l}`) } : {}), mem: SharedMemory.create(MEM_SIZE), ev: EventFd.create() });
     }
     const free = [...slots];
     const waiting: ((s: Slot) => void)[] = [];
@@ -644,6 +651,16 @@ export const vhostUserBackend: FuzzTarget = {
       if (w) w(s);
       else free.push(s);
     };
+    /**
+     * A connection the back-end has accepted (its session exists): connect() returns once the kernel
+     * queued it, and a session not yet accepted would look ended, and then refuse the next front-end.
+     */
+    const connectSlot = async (s: Slot): Promise<RawEnd> => {
+      const accepted = new Promise<void>((r) => s.backend.once('connect', () => r()));
+      const c = new RawEnd(await connectUnix(s.path));
+      await deadline(accepted, 5000, 'the back-end did not accept a connection');
+      return c;
+    };
     const ended = async (s: Slot, what: string): Promise<void> => {
       if (!s.backend.connected) return;
       const gone = new Promise<void>((r) => s.backend.once('disconnect', () => r()));
@@ -654,19 +671,23 @@ export const vhostUserBackend: FuzzTarget = {
       writeRings(s.mem.bytes, input.extra[0] ?? 0, fixedLayout(input.extra));
       // The back-end channel (SET_BACKEND_REQ_FD): a socketpair per input; its far end is a
       // front-end that acks what asks for it, and closes once the input is over.
-      const [near, farFd] = socketPairFds();
+      // Only for inputs that send a socket (a socketpair and its reader cost more than most inputs).
+      const usesSocket = input.msgs.some((m) => m.fds.includes('socket'));
+      const [near, farFd] = usesSocket ? socketPairFds() : [null, null];
       // Blocking in half the inputs, as front-ends make them (QEMU's socketpair and pipes are).
-      if ((input.extra[0] ?? 0) & 0x10) nativeAddon.setNonBlock(near.value, false);
-      const nearName = fs.readlinkSync(`/proc/self/fd/${near.value}`);
-      const far = new RawEnd(new UnixSocket(farFd));
+      if (near && (input.extra[0] ?? 0) & 0x10) nativeAddon.setNonBlock(near.value, false);
+      const nearName = near ? fs.readlinkSync(`/proc/self/fd/${near.value}`) : '';
+      const far = farFd ? new RawEnd(new UnixSocket(farFd)) : null;
       let violation: Finding | null = null;
-      far.onMessage = (m) => {
-        for (const f of m.fds) f.close();
-        if (m.flags & REPLY) violation ??= new Finding('invariant', `the back-end sent a reply (request ${m.request}) on its own request channel`);
-        if (m.flags & NEED_REPLY) far.send(m.request, V | REPLY, u64Buf(0));
-      };
+      if (far) {
+        far.onMessage = (m) => {
+          for (const f of m.fds) f.close();
+          if (m.flags & REPLY) violation ??= new Finding('invariant', `the back-end sent a reply (request ${m.request}) on its own request channel`);
+          if (m.flags & NEED_REPLY) far.send(m.request, V | REPLY, u64Buf(0));
+        };
+      }
       const fds: FdSource = {
-        fd: (k) => (k === 'memfd' ? s.mem.fd.value : k === 'eventfd' ? s.ev.fd.value : k === 'socket' ? near.value : pool.fd(k)),
+        fd: (k) => (k === 'memfd' ? s.mem.fd.value : k === 'eventfd' ? s.ev.fd.value : k === 'socket' && near ? near.value : pool.fd(k)),
       };
       let c: RawEnd | null = null;
       /** The sync request: every message before it was answered or ignored, then it is (or the connection closed). */
@@ -681,7 +702,7 @@ export const vhostUserBackend: FuzzTarget = {
             if (released) throw e;
             // A device state transfer may wait on the back-end channel socket: the front-end goes.
             released = true;
-            far.close();
+            far?.close();
             continue;
           }
           if (!m) return;
@@ -694,12 +715,13 @@ export const vhostUserBackend: FuzzTarget = {
         }
       };
       try {
-        c = new RawEnd(await connectUnix(s.path));
+        c = await connectSlot(s);
         const n = input.extra[5] ?? 0;
         const keepCuts = ((input.extra[0] ?? 0) & 0xf) === 0;
         const head = part(input, 0, n, keepCuts);
         const rest = part(input, n, input.msgs.length, keepCuts);
-        if (n > 0) {
+        if (input.extra[6] === 1) await flood(c, input);
+        else if (n > 0) {
           await writeInput(c.sock, head, fds);
           if (!framesCleanly(head.msgs) || c.closed) {
             // The rest would only continue a broken stream.
@@ -712,26 +734,50 @@ export const vhostUserBackend: FuzzTarget = {
             if (!c.closed) await writeInput(c.sock, rest, fds);
           }
         } else await writeInput(c.sock, rest, fds);
-        near.close();
-        if (framesCleanly(input.msgs) && !c.closed) await sync(c);
+        near?.close();
+        if (input.extra[6] !== 1 && framesCleanly(input.msgs) && !c.closed) await sync(c);
       } finally {
-        if (!near.closed) near.close();
+        near?.close();
         c?.close();
       }
       try {
         await ended(s, 'input');
         // No fd of the session outlives it: the socket the front-end gave (the back-end channel, a
         // device state pipe) is closed once the session is over, while the front-end keeps its end.
-        if (input.msgs.some((m) => m.fds.includes('socket'))) await untilTrue(() => !openFdNames().has(nearName), 1000, `the back-end holds the socket the front-end gave (${nearName}) after the session ended`);
+        if (usesSocket) await untilTrue(() => !openFdNames().has(nearName), 1000, `the back-end holds the socket the front-end gave (${nearName}) after the session ended`);
       } finally {
-        far.close();
+        far?.close();
       }
       if (violation) throw violation;
     };
 
+    /**
+     * A front-end that sends and never reads: the back-end must stop reading it once the replies it
+     * owes pile up (backpressure), not buffer them without bound. FLOOD bytes of the input's requests
+     * (or GET_FEATURES) go into our queue; if the back-end takes them all while we read nothing, it
+     * buffered the replies. If our queue stops moving first, it pushed back.
+     */
+    const flood = async (c: RawEnd, input: FuzzInput): Promise<void> => {
+      c.sock.pause();
+      const clean = input.msgs.filter((m) => m.fds.length === 0 && framesCleanly([m]) && new DataView(m.bytes.buffer, m.bytes.byteOffset).getUint32(4, true) === V);
+      const unit = Buffer.from(concat(clean.length ? clean.map((m) => m.bytes) : [frame(R.GET_FEATURES, V)]));
+      const chunk = Buffer.concat(Array.from({ length: Math.ceil(65536 / unit.length) }, () => unit));
+      for (let sent = 0; sent < FLOOD && !c.closed; sent += chunk.length) c.sock.write(chunk, null);
+      // Stalled: the queue did not move in 5 turns of the loop (each turn the back-end could read).
+      let last = c.sock.writableLength;
+      for (let still = 0; still < 5; ) {
+        await tick(2);
+        if (c.closed) return;
+        const now = c.sock.writableLength;
+        if (FLOOD - now > FLOOD_LIMIT) throw new Finding('memory', `the back-end read ${(FLOOD - now) >> 20} MiB of requests from a front-end that read none of its replies (it buffers them without bound)`);
+        still = now === last ? still + 1 : 0;
+        last = now;
+      }
+    };
+
     /** A valid session: handshake, memory, ring 0 with a GET_ID request, its completion read back. */
     const probeOne = async (s: Slot): Promise<void> => {
-      const c = new RawEnd(await connectUnix(s.path));
+      const c = await connectSlot(s);
       const kick = EventFd.create();
       const call = EventFd.create();
       try {
@@ -821,7 +867,7 @@ export const vhostUserBackend: FuzzTarget = {
         for (const s of slots) await probeOne(s);
       },
       async close() {
-        if (process.env.VDK_FUZZ_STATS) console.log(JSON.stringify(slots.map((s) => s.device.stats)));
+        if (DEBUG_STATS) console.log(JSON.stringify(slots.map((s) => s.device.stats)));
         for (const s of slots) {
           s.backend.close();
           s.device.close();
@@ -1121,7 +1167,7 @@ export const vhostUserFrontend: FuzzTarget = {
           settle(before);
         };
         peer.onMessage = (req) => {
-          if (process.env.VDK_FUZZ_LOG) console.log(`peer< ${req.request} 0x${req.flags.toString(16)} ${req.payload.length} B; next ${k}/${input.msgs.length}`);
+          if (DEBUG_LOG) console.log(`peer< ${req.request} 0x${req.flags.toString(16)} ${req.payload.length} B; next ${k}/${input.msgs.length}`);
           seen.set(req.request, (seen.get(req.request) ?? 0) + 1);
           if (req.request === R.SET_BACKEND_REQ_FD && req.fds.length === 1) {
             backend?.close();
@@ -1133,7 +1179,7 @@ export const vhostUserFrontend: FuzzTarget = {
           if (!syncing) sendRequests();
           if (req.flags & NEED_REPLY || ALWAYS_REPLIED.has(req.request)) sendReply(req);
         };
-        const fe = VhostUserFrontend.fromSocket(ours, { timeoutMs: 2000, ...(process.env.VDK_FUZZ_LOG ? { log: (l: string) => console.log(`fe: ${l}`) } : {}) });
+        const fe = VhostUserFrontend.fromSocket(ours, { timeoutMs: 2000, ...(DEBUG_LOG ? { log: (l: string) => console.log(`fe: ${l}`) } : {}) });
         fe.on('error', () => {});
         const kick = EventFd.create();
         const call = EventFd.create();
@@ -1240,7 +1286,7 @@ export const vhostUserFrontend: FuzzTarget = {
         await untilTrue(() => !real.connected, 5000, 'probe: the back-end session stayed open');
       },
       async close() {
-        if (process.env.VDK_FUZZ_STATS) console.log(JSON.stringify(Object.fromEntries([...seen].sort((a, b) => a[0] - b[0]))));
+        if (DEBUG_STATS) console.log(JSON.stringify(Object.fromEntries([...seen].sort((a, b) => a[0] - b[0]))));
         real.close();
         disk.close();
         await tick(20);
