@@ -851,6 +851,8 @@ class RingRun {
   created = false;
   /** The device pushes nothing while popping (the round before a crash). */
   holding = false;
+  /** The rings overlap (the engine's own writes may change what the guest wrote): no reference walk. */
+  readonly overlap: boolean;
 
   constructor(rig: Rig, packed: boolean, input: FuzzInput) {
     this.rig = rig;
@@ -872,6 +874,9 @@ class RingRun {
     const scheduled = this.writes.filter((w) => w.phase === PH_TOCTOU).sort((a, b) => a.trigger - b.trigger);
     this.mem = new ScribbleMemory(this.memory, scheduled, (w) => this.guestWrite(w), performance.now() + 5000);
     for (let i = 0; i < REGIONS.length; i++) this.addRegion(i);
+    const ar = areas(this.layout);
+    const list = [ar.desc, ar.driver, ar.device];
+    this.overlap = list.some(([a, al], i) => list.some(([b, bl], j) => i < j && a < b + bl && b < a + al));
     this.log = (this.flags & F_LOG) !== 0 ? new DirtyLog(new Uint8Array(Math.max(1, Math.min(1024, x(X_LOG))))) : null;
     const mc = x(X_MAXCHAIN);
     const base = x(X_BASE);
@@ -1283,9 +1288,24 @@ class RingRun {
         av = a.v;
         if (this.mem.applied === applied && av !== this.ringAvailable()) throw new Finding('invariant', `available() said ${av}, the ring says ${!av}`);
       }
+      const before = q.base();
+      const applied2 = this.mem.applied;
+      // The pop's only guest-memory write is the event word (split avail_event, packed device off_wrap),
+      // after it read the chain: put back what was there for the reference walk.
+      const ev = this.hostRanges(this.packed ? this.layout.device : this.layout.device + 4 + 8 * this.n, 2);
+      const evWas = ev.map(([lo]) => [this.rig.map[lo]!, this.rig.map[lo + 1]]);
       const p = this.call('pop', () => q.pop());
       if (!p.ok) return this.broke(p.err, 'pop', null);
       const c = p.v;
+      if (c !== null && this.mem.applied === applied2 && !this.overlap) {
+        const evNow = ev.map(([lo, hi]) => this.rig.map.slice(lo, hi));
+        ev.forEach(([lo, hi], k) => this.rig.map.set(Uint8Array.from(evWas[k]!.slice(0, hi - lo) as number[]), lo));
+        try {
+          this.refCheck(c, before);
+        } finally {
+          ev.forEach(([lo], k) => this.rig.map.set(evNow[k]!, lo));
+        }
+      }
       if (this.mem.applied === applied) {
         if (c === null && (av === true || (mustPop && i === 0))) throw new Finding('invariant', `pop gave null after ${av === true ? 'available()' : 'enableNotifications()'} said true`);
         if (c !== null && av === false && this.packed) throw new Finding('invariant', 'pop gave a chain after available() said false');
@@ -1294,6 +1314,74 @@ class RingRun {
       this.take(c, 'pop');
       this.checkAvailEvent('pop');
       if (!this.holding && rng.chance(0.4)) this.push([this.held.get(c.id)!], false);
+    }
+  }
+
+  /** A byte of guest memory by GPA (-1 outside the regions). */
+  byteAt(gpa: number): number {
+    for (const r of REGIONS) if (gpa >= r.gpa && gpa < end(r)) return this.rig.map[r.host + gpa - r.gpa]!;
+    return -1;
+  }
+
+  /** A little-endian field of `k` bytes at a GPA, byte by byte (a table may straddle regions). */
+  rd(gpa: number, k: number): number {
+    let v = 0;
+    for (let i = k - 1; i >= 0; i--) v = v * 256 + this.byteAt(gpa + i);
+    return v;
+  }
+
+  /**
+   * The chain as the spec reads it from the ring now (nothing wrote guest memory during the pop):
+   * its id and, per direction, the pieces of guest memory in order, against the chain's views.
+   */
+  refCheck(c: DescChain, before: number): void {
+    const n = this.n;
+    const l = this.layout;
+    const segs: [number, number, boolean][] = [];
+    let id = -1;
+    const desc = (g: number): { addr: number; len: number; a: number; b: number } => ({ addr: this.rd(g, 8), len: this.rd(g + 8, 4), a: this.rd(g + 12, 2), b: this.rd(g + 14, 2) });
+    if (!this.packed) {
+      // virtq_desc {addr, len, flags, next}; the head from the avail ring at the next avail idx.
+      id = this.rd(l.driver + 4 + 2 * (before & (n - 1)), 2);
+      let i = id;
+      for (let k = 0; k <= n; k++) {
+        const d = desc(l.desc + 16 * i);
+        if ((d.a & INDIRECT) !== 0) {
+          for (let j = 0, m = 0; m <= d.len / 16; m++) {
+            const e = desc(d.addr + 16 * j);
+            segs.push([e.addr, e.len, (e.a & WRITE) !== 0]);
+            if ((e.a & NEXT) === 0) break;
+            j = e.b;
+          }
+          break;
+        }
+        segs.push([d.addr, d.len, (d.a & WRITE) !== 0]);
+        if ((d.a & NEXT) === 0) break;
+        i = d.b;
+      }
+    } else {
+      // pvirtq_desc {addr, len, id, flags} from the next avail slot; an indirect table is used whole.
+      let slot = before & 0x7fff;
+      for (let k = 0; k < n; k++) {
+        const d = desc(l.desc + 16 * slot);
+        id = d.a;
+        if ((d.b & INDIRECT) !== 0) {
+          for (let off = 0; off + 16 <= d.len; off += 16) {
+            const e = desc(d.addr + off);
+            segs.push([e.addr, e.len, (e.b & WRITE) !== 0]);
+          }
+        } else segs.push([d.addr, d.len, (d.b & WRITE) !== 0]);
+        if (++slot === n) slot = 0;
+        if ((d.b & NEXT) === 0) break;
+      }
+    }
+    if (c.id !== id) throw new Finding('invariant', `pop gave chain id ${c.id}, the ring says ${id}`);
+    const want: [number[], number[]] = [[], []];
+    for (const [addr, len, w] of segs) if (len > 0) for (const [lo, hi] of this.hostRanges(addr, len)) want[w ? 1 : 0]!.push(lo, hi);
+    const got = (vs: Uint8Array[]): number[] => vs.flatMap((v) => [v.byteOffset, v.byteOffset + v.length]);
+    const [gr, gw] = [got(c.readable), got(c.writable)];
+    if (gr.join() !== want[0].join() || gw.join() !== want[1].join()) {
+      throw new Finding('invariant', `chain ${c.id}: views ${gr.join()} / ${gw.join()}, the ring says ${want[0].join()} / ${want[1].join()}`);
     }
   }
 
