@@ -33,8 +33,11 @@
  * DMA_READ / DMA_WRITE messages: buffers there go through bounce buffers
  * (BounceMemory: read in when the engine's pop misses them, the pop run
  * again; device-writable ones written back before the chain is pushed,
- * capped by `bounceLimit`); a ring there breaks the queue (DEVICE_NEEDS_RESET,
- * a log line that says why). Read-only windows are not used either.
+ * capped by `bounceLimit`); rings there are staged (StagedRing: copied in on
+ * a kick, the engine run over the copies, what it wrote flushed back before
+ * the interrupt decision, one sequential loop per queue). Read-only windows
+ * are not used (a ring or buffer there breaks the queue, DEVICE_NEEDS_RESET,
+ * a log line that says why).
  *
  * VIRTIO_PCI_CAP_PCI_CFG (cfg_type 5, config space 0x84): config accesses
  * to its pci_cfg_data reach BAR4 at cap.offset, cap.length bytes.
@@ -55,6 +58,7 @@ import { GuestMemory, type DirtyLog } from '../virtio/memory.js';
 import { createDeviceQueue, type DeviceQueue } from '../virtio/queue.js';
 import { VirtioError, hex } from '../virtio/errors.js';
 import { BounceMemory, BounceMiss } from '../virtio/bounce-memory.js';
+import { StagedRing, ringAreas } from '../virtio/staged-ring.js';
 import type { DescChain, GuestMemoryView } from '../virtio/types.js';
 import type { VirtioDeviceModel, VirtioQueueHandle } from '../virtio/device-queue-handle.js';
 import type { ConfigReader, DeviceContext, DmaWindow, IoEventFdSpec, VfioUserDeviceSpec } from '../vfio-user/device.js';
@@ -313,6 +317,21 @@ class DmaMemory implements GuestMemoryView {
     }
   }
 
+  /** True when every byte of [gpa, +length) is in a usable window, mapped or reached by messages. */
+  reachableByDma(gpa: number, length: number): boolean {
+    if (!Number.isSafeInteger(gpa) || !Number.isSafeInteger(length) || gpa < 0 || length < 0 || !Number.isSafeInteger(gpa + length)) return false;
+    const end = gpa + length;
+    let p = gpa;
+    while (p < end) {
+      const r = this.mapped.regions.find((x) => p >= x.guestPhysAddr && p < x.guestPhysAddr + x.size);
+      const w = r ? null : this.messages.find((x) => p >= x.iova && p < x.iova + x.size);
+      if (r) p = r.guestPhysAddr + r.size;
+      else if (w) p = w.iova + w.size;
+      else return false;
+    }
+    return true;
+  }
+
   /** The unusable window overlapping [gpa, +length), if any. */
   unusableAt(gpa: number, length: number): DmaWindow | undefined {
     return this.unusable.find((w) => gpa < w.iova + w.size && w.iova < gpa + Math.max(1, length));
@@ -329,7 +348,7 @@ class DmaMemory implements GuestMemoryView {
 }
 
 function whyUnusable(w: DmaWindow): string {
-  if (!w.mapped) return 'the client mapped without an fd: buffers there are copied by DMA_READ/DMA_WRITE, rings must be in a window with an fd';
+  if (!w.mapped) return 'the client mapped without an fd (reached by DMA_READ/DMA_WRITE)';
   return `is ${w.readable ? 'read-only' : 'write-only'}: rings and buffers need a readable and writable window`;
 }
 
@@ -358,6 +377,24 @@ export class PciQueue implements VirtioQueueHandle {
   #fetching = false;
   /** The bounce budget is in use: no pop until a chain holding bounce buffers completes. */
   #waiting = false;
+  /** The staged copies of the rings when some of them are in windows without fd (null: in place). */
+  staged: StagedRing | null = null;
+  /** A staged ring being read in at its start (its token), null otherwise. */
+  starting: object | null = null;
+  /** Staged: completions waiting for the loop, and how many chains it wrote into the staged rings not yet flushed. */
+  #deferred: { chains: readonly DescChain[]; write: (ring: DeviceQueue) => void }[] = [];
+  #applied = 0;
+  #appliedTo: DeviceQueue | null = null;
+  /** Staged: the loop runs; something came while it ran; a kick (refresh, then the handler) or a pop again (no refresh) is due. */
+  #looping = false;
+  #again = false;
+  #wantKick = false;
+  #wantRepop = false;
+  /** Staged: a ring DMA failed with the windows there: the queue is broken, nothing more until a reset. */
+  #stagedFailed = false;
+  #idleWaiters: (() => void)[] = [];
+  /** Chains popped (the loop looks again after a handler that popped). */
+  #pops = 0;
   /** The bounce buffers of chains in flight. */
   readonly #bounced = new Map<DescChain, { memory: BounceMemory; buffers: Uint8Array[] }>();
   /** Chains popped and not yet pushed. */
@@ -413,6 +450,7 @@ export class PciQueue implements VirtioQueueHandle {
       const buffers = memory?.claim() ?? [];
       if (memory && buffers.length > 0) this.#bounced.set(chain, { memory, buffers });
       this.#from.set(chain, ring);
+      this.#pops++;
       this.inFlight++;
       this.#t.busy(1);
     }
@@ -453,7 +491,13 @@ export class PciQueue implements VirtioQueueHandle {
         this.#fetching = false;
         if (this.engine !== engine || this.bounce !== memory) return; // reset meanwhile
         for (const [gpa, b] of fetched) memory.fill(gpa, b);
-        this.schedule();
+        if (this.staged) {
+          // The staged rings are as they were at the miss: pop again without a refresh.
+          this.#wantRepop = true;
+          this.#wake();
+        } else {
+          this.schedule();
+        }
       },
       (err: Error) => {
         this.#fetching = false;
@@ -516,6 +560,17 @@ export class PciQueue implements VirtioQueueHandle {
   }
 
   #finish(chains: readonly DescChain[], write: ((ring: DeviceQueue) => void) | null): void {
+    if (this.staged && write) {
+      // Staged rings: written by the loop, flushed, then the interrupt decided and the chains done.
+      this.#deferred.push({ chains, write });
+      this.#wake();
+      return;
+    }
+    this.#settle(this.#apply(chains, write));
+  }
+
+  /** Writes the chains' used entries to the ring (unless it is gone: dropped); returns how many were in flight. */
+  #apply(chains: readonly DescChain[], write: ((ring: DeviceQueue) => void) | null): number {
     const ring = write ? this.ring : null;
     const ours = ring !== null && chains.every((c) => this.#from.get(c) === ring);
     let n = 0;
@@ -530,6 +585,12 @@ export class PciQueue implements VirtioQueueHandle {
     }
     // A completion for a ring that was reset (or replaced) is dropped: that ring is gone.
     if (!ours && write && this.engine && ring === null) this.#t.log(`queue ${this.index}: a completion dropped, the ring is not in the DMA windows mapped`);
+    return n;
+  }
+
+  /** n chains are done (their used entries visible to the driver, or dropped). */
+  #settle(n: number): void {
+    if (n === 0) return;
     this.inFlight = Math.max(0, this.inFlight - n);
     this.#t.busy(-n);
     if (this.inFlight === 0 && this.#drainWaiters.length > 0) {
@@ -540,8 +601,14 @@ export class PciQueue implements VirtioQueueHandle {
   }
 
   notify(): void {
+    // Staged rings: the loop decides once the used entries are flushed and the driver's event fields read.
+    if (this.staged) return;
     const ring = this.ring;
-    if (!ring) return;
+    if (ring) this.#decide(ring);
+  }
+
+  /** Interrupts if the driver wants one for what was pushed (held while the device is stopped). */
+  #decide(ring: DeviceQueue): void {
     try {
       if (!ring.needsNotify()) return;
     } catch (err) {
@@ -560,6 +627,11 @@ export class PciQueue implements VirtioQueueHandle {
 
   /** Runs the device's handler for this queue soon (once per turn of the event loop). */
   schedule(): void {
+    if (this.staged) {
+      this.#wantKick = true;
+      this.#wake();
+      return;
+    }
     if (this.#scheduled) return;
     this.#scheduled = true;
     setImmediate(() => {
@@ -568,8 +640,140 @@ export class PciQueue implements VirtioQueueHandle {
     });
   }
 
+  /** Resolves once the staged loop (if any) is not running: no ring transfer of this queue is out. */
+  idle(): Promise<void> {
+    if (!this.#looping) return Promise.resolve();
+    return new Promise((resolve) => this.#idleWaiters.push(resolve));
+  }
+
+  /** @internal A staged ring was read in and its engine built: the loop serves it from now on. */
+  startStaged(engine: DeviceQueue, bounce: BounceMemory, st: StagedRing): void {
+    this.engine = engine;
+    this.bounce = bounce;
+    this.staged = st;
+    this.#stagedFailed = false;
+    this.reachGen = -1;
+    this.schedule(); // buffers may be waiting already
+  }
+
+  // --- rings in windows without fd: one sequential loop per queue ---
+
+  #wake(): void {
+    if (this.#looping) {
+      this.#again = true;
+      return;
+    }
+    this.#looping = true;
+    void this.#run().finally(() => {
+      this.#looping = false;
+      if (this.#again) return this.#wake();
+      for (const f of this.#idleWaiters.splice(0)) f();
+    });
+  }
+
+  /** Completions of a ring that is gone (reset, replaced, broken): counted done, not written. */
+  #dropAll(): void {
+    if (this.#applied > 0) this.#settle(this.#applied);
+    this.#applied = 0;
+    this.#appliedTo = null;
+    for (const d of this.#deferred.splice(0)) this.#settle(this.#apply(d.chains, null));
+  }
+
+  /**
+   * The loop of a staged queue. Nothing else touches its staged rings, and
+   * each step waits for the previous one's DMA, so no refresh lands over a
+   * write not yet flushed:
+   *   1. completions written into the staged rings (the engine's push);
+   *   2. what the engine wrote flushed (DMA_WRITE): bodies, then the words
+   *      that publish them (split used idx; packed flags); the buffers' data
+   *      was written before the chains were pushed (bounce write-backs first);
+   *   3. after a flush of completions: the driver's event fields read again,
+   *      the interrupt decided; only now are those chains done (a STOP or a
+   *      reset waits for this);
+   *   4. on a kick: the driver areas read again and the device's handler run
+   *      if a chain is available; after a handler that popped, once more from
+   *      2: what it wrote (avail_event, flags) is flushed before the next look
+   *      at the avail side, so a buffer the driver adds meanwhile is seen or kicked.
+   * Rings not in the windows mapped now (a window unmapped, the client gone)
+   * wait, completions kept, until they are back; a reset drops them.
+   */
+  async #run(): Promise<void> {
+    for (;;) {
+      this.#again = false;
+      const st = this.staged;
+      const engine = this.engine;
+      if (this.#appliedTo !== null && this.#appliedTo !== engine) {
+        this.#settle(this.#applied);
+        this.#applied = 0;
+        this.#appliedTo = null;
+      }
+      if (!st || !engine || this.#stagedFailed) {
+        this.#dropAll();
+        return;
+      }
+      const dma = this.#t.dma;
+      if (!dma || !this.#t.reachable(this)) {
+        if (!this.#t.running && (this.#applied > 0 || this.#deferred.length > 0)) {
+          // Stopping: a STOP cannot wait for windows that may not come back.
+          this.#stagedFailed = true;
+          this.#t.queueBroken(this, new Error(`queue ${this.index}: completions due while its rings are not in the DMA windows mapped`));
+          this.#dropAll();
+        }
+        return; // dmaMapped wakes it
+      }
+      try {
+        if (this.#deferred.length > 0) {
+          for (const d of this.#deferred.splice(0)) this.#applied += this.#apply(d.chains, d.write);
+          this.#appliedTo = engine;
+        }
+        await st.flush(dma);
+        if (this.engine !== engine) continue;
+        if (this.#applied > 0) {
+          await st.refreshEvents(dma);
+          if (this.engine !== engine) continue;
+          this.#decide(engine);
+          const n = this.#applied;
+          this.#applied = 0;
+          this.#appliedTo = null;
+          this.#settle(n);
+        }
+        if (this.#canKick(engine)) {
+          const refresh = this.#wantKick;
+          this.#wantKick = false;
+          this.#wantRepop = false;
+          if (refresh) {
+            await st.refreshDriver(dma, engine.packed ? engine.base() & 0x7fff : 0);
+            if (this.engine !== engine) continue;
+          }
+          if (this.#t.serving && engine.available()) {
+            const before = this.#pops;
+            this.#t.handle(this);
+            if (this.#pops !== before) this.#wantKick = true;
+          }
+        }
+      } catch (err) {
+        if (this.engine !== engine) continue;
+        if (!this.#t.dma || !this.#t.reachable(this)) continue; // the windows went away meanwhile: wait for them
+        this.#stagedFailed = true;
+        this.#t.queueBroken(this, new Error(`queue ${this.index}: DMA of its rings failed: ${(err as Error).message}`));
+        continue;
+      }
+      if (!this.#again && this.#deferred.length === 0 && !st.dirty && !this.#canKick(engine)) return;
+    }
+  }
+
+  #canKick(engine: DeviceQueue): boolean {
+    return (this.#wantKick || this.#wantRepop) && this.#t.serving && !this.#fetching && !this.#waiting && engine.broken === null;
+  }
+
   /** Back to the state after reset (the ring dropped; completions still due are discarded). */
   resetRegisters(): void {
+    this.staged = null;
+    this.starting = null;
+    this.#stagedFailed = false;
+    this.#wantKick = false;
+    this.#wantRepop = false;
+    this.#dropAll();
     this.engine = null;
     this.bounce = null;
     this.#fetching = false;
@@ -596,6 +800,9 @@ export interface VirtioPciStats {
   /** DMA_READ transfers of buffers in windows without fd, and DMA_WRITE write-backs. */
   bounceReads: number;
   bounceWrites: number;
+  /** DMA_READs and DMA_WRITEs of staged ring bytes (rings in windows without fd). */
+  ringReads: number;
+  ringWrites: number;
 }
 
 /** The transport's state: common cfg registers, queues, interrupts, DMA memory, migration. */
@@ -604,7 +811,7 @@ export class VirtioPciTransport {
   readonly queues: PciQueue[];
   readonly memory = new DmaMemory();
   readonly ioEventFds: IoEventFdSpec[] = [];
-  readonly stats: VirtioPciStats = { kicks: 0, ioeventfdKicks: 0, interrupts: 0, resets: 0, brokenQueues: 0, bounceReads: 0, bounceWrites: 0 };
+  readonly stats: VirtioPciStats = { kicks: 0, ioeventfdKicks: 0, interrupts: 0, resets: 0, brokenQueues: 0, bounceReads: 0, bounceWrites: 0, ringReads: 0, ringWrites: 0 };
   /** The features offered (device features the transport supports). */
   readonly offered: bigint;
   readonly configSize: number;
@@ -697,21 +904,25 @@ export class VirtioPciTransport {
     return this.#running && this.#resetShown === null && this.memory.ghosts.length === 0;
   }
 
+  /** A queue's ring layout as the driver set it. */
+  #layout(q: PciQueue): { packed: boolean; eventIdx: boolean; size: number; desc: number; driver: number; device: number } {
+    const f = this.driverFeatures;
+    return { packed: (f & bit(F_RING_PACKED)) !== 0n, eventIdx: (f & bit(F_EVENT_IDX)) !== 0n, size: q.size, desc: q.desc, driver: q.driver, device: q.device };
+  }
+
   /** The areas of a queue's rings: [what, gpa, bytes]. */
   #ringAreas(q: PciQueue): [string, number, number][] {
-    const f = this.driverFeatures;
-    const eventIdx = (f & bit(F_EVENT_IDX)) !== 0n;
-    const n = q.size;
-    return (f & bit(F_RING_PACKED)) !== 0n
-      ? [['descriptor ring', q.desc, 16 * n], ['driver area', q.driver, 4], ['device area', q.device, 4]]
-      : [['descriptor table', q.desc, 16 * n], ['avail ring', q.driver, 4 + 2 * n + (eventIdx ? 2 : 0)], ['used ring', q.device, 4 + 8 * n + (eventIdx ? 2 : 0)]];
+    const l = this.#layout(q);
+    const names = l.packed ? { desc: 'descriptor ring', driver: 'driver area', device: 'device area' } : { desc: 'descriptor table', driver: 'avail ring', device: 'used ring' };
+    return ringAreas(l).map(([what, gpa, len]) => [names[what], gpa, len]);
   }
 
   /** @internal Whether a queue's rings are all in the windows mapped now (cached per memory generation). */
   reachable(q: PciQueue): boolean {
     const g = this.memory.generation;
     if (q.reachGen !== g) {
-      q.reachOk = this.#ringAreas(q).every(([, gpa, len]) => this.memory.has(gpa, len));
+      // Staged rings are reached by DMA (mapped windows or messages); the others in place (mapped windows).
+      q.reachOk = this.#ringAreas(q).every(([, gpa, len]) => (q.staged ? this.memory.reachableByDma(gpa, len) : this.memory.has(gpa, len)));
       q.reachGen = g;
     }
     return q.reachOk;
@@ -748,7 +959,10 @@ export class VirtioPciTransport {
     if (!w.mapped && w.readable && w.writable) {
       // Reached by DMA_READ / DMA_WRITE: buffers there go through bounce buffers.
       this.memory.addMessageWindow(w);
-      for (const q of this.queues) if (q.engine) q.schedule();
+      for (const q of this.queues) {
+        if (q.enabled && !q.engine) this.#start(q); // rings waiting for it (staged)
+        else if (q.engine) q.schedule();
+      }
       return;
     }
     const bytes = w.mapped && w.readable && w.writable ? ctx.dma.view(w.iova, w.size) : null;
@@ -1027,9 +1241,15 @@ export class VirtioPciTransport {
     const packed = (f & bit(F_RING_PACKED)) !== 0n;
     const eventIdx = (f & bit(F_EVENT_IDX)) !== 0n;
     const n = q.size;
+    if (q.starting) return; // its staged rings are being read in
+    let staged = false;
     for (const [what, gpa, len] of this.#ringAreas(q)) {
       if (this.memory.has(gpa, len)) continue;
-      const w = this.memory.unusableAt(gpa, len) ?? this.memory.messageAt(gpa, len);
+      const w = this.memory.unusableAt(gpa, len);
+      if (!w && this.memory.reachableByDma(gpa, len)) {
+        staged = true; // (part of it) in a window without fd: staged copies
+        continue;
+      }
       if (w) {
         this.queueBroken(q, new VirtioError('RING_LAYOUT', `queue ${q.index}: the ${what} at ${hex(gpa)} is in the DMA window [${hex(w.iova)}, +${hex(w.size)}), which ${whyUnusable(w)}`));
       } else {
@@ -1041,10 +1261,10 @@ export class VirtioPciTransport {
       this.queueBroken(q, new VirtioError('RING_LAYOUT', `queue ${q.index}: size ${n} (1..${q.maxSize})`));
       return;
     }
-    try {
+    const build = (memory: (bounce: BounceMemory) => GuestMemoryView, log: DirtyLog): { engine: DeviceQueue; bounce: BounceMemory } => {
       const bounce = new BounceMemory(this.memory, () => this.memory.messages, () => this.memory.generation, this.bounceLimit);
-      q.engine = createDeviceQueue({
-        memory: bounce,
+      const engine = createDeviceQueue({
+        memory: memory(bounce),
         size: n,
         packed,
         desc: q.desc,
@@ -1053,14 +1273,76 @@ export class VirtioPciTransport {
         eventIdx,
         indirect: (f & bit(F_INDIRECT_DESC)) !== 0n,
         ...(q.base !== null ? { base: q.base } : {}),
-        log: this.#dirtyLog,
+        log,
       });
+      return { engine, bounce };
+    };
+    if (staged) {
+      this.#startStaged(q, build);
+      return;
+    }
+    try {
+      const { engine, bounce } = build((b) => b, this.#dirtyLog);
+      q.engine = engine;
       q.bounce = bounce;
     } catch (err) {
       this.queueBroken(q, err as Error);
       return;
     }
     q.schedule(); // buffers may be waiting already
+  }
+
+  /**
+   * Rings (some of their areas) in windows without fd: read them in, then
+   * the engine over the staged copies (the PciQueue's loop serves it).
+   */
+  #startStaged(q: PciQueue, build: (memory: (bounce: BounceMemory) => GuestMemoryView, log: DirtyLog) => { engine: DeviceQueue; bounce: BounceMemory }): void {
+    const dma = this.dma;
+    if (!dma) return; // no client: started when its windows are mapped
+    const layout = this.#layout(q);
+    let st: StagedRing;
+    try {
+      st = new StagedRing(layout, this.stats);
+    } catch (err) {
+      this.queueBroken(q, new VirtioError('RING_LAYOUT', `queue ${q.index}: ${(err as Error).message}`));
+      return;
+    }
+    const token = {};
+    q.starting = token;
+    const t = this;
+    const log = {
+      bytes: new Uint8Array(0),
+      overflow: 0,
+      mark(gpa: number, length: number) {
+        t.#ctx?.dma.markDirty(gpa, length);
+        st.mark(gpa, length);
+      },
+    } as DirtyLog;
+    const first = layout.packed ? (q.base ?? 0) & 0x7fff : 0;
+    st.load(dma, first < layout.size ? first : 0).then(
+      () => {
+        if (q.starting !== token) return; // reset meanwhile
+        q.starting = null;
+        const S = VirtioStatus;
+        if (q.engine || !q.enabled || !this.#running || this.#resetShown !== null) return;
+        if ((this.status & (S.DRIVER_OK | S.FEATURES_OK | S.DEVICE_NEEDS_RESET)) !== (S.DRIVER_OK | S.FEATURES_OK)) return;
+        let built;
+        try {
+          built = build((bounce) => st.memory(bounce), log);
+        } catch (err) {
+          this.queueBroken(q, err as Error);
+          return;
+        }
+        q.startStaged(built.engine, built.bounce, st);
+      },
+      (err: Error) => {
+        if (q.starting !== token) return;
+        q.starting = null;
+        // The client left, or a window went away: started again when its windows are mapped.
+        if (!this.dma || !this.#ringAreas(q).every(([, gpa, len]) => this.memory.reachableByDma(gpa, len))) return;
+        this.queueBroken(q, new Error(`queue ${q.index}: reading its rings failed: ${err.message}`));
+      },
+    );
   }
 
   kick(q: PciQueue): void {
@@ -1159,7 +1441,8 @@ export class VirtioPciTransport {
     if (this.#quiesced) return this.#quiesced;
     this.#running = false;
     this.#stopping();
-    this.#quiesced = Promise.all(this.queues.map((q) => q.drained())).then(() => {
+    for (const q of this.queues) if (q.staged) q.schedule(); // a staged loop waiting for its windows gives up now
+    this.#quiesced = Promise.all(this.queues.map((q) => q.drained().then(() => q.idle()))).then(() => {
       for (const q of this.queues) q.notify(); // the interrupts the last completions are due
       this.#irqsAllowed = false;
     });
