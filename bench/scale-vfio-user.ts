@@ -336,6 +336,8 @@ interface CaseResult {
   serverCpuMs: number;
   /** Open loop: the worst slice's 99th percentile of how late reads left, ms. */
   lagP99?: number;
+  /** Each slice's p99 (us), in order: slice k of two cases ran in the same cycle. */
+  sliceP99: number[];
 }
 
 /** A case's slices, summed. */
@@ -346,8 +348,18 @@ class CaseAcc {
   seconds = 0;
   serverCpuMs = 0;
   lagP99: number | undefined;
+  /** Each slice's p99, in order. */
+  sliceP99: number[] = [];
   result(): CaseResult {
-    return { lat: latencies(this.parts), reads: this.reads, errors: this.errors, seconds: this.seconds, serverCpuMs: this.serverCpuMs, ...(this.lagP99 !== undefined ? { lagP99: this.lagP99 } : {}) };
+    return {
+      lat: latencies(this.parts),
+      reads: this.reads,
+      errors: this.errors,
+      seconds: this.seconds,
+      serverCpuMs: this.serverCpuMs,
+      sliceP99: this.sliceP99,
+      ...(this.lagP99 !== undefined ? { lagP99: this.lagP99 } : {}),
+    };
   }
 }
 
@@ -422,6 +434,7 @@ async function slice(acc: CaseAcc, clients: ChildProcess[], servers: number[], m
   const errors = rs.reduce((a, r) => a + r.errors, 0);
   if (errors > 0) process.stderr.write(`  ${errors} errors; first: ${rs.find((r) => r.firstError)?.firstError}\n`);
   acc.parts.push(...rs.map((r) => r.lat));
+  acc.sliceP99.push(latencies(rs.map((r) => r.lat)).p99);
   acc.reads += rs.reduce((a, r) => a + r.reads, 0);
   acc.errors += errors;
   acc.seconds += Math.min(seconds, wall);
@@ -628,6 +641,12 @@ async function driver(): Promise<number> {
         const p99 = (l: string): number => median(results[c].map((x) => x.cases.get(l)!.lat.p99));
         const paired = (l: string): number => median(results[c].map((x) => x.cases.get(`${CONNS} conns, open loop`)!.lat.p99 / x.cases.get(l)!.lat.p99));
         const many = p99(`${CONNS} conns, open loop`);
+        // Per cycle (adjacent slices, the same background load): p99 of the CONNS slice / p99 of the 1-conn total-rate slice.
+        const cycles = results[c].flatMap((x) => x.cases.get(C_MANY)!.sliceP99.map((v, k) => v / x.cases.get(C_TOTAL)!.sliceP99[k]!));
+        lines.push(
+          `${LABEL[c]}: per cycle, p99(${CONNS} conns slice) / p99(1 conn total-rate slice): median ${median(cycles).toFixed(2)} over ${cycles.length} cycles ` +
+            `(${cycles.filter((r) => r <= 2).length} of them <= 2; range ${Math.min(...cycles).toFixed(2)} - ${Math.max(...cycles).toFixed(2)})`,
+        );
         lines.push(
           `${LABEL[c]}: p99(${CONNS}) / p99(1 conn, per-conn rate) = ${(many / p99('1 conn, per-conn rate')).toFixed(2)} (paired ${paired('1 conn, per-conn rate').toFixed(2)}); ` +
             `/ p99(1 conn, total rate) = ${(many / p99('1 conn, total rate')).toFixed(2)} (paired ${paired('1 conn, total rate').toFixed(2)}); ` +

@@ -15,9 +15,10 @@
  * device); every read is checked (4096 bytes, all zero). Cases: 1 device and
  * all DEVICES at once, at QD1 and QD32, for SECONDS each. Reports total IOPS,
  * per-device IOPS (min - max), latency p50 / p99 over all reads and the worst
- * device's p99, the back-end's CPU time per I/O (/proc/PID/task/∗/schedstat),
- * the ratio ours / qsd (IOPS) and DEVICES / 1 device (IOPS), and the
- * back-ends' RSS with all devices connected.
+ * device's p99, the back-end's and the front-end's CPU time per I/O
+ * (/proc/PID/task/∗/schedstat), the back-end's VmRSS halfway through each
+ * case (and before the first), the ratio ours / qsd (IOPS) and DEVICES / 1
+ * device (IOPS).
  *
  *   npm run -s build && node dist/bench/scale-vhost-user-blk.js [--devices 16] [--seconds 5]
  *     [--rounds 2] [--setups pinned,unpinned] [--only ours,qsd]
@@ -164,6 +165,10 @@ interface CaseResult {
   worstP99: number;
   errors: number;
   cpuUsPerIo: number;
+  /** The front-end process's CPU time per I/O. */
+  feCpuUsPerIo: number;
+  /** The back-end's VmRSS halfway through the case, kB. */
+  beRssKb: number;
 }
 
 function sockPath(dir: string, kind: Backend, i: number): string {
@@ -207,9 +212,14 @@ async function startBackend(kind: Backend, dir: string, cpus: string | undefined
 
 async function runCase(fe: ChildProcess, be: ChildProcess, kind: Backend, dir: string, c: { devices: number; depth: number }): Promise<CaseResult> {
   const sockets = Array.from({ length: c.devices }, (_, i) => sockPath(dir, kind, i));
+  let beRssKb = NaN;
+  const probe = setTimeout(() => (beRssKb = procMemory(be.pid!).vmRss), 100 + (SECONDS * 1000) / 2);
   const cpu0 = procCpuMs(be.pid!);
+  const fe0 = procCpuMs(fe.pid!);
   const r = await ask<{ devices: DeviceRun[]; seconds: number }>(fe, { cmd: 'run', sockets, depth: c.depth, seconds: SECONDS, startEpoch: Date.now() + 100 });
   const cpu1 = procCpuMs(be.pid!);
+  const fe1 = procCpuMs(fe.pid!);
+  clearTimeout(probe);
   const errors = r.devices.reduce((a, d) => a + d.errors, 0);
   if (errors > 0) process.stderr.write(`  ${kind} ${caseName(c)}: ${errors} errors; first: ${r.devices.find((d) => d.firstError)?.firstError}\n`);
   const ios = r.devices.reduce((a, d) => a + d.ios, 0);
@@ -222,6 +232,8 @@ async function runCase(fe: ChildProcess, be: ChildProcess, kind: Backend, dir: s
     worstP99: Math.max(...r.devices.map((d) => latencies([d.lat]).p99)),
     errors,
     cpuUsPerIo: ((cpu1 - cpu0) * 1000) / Math.max(1, ios),
+    feCpuUsPerIo: ((fe1 - fe0) * 1000) / Math.max(1, ios),
+    beRssKb,
   };
 }
 
@@ -246,7 +258,7 @@ async function driver(): Promise<number> {
           const be = await startBackend(kind, dir, cpus);
           const fe = forkChild(THIS_FILE, ['--frontend'], cpus);
           try {
-            const idle = procMemory(be.pid!).vmRss;
+            (rss.get(kind) ?? rss.set(kind, []).get(kind)!).push(procMemory(be.pid!).vmRss);
             for (const c of CASES) {
               const r = await runCase(fe, be, kind, dir, c);
               totalErrors += r.errors;
@@ -254,7 +266,6 @@ async function driver(): Promise<number> {
               (res.get(k) ?? res.set(k, []).get(k)!).push(r);
               process.stderr.write(`  ${k.padEnd(20)} ${Math.round(r.iops)} IOPS, p50 ${f1(r.lat.p50)} p99 ${f1(r.lat.p99)} us, ${r.errors} errors\n`);
             }
-            (rss.get(kind) ?? rss.set(kind, []).get(kind)!).push(procMemory(be.pid!).vmRss - idle);
             if (kind === 'ours') {
               const s = await ask<{ errors: number }>(be, { cmd: 'stats' });
               totalErrors += s.errors;
@@ -279,12 +290,14 @@ async function driver(): Promise<number> {
             f1(m((x) => x.lat.p99)),
             f1(m((x) => x.worstP99)),
             f1(m((x) => x.cpuUsPerIo)),
+            f1(m((x) => x.feCpuUsPerIo)),
+            String(Math.round(m((x) => x.beRssKb) / 1024)),
             String(rs.reduce((a, x) => a + x.errors, 0)),
           ]);
         }
       }
       const lines = [`\n${setup} (${cpus !== undefined ? `taskset -c ${cpus}` : 'no taskset'}), medians of ${ROUNDS} round(s); latencies in us; loadavg ${loadavg()}`];
-      lines.push(formatTable(['case', 'IOPS', 'per device', 'p50', 'p99', 'worst dev p99', 'back-end CPU us/IO', 'errors'], rows));
+      lines.push(formatTable(['case', 'IOPS', 'per device', 'p50', 'p99', 'worst dev p99', 'back-end CPU us/IO', 'front-end CPU us/IO', 'back-end RSS MiB', 'errors'], rows));
       const iops = (kind: Backend, c: { devices: number; depth: number }): number => median(res.get(`${kind}: ${caseName(c)}`)!.map((x) => x.iops));
       for (const c of CASES) {
         if (only.length === 2) {
@@ -295,7 +308,7 @@ async function driver(): Promise<number> {
       for (const kind of only) {
         lines.push(
           `${kind}: ${DEVICES} dev / 1 dev IOPS: QD1 ${(iops(kind, CASES[2]!) / iops(kind, CASES[0]!)).toFixed(2)}, QD32 ${(iops(kind, CASES[3]!) / iops(kind, CASES[1]!)).toFixed(2)}; ` +
-            `back-end RSS growth over the run ${Math.round(median(rss.get(kind)!))} kB`,
+            `back-end RSS before the first case ${Math.round(median(rss.get(kind)!) / 1024)} MiB`,
         );
       }
       process.stdout.write(`${lines.join('\n')}\n`);
