@@ -743,3 +743,32 @@ test('a guest that rewrites its ring between the device\'s fetches: a typed brea
   await got;
   assert.deepEqual(dataOf(g, ok), pattern(3, SECTOR));
 });
+
+test('staged rings: the window without fd unmapped under a request in flight; the completion waits for it, lands once it is mapped again, and the queue goes on', async (t) => {
+  const dir = tmp();
+  const g = guest(t);
+  const s = await serve(t, dir, 'a.sock', g, { file: makeDisk(dir), latencyMs: 100 });
+  const irqs = await vectors(t, s);
+  const ring = new SplitRing(g, RING_AT, 8, false);
+  await start(s, ring, F_VERSION_1);
+  const hp = heaps();
+  const r = request(g, hp.ram, hp.ram, T_IN, 12, 2 * SECTOR); // buffers in fd RAM, rings in the window without fd
+  submit(ring, r);
+  await s.pci.kick(0);
+  await until(() => s.spec.disk.stats.reads === 1, () => 'taken');
+  await s.client.dmaUnmap(SIDE_GPA, SIDE_BYTES);
+  await until(() => statusOf(g, r) === 0, () => 'the I/O finished into fd RAM');
+  assert.equal(ring.usedIdx, 0, 'no used entry while its ring is not mapped');
+  assert.equal(s.spec.transport.queues[0]!.inFlight, 1, 'the completion is kept');
+  const got = irq(irqs.q, 'the completion after the re-map');
+  await s.client.dmaMap({ iova: SIDE_GPA, size: SIDE_BYTES, memory: g.side, passFd: false });
+  await usedInOrder(g, ring, [r], 1);
+  await got;
+  assert.deepEqual(dataOf(g, r), pattern(12, 2 * SECTOR));
+  const next = request(g, hp.side, hp.side, T_IN, 13, SECTOR);
+  submit(ring, next);
+  await s.pci.kick(0);
+  await usedInOrder(g, ring, [next], 1);
+  assert.deepEqual(dataOf(g, next), pattern(13, SECTOR));
+  assert.equal(s.spec.transport.stats.brokenQueues, 0);
+});
