@@ -347,8 +347,9 @@ class DmaMemory implements GuestMemoryView {
   }
 }
 
+/** Why a window in `unusable` is (they are all read-only or write-only, mapped or not). */
 function whyUnusable(w: DmaWindow): string {
-  if (!w.mapped) return 'the client mapped without an fd (reached by DMA_READ/DMA_WRITE)';
+  if (w.readable && w.writable) return 'could not be viewed here';
   return `is ${w.readable ? 'read-only' : 'write-only'}: rings and buffers need a readable and writable window`;
 }
 
