@@ -743,7 +743,7 @@ export class PciQueue implements VirtioQueueHandle {
           this.#wantKick = false;
           this.#wantRepop = false;
           if (refresh) {
-            await st.refreshDriver(dma, engine.packed ? engine.base() & 0x7fff : 0);
+            await st.refreshDriver(dma, engine.packed ? engine.base() & 0xffff : 0);
             if (this.engine !== engine) continue;
           }
           if (this.#t.serving && engine.available()) {
@@ -1319,8 +1319,9 @@ export class VirtioPciTransport {
         st.mark(gpa, length);
       },
     } as DirtyLog;
-    const first = layout.packed ? (q.base ?? 0) & 0x7fff : 0;
-    st.load(dma, first < layout.size ? first : 0).then(
+    // Packed: the next avail slot and its wrap counter (a new ring: slot 0, wrap 1); a bad base is refused by the engine.
+    const avail = layout.packed ? (q.base ?? 0x8000) & 0xffff : 0;
+    st.load(dma, (avail & 0x7fff) < layout.size ? avail : 0x8000).then(
       () => {
         if (q.starting !== token) return; // reset meanwhile
         q.starting = null;

@@ -7,14 +7,18 @@
  * The caller (the PCI transport) runs one sequential loop per queue:
  *
  *   - refreshDriver() before the engine looks for new chains: the
- *     driver-owned areas read again. Split: the avail ring, then the
- *     descriptor table (the driver writes descriptors, then the avail entry,
- *     then the avail idx; each read sees what the previous one published).
- *     Packed: the descriptor ring read twice; the flags come from the first
- *     read, which runs in ring order from the device's next avail slot (a
- *     chain's later descriptors, wrapped to the ring's start, are read after
- *     its head), and the rest from the second, so a descriptor seen
- *     available has its body;
+ *     driver-owned areas read again, each read waited for before the next
+ *     (the order of the bytes within one read is not relied on). Split: the
+ *     avail flags and idx, then the avail entries (and used_event), then the
+ *     descriptor table: the driver writes descriptors, then the avail entry,
+ *     then the avail idx, so each read sees what the previous one published.
+ *     Packed: the descriptor ring read twice. The second read is taken, but
+ *     a chain head counts as available only if the first read saw it so:
+ *     walking from the device's next avail slot, each head available in the
+ *     first read has its whole chain (bodies, later descriptors' flags)
+ *     from the second, written before the head's flags; the first head not
+ *     available in the first read gets the first read's flags (not
+ *     available) and ends the walk: the engine stops there;
  *   - the engine over memory(): views of the ring areas are the staged
  *     buffers, everything else (buffers, indirect tables) the inner memory;
  *   - flush() after the engine wrote: the bytes it wrote (it logs every ring
@@ -34,6 +38,12 @@
  * Bounds: every buffer is sized by the queue size (1..32768), checked here.
  */
 import type { GuestMemoryView } from './types.js';
+import { DESC_F_AVAIL, DESC_F_NEXT, DESC_F_USED } from './base.js';
+
+/** Packed descriptor flags available to a device whose avail wrap counter is `wrap` (2.8.1). */
+function isAvail(flags: number, wrap: boolean): boolean {
+  return ((flags & DESC_F_AVAIL) !== 0) === wrap && ((flags & DESC_F_USED) !== 0) !== wrap;
+}
 
 /** The DMA the staged ring needs (vfio-user DeviceContext.dma is one). */
 export interface RingDma {
@@ -124,8 +134,8 @@ export class StagedRing {
     if (this.#dirty.length > MAX_DIRTY) this.#dirty = merge(this.#dirty);
   }
 
-  /** Every area read in (the ring's start). */
-  async load(dma: RingDma, lastAvail: number): Promise<void> {
+  /** Every area read in (the ring's start). `avail`: as in refreshDriver. */
+  async load(dma: RingDma, avail: number): Promise<void> {
     const dev = new Uint8Array(this.device.bytes.length);
     await this.#read(dma, this.device.gpa, dev);
     let drv: Uint8Array | null = null;
@@ -133,39 +143,54 @@ export class StagedRing {
       drv = new Uint8Array(this.driver.bytes.length);
       await this.#read(dma, this.driver.gpa, drv);
     }
-    await this.refreshDriver(dma, lastAvail);
+    await this.refreshDriver(dma, avail);
     this.device.bytes.set(dev);
     if (drv) this.driver.bytes.set(drv);
   }
 
   /**
-   * The driver-owned areas again (see the file comment). `lastAvail`: the
-   * device's next avail slot (packed; ignored for split).
+   * The driver-owned areas again (see the file comment). `avail` (packed):
+   * the device's next avail slot, bit 15 its wrap counter (the low half of
+   * the engine's base()); ignored for split.
    */
-  async refreshDriver(dma: RingDma, lastAvail: number): Promise<void> {
+  async refreshDriver(dma: RingDma, avail: number): Promise<void> {
     const n = this.layout.size;
     if (!this.layout.packed) {
-      const avail = this.#scratch.subarray(0, this.driver.bytes.length);
-      await this.#read(dma, this.driver.gpa, avail);
+      const a = this.#scratch.subarray(0, this.driver.bytes.length);
+      await this.#read(dma, this.driver.gpa, a.subarray(0, 4)); // flags, idx
+      await this.#read(dma, this.driver.gpa + 4, a.subarray(4)); // ring[], used_event
       const desc = new Uint8Array(this.desc.bytes.length);
       await this.#read(dma, this.desc.gpa, desc);
-      this.driver.bytes.set(avail);
+      this.driver.bytes.set(a);
       this.desc.bytes.set(desc);
       return;
     }
-    if (this.#dirty.some(([i]) => i === 0)) {
-      throw new Error('packed descriptor ring refreshed over bytes not flushed');
-    }
-    if (!Number.isInteger(lastAvail) || lastAvail < 0 || lastAvail >= n) throw new RangeError(`next avail slot ${String(lastAvail)}`);
+    if (this.#dirty.some(([i]) => i === 0)) throw new Error('packed descriptor ring refreshed over bytes not flushed');
+    const slot = avail & 0x7fff;
+    if (!Number.isInteger(avail) || avail < 0 || avail > 0xffff || slot >= n) throw new RangeError(`next avail ${String(avail)}`);
     const first = this.#scratch.subarray(0, 16 * n);
     const second = this.#scratch2!;
-    // Ring order from the next avail slot: [lastAvail, n), then [0, lastAvail).
-    await this.#read(dma, this.desc.gpa + 16 * lastAvail, first.subarray(16 * lastAvail));
-    if (lastAvail > 0) await this.#read(dma, this.desc.gpa, first.subarray(0, 16 * lastAvail));
+    await this.#read(dma, this.desc.gpa, first);
     await this.#read(dma, this.desc.gpa, second);
-    for (let off = 14; off < second.length; off += 16) {
-      second[off] = first[off]!;
-      second[off + 1] = first[off + 1]!;
+    const dv1 = new DataView(first.buffer, first.byteOffset, first.length);
+    const dv2 = new DataView(second.buffer, second.byteOffset, second.length);
+    let pos = slot;
+    let wrap = (avail & 0x8000) !== 0;
+    for (let seen = 0; seen < n; ) {
+      if (!isAvail(dv1.getUint16(16 * pos + 14, true), wrap)) {
+        dv2.setUint16(16 * pos + 14, dv1.getUint16(16 * pos + 14, true), true); // not available yet: the engine stops here
+        break;
+      }
+      // The head's chain as the second read has it.
+      for (;;) {
+        const flags = dv2.getUint16(16 * pos + 14, true);
+        seen++;
+        if (++pos === n) {
+          pos = 0;
+          wrap = !wrap;
+        }
+        if ((flags & DESC_F_NEXT) === 0 || seen >= n) break;
+      }
     }
     this.desc.bytes.set(second);
   }
