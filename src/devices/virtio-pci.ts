@@ -391,6 +391,8 @@ export class PciQueue implements VirtioQueueHandle {
   #again = false;
   #wantKick = false;
   #wantRepop = false;
+  /** Staged: a handler popped; once what it wrote is flushed, look whether more is available (one small read). */
+  #lookAgain = false;
   /** Staged: a ring DMA failed with the windows there: the queue is broken, nothing more until a reset. */
   #stagedFailed = false;
   #idleWaiters: (() => void)[] = [];
@@ -694,7 +696,9 @@ export class PciQueue implements VirtioQueueHandle {
    *   4. on a kick: the driver areas read again and the device's handler run
    *      if a chain is available; after a handler that popped, once more from
    *      2: what it wrote (avail_event, flags) is flushed before the next look
-   *      at the avail side, so a buffer the driver adds meanwhile is seen or kicked.
+   *      at the avail side (the avail idx, or the next packed head's flags;
+   *      all of it again only if they moved), so a buffer the driver adds
+   *      meanwhile is seen or kicked.
    * Rings not in the windows mapped now (a window unmapped, the client gone)
    * wait, completions kept, until they are back; a reset drops them.
    */
@@ -739,17 +743,24 @@ export class PciQueue implements VirtioQueueHandle {
           this.#settle(n);
         }
         if (this.#canKick(engine)) {
-          const refresh = this.#wantKick;
+          const base = engine.packed ? engine.base() & 0xffff : engine.base();
+          let refresh = this.#wantKick;
+          const repop = this.#wantRepop;
+          const look = this.#lookAgain;
           this.#wantKick = false;
           this.#wantRepop = false;
+          this.#lookAgain = false;
+          // After a handler: the avail idx (packed: the next head's flags) alone says whether to read it all again.
+          if (!refresh && !repop && look) refresh = await st.moreAvailable(dma, base);
+          if (this.engine !== engine) continue;
           if (refresh) {
-            await st.refreshDriver(dma, engine.packed ? engine.base() & 0xffff : 0);
+            await st.refreshDriver(dma, base);
             if (this.engine !== engine) continue;
           }
-          if (this.#t.serving && engine.available()) {
+          if ((refresh || repop) && this.#t.serving && engine.available()) {
             const before = this.#pops;
             this.#t.handle(this);
-            if (this.#pops !== before) this.#wantKick = true;
+            if (this.#pops !== before) this.#lookAgain = true;
           }
         }
       } catch (err) {
@@ -764,7 +775,7 @@ export class PciQueue implements VirtioQueueHandle {
   }
 
   #canKick(engine: DeviceQueue): boolean {
-    return (this.#wantKick || this.#wantRepop) && this.#t.serving && !this.#fetching && !this.#waiting && engine.broken === null;
+    return (this.#wantKick || this.#wantRepop || this.#lookAgain) && this.#t.serving && !this.#fetching && !this.#waiting && engine.broken === null;
   }
 
   /** Back to the state after reset (the ring dropped; completions still due are discarded). */
@@ -774,6 +785,7 @@ export class PciQueue implements VirtioQueueHandle {
     this.#stagedFailed = false;
     this.#wantKick = false;
     this.#wantRepop = false;
+    this.#lookAgain = false;
     this.#dropAll();
     this.engine = null;
     this.bounce = null;

@@ -195,6 +195,24 @@ export class StagedRing {
     this.desc.bytes.set(second);
   }
 
+  /**
+   * Whether the driver made more available than the staged copy shows, from
+   * one small read: split, the avail idx against `avail` (the device's next
+   * avail idx); packed, the flags of the next head (`avail` as in
+   * refreshDriver). Nothing staged changes.
+   */
+  async moreAvailable(dma: RingDma, avail: number): Promise<boolean> {
+    const b = new Uint8Array(2);
+    if (!this.layout.packed) {
+      await this.#read(dma, this.driver.gpa + 2, b);
+      return (b[0]! | (b[1]! << 8)) !== (avail & 0xffff);
+    }
+    const slot = avail & 0x7fff;
+    if (slot >= this.layout.size) return true; // refreshDriver says what is wrong
+    await this.#read(dma, this.desc.gpa + 16 * slot + 14, b);
+    return isAvail(b[0]! | (b[1]! << 8), (avail & 0x8000) !== 0);
+  }
+
   /** Before an interrupt decision: the driver's suppression fields again. */
   async refreshEvents(dma: RingDma): Promise<void> {
     const d = this.driver;
