@@ -96,6 +96,12 @@ export class StagedRing {
   readonly areas: readonly StagedArea[];
   /** Bytes the engine wrote into the staged areas and not yet flushed: [area index, start, end) GPAs. */
   #dirty: [number, number, number][] = [];
+  /**
+   * The device area (split used ring, packed device event area: the driver
+   * only reads it) as the guest has it: a flush skips a range the engine
+   * wrote back to what it was (used flags disabled and enabled again).
+   */
+  readonly #shadow: Uint8Array;
   /** Scratch for refreshes (sized once). */
   readonly #scratch: Uint8Array;
   readonly #scratch2: Uint8Array | null;
@@ -113,6 +119,7 @@ export class StagedRing {
     [this.desc, this.driver, this.device] = areas as [StagedArea, StagedArea, StagedArea];
     this.#scratch = new Uint8Array(Math.max(this.desc.bytes.length, this.driver.bytes.length));
     this.#scratch2 = layout.packed ? new Uint8Array(this.desc.bytes.length) : null;
+    this.#shadow = new Uint8Array(this.device.bytes.length);
   }
 
   /** Guest memory for the engine: the ring areas are the staged buffers, the rest is `inner`. */
@@ -145,6 +152,7 @@ export class StagedRing {
     }
     await this.refreshDriver(dma, avail);
     this.device.bytes.set(dev);
+    this.#shadow.set(dev);
     if (drv) this.driver.bytes.set(drv);
   }
 
@@ -240,8 +248,15 @@ export class StagedRing {
     this.#dirty = [];
     const bodies: [number, Uint8Array][] = [];
     const publish: [number, Uint8Array][] = [];
+    const shadowed: [number, number][] = [];
     for (const [i, start, end] of ranges) {
       const a = this.areas[i]!;
+      if (a === this.device) {
+        const now = a.bytes.subarray(start - a.gpa, end - a.gpa);
+        const was = this.#shadow.subarray(start - a.gpa, end - a.gpa);
+        if (now.every((v, k) => v === was[k])) continue; // the guest has these bytes already
+        shadowed.push([start - a.gpa, end - a.gpa]);
+      }
       let run = start;
       for (let g = start + 1; g <= end; g++) {
         if (g < end && this.#publishes(g) === this.#publishes(run)) continue;
@@ -253,6 +268,7 @@ export class StagedRing {
       this.#counters.ringWrites += bodies.length + publish.length;
       await Promise.all(bodies.map(([g, b]) => dma.write(g, b)));
       await Promise.all(publish.map(([g, b]) => dma.write(g, b)));
+      for (const [from, to] of shadowed) this.#shadow.set(this.device.bytes.subarray(from, to), from);
     } catch (err) {
       this.#dirty.push(...ranges);
       throw err;
