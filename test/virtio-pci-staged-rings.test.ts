@@ -772,3 +772,24 @@ test('staged rings: the window without fd unmapped under a request in flight; th
   assert.deepEqual(dataOf(g, next), pattern(13, SECTOR));
   assert.equal(s.spec.transport.stats.brokenQueues, 0);
 });
+
+test('staged rings: a STOP while a completion is due on rings whose window is unmapped does not hang: the queue breaks (DEVICE_NEEDS_RESET) and the STOP answers', async (t) => {
+  const dir = tmp();
+  const g = guest(t);
+  const s = await serve(t, dir, 'a.sock', g, { file: makeDisk(dir), latencyMs: 100 });
+  await vectors(t, s);
+  const ring = new SplitRing(g, RING_AT, 8, false);
+  await start(s, ring, F_VERSION_1);
+  const hp = heaps();
+  const r = request(g, hp.ram, hp.ram, T_IN, 14, SECTOR);
+  submit(ring, r);
+  await s.pci.kick(0);
+  await until(() => s.spec.disk.stats.reads === 1, () => 'taken');
+  await s.client.dmaUnmap(SIDE_GPA, SIDE_BYTES);
+  await s.dev.setMigrationState(1); // STOP: answered once nothing is in flight
+  assert.equal(await s.dev.migrationState(), 1);
+  assert.equal(s.spec.transport.queues[0]!.inFlight, 0);
+  assert.ok((await s.pci.status()) & NEEDS_RESET, 'the completion could not reach its ring: DEVICE_NEEDS_RESET');
+  assert.equal(ring.usedIdx, 0);
+  assert.equal(s.spec.transport.stats.brokenQueues, 1);
+});

@@ -782,6 +782,7 @@ export class PciQueue implements VirtioQueueHandle {
   resetRegisters(): void {
     this.staged = null;
     this.starting = null;
+    this.reachGen = -1; // reachability was computed for staged rings
     this.#stagedFailed = false;
     this.#wantKick = false;
     this.#wantRepop = false;
