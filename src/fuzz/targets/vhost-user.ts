@@ -625,8 +625,9 @@ interface Slot {
 
 const GET_ID = 8;
 /** What a flooding front-end sends without reading, and how much of it the back-end may take. */
-const FLOOD = 8 << 20;
-const FLOOD_LIMIT = 4 << 20;
+const FLOOD = 6 << 20;
+const FLOOD_LIMIT = 3 << 20;
+const FLOOD_REQUESTS = new Set<number>([R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.GET_QUEUE_NUM, R.GET_MAX_MEM_SLOTS, R.GET_STATUS]);
 
 export const vhostUserBackend: FuzzTarget = {
   name: 'vhost-user-backend',
@@ -759,8 +760,14 @@ export const vhostUserBackend: FuzzTarget = {
      */
     const flood = async (c: RawEnd, input: FuzzInput): Promise<void> => {
       c.sock.pause();
-      const clean = input.msgs.filter((m) => m.fds.length === 0 && framesCleanly([m]) && new DataView(m.bytes.buffer, m.bytes.byteOffset).getUint32(4, true) === V);
-      const unit = Buffer.from(concat(clean.length ? clean.map((m) => m.bytes) : [frame(R.GET_FEATURES, V)]));
+      // Requests that are always answered and carry nothing (the input's, else GET_FEATURES): every
+      // 12 bytes sent owe a 20-byte reply, so what it must not take is well above what it may queue.
+      const owed = input.msgs.filter((m) => {
+        if (m.fds.length || m.bytes.length !== 12) return false;
+        const dv = new DataView(m.bytes.buffer, m.bytes.byteOffset, 12);
+        return FLOOD_REQUESTS.has(dv.getUint32(0, true)) && dv.getUint32(4, true) === V && dv.getUint32(8, true) === 0;
+      });
+      const unit = Buffer.from(concat(owed.length ? owed.map((m) => m.bytes) : [frame(R.GET_FEATURES, V)]));
       const chunk = Buffer.concat(Array.from({ length: Math.ceil(65536 / unit.length) }, () => unit));
       for (let sent = 0; sent < FLOOD && !c.closed; sent += chunk.length) c.sock.write(chunk, null);
       // Stalled: the queue did not move in 5 turns of the loop (each turn the back-end could read).
