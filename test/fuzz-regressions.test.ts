@@ -24,7 +24,10 @@ test('every saved fuzz reproducer replays without a finding', async () => {
   }
 });
 
-const BOUNDED: Record<string, number> = { 'vfio-user-codec': 3000, 'vfio-user-server': 300, 'vfio-user-client': 15 };
+const BOUNDED: Record<string, number> = {
+  'vfio-user-codec': 3000, 'vfio-user-server': 300, 'vfio-user-client': 300,
+  'vhost-user-codec': 1000, 'vhost-user-backend': 300, 'virtio-split': 5000, 'virtio-packed': 5000,
+};
 
 for (const t of TARGETS) {
   test(`fuzz ${t.name}: a seeded bounded run finds nothing`, { timeout: 60_000 }, async () => {

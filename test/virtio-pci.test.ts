@@ -633,10 +633,10 @@ test('INTx and the ISR when the driver gives no vector; DEVICE_NEEDS_RESET for a
   await s.dev.setIrqs(IRQ_INTX, 'unmask', 0, 1); // INTx is automasked: the VMM unmasks it at EOI
   assert.equal(statusOf(ram, req), 0);
 
-  // A window mapped without an fd is reached by DMA messages only: a ring there breaks the queue, cleanly.
+  // A read-only window (as QEMU maps ROM): a ring there breaks the queue, cleanly.
   const side = SharedMemory.create(1 << 16);
   t.after(() => side.close());
-  await s.client.dmaMap({ iova: 0x8000_0000, size: 1 << 16, memory: side, passFd: false });
+  await s.client.dmaMap({ iova: 0x8000_0000, size: 1 << 16, memory: side, passFd: false, prot: 1 });
   await drv.reset();
   await drv.negotiate(F_VERSION_1);
   await drv.common.w(Q_SELECT, 2, 0);
