@@ -194,6 +194,11 @@ const TX_TURNS = 32;
 const HOLD_MS = 2;
 /** The largest control command accepted (a MAC table of ~10000 entries). */
 const MAX_CTRL = 64 * 1024;
+/** The device's migration state (migrationState): version, and its fixed part before the MAC tables. */
+const NET_STATE_VERSION = 1;
+const NET_STATE_HEAD = 20;
+/** Most MAC table entries a state may carry (what one control command can set). */
+const MAX_TABLE = Math.floor(MAX_CTRL / 6);
 
 /** Why a frame was dropped. tx-side causes count on the sending port, rx-side on the receiving one. */
 export type DropCause =
@@ -418,6 +423,8 @@ export class VhostUserNetDevice implements VhostUserDevice, VirtioDeviceModel {
   readonly name: string;
   /** TX rings are busy-polled (VhostUserNetOptions.poll). */
   readonly poll: boolean;
+  /** virtio_net_config.mac: the driver sets it (MAC_ADDR_SET); migrated in migrationState(), not compared. */
+  readonly configDriverMutable = [{ offset: 0, length: 6 }] as const;
   readonly holdMs: number;
   mac: Uint8Array;
   mtu: number;
@@ -570,6 +577,62 @@ export class VhostUserNetDevice implements VhostUserDevice, VirtioDeviceModel {
     this.macTableUni.clear();
     this.macTableMulti.clear();
     this.activePairs = this.queuePairs;
+  }
+
+  /**
+   * The control queue's state, for the virtio PCI transport's migration
+   * (VirtioPciModelState; not saveState, which would make the vhost-user
+   * back-end offer DEVICE_STATE). Little-endian:
+   *   0  u8 version (1)    1  u8 flags: bit 0 promiscuous, bit 1 all-multicast
+   *   2  mac[6] (virtio_net_config.mac, MAC_ADDR_SET)
+   *   8  u16 active queue pairs (VQ_PAIRS_SET)    10  u16 0
+   *   12 u32 unicast entries    16 u32 multicast entries
+   *   20 the unicast MACs, then the multicast ones, 6 bytes each
+   */
+  migrationState(): Uint8Array {
+    const uni = [...this.macTableUni];
+    const multi = [...this.macTableMulti];
+    const b = Buffer.alloc(NET_STATE_HEAD + 6 * (uni.length + multi.length));
+    b[0] = NET_STATE_VERSION;
+    b[1] = (this.promisc ? 1 : 0) | (this.allMulti ? 2 : 0);
+    b.set(this.mac, 2);
+    b.writeUInt16LE(this.activePairs, 8);
+    b.writeUInt32LE(uni.length, 12);
+    b.writeUInt32LE(multi.length, 16);
+    let at = NET_STATE_HEAD;
+    for (const m of [...uni, ...multi]) {
+      b.set(macBytes(m), at);
+      at += 6;
+    }
+    return b;
+  }
+
+  /** Loads a migrationState() of the source; untrusted: checked whole, then taken (throws and changes nothing if bad). */
+  loadMigrationState(state: Uint8Array): void {
+    const b = Buffer.from(state.buffer, state.byteOffset, state.byteLength);
+    if (b.length < NET_STATE_HEAD) throw new Error(`virtio-net state of ${b.length} bytes (at least ${NET_STATE_HEAD})`);
+    if (b[0] !== NET_STATE_VERSION) throw new Error(`virtio-net state version ${b[0]} (${NET_STATE_VERSION} known)`);
+    const flags = b[1]!;
+    if (flags & ~3) throw new Error(`virtio-net state flags 0x${flags.toString(16)}`);
+    const pairs = b.readUInt16LE(8);
+    if (pairs < 1 || pairs > this.queuePairs) throw new Error(`${pairs} active queue pairs (this device has ${this.queuePairs})`);
+    if (b.readUInt16LE(10) !== 0) throw new Error('virtio-net state: reserved bytes not zero');
+    const nUni = b.readUInt32LE(12);
+    const nMulti = b.readUInt32LE(16);
+    if (nUni + nMulti > MAX_TABLE) throw new Error(`MAC tables of ${nUni} + ${nMulti} entries (at most ${MAX_TABLE})`);
+    if (b.length !== NET_STATE_HEAD + 6 * (nUni + nMulti)) throw new Error(`virtio-net state of ${b.length} bytes for ${nUni} + ${nMulti} MAC table entries`);
+    const table = (from: number, n: number): number[] => Array.from({ length: n }, (_, i) => macNumber(b, from + 6 * i));
+    const uni = table(NET_STATE_HEAD, nUni);
+    const multi = table(NET_STATE_HEAD + 6 * nUni, nMulti);
+    this.promisc = (flags & 1) !== 0;
+    this.allMulti = (flags & 2) !== 0;
+    this.mac = Uint8Array.from(b.subarray(2, 8));
+    this.activePairs = pairs;
+    this.macTableUni.clear();
+    this.macTableMulti.clear();
+    for (const m of uni) this.macTableUni.add(m);
+    for (const m of multi) this.macTableMulti.add(m);
+    this.#log(`${this.name}: migrated in: mac ${formatMac(this.mac)}, promiscuous ${this.promisc ? 'on' : 'off'}, all-multicast ${this.allMulti ? 'on' : 'off'}, MAC tables ${nUni} + ${nMulti}, ${pairs} pair(s)`);
   }
 
   /** TX rings of a polling port are busy-polled; RX and control rings stay event-driven. */

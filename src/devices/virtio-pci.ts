@@ -138,9 +138,43 @@ export const PCI_CFG_CAP_OFFSET = 0x84;
 const PCI_CFG_DATA = PCI_CFG_CAP_OFFSET + 16;
 
 const MAX_QUEUES = VirtioPciLayout.NOTIFY_SIZE / VirtioPciLayout.NOTIFY_OFF_MULTIPLIER;
+/** Version 1: the transport's state only; version 2: tagged sections after it (a device without them still writes version 1). */
 const STATE_MAGIC = 'vdkvpci\x01';
+const STATE_MAGIC_V2 = 'vdkvpci\x02';
 const STATE_HEAD = 48;
 const STATE_QUEUE = 40;
+/** A version-2 section: tag (le32), length (le32), then its bytes. */
+const SECTION_HEAD = 8;
+/** The device model's own state (VirtioPciModelState.migrationState). */
+const SECTION_MODEL = 1;
+
+/**
+ * What a device model may add to the transport's migration (all optional:
+ * the blk device has none of it). The names are not saveState / loadState:
+ * on a VhostUserDevice those make the vhost-user back-end offer DEVICE_STATE.
+ */
+export interface VirtioPciModelState {
+  /**
+   * The device's own state beyond its queues (virtio-net: the RX filter and
+   * MAC table of the control queue, the MAC the driver set), saved at
+   * STOP_COPY once the queues are quiesced; carried as a section of the
+   * transport's state.
+   */
+  migrationState?(): Uint8Array;
+  /**
+   * Loads what migrationState() gave on the source. The bytes are untrusted:
+   * throw on anything malformed or that this device cannot take, having
+   * changed nothing; the transport then refuses the whole state (EINVAL).
+   */
+  loadMigrationState?(state: Uint8Array): void;
+  /**
+   * Device config bytes the driver can change through the device (virtio-net:
+   * the mac, by VIRTIO_NET_CTRL_MAC_ADDR_SET). When the state carries the
+   * device's section (whose load restores them) the destination leaves them
+   * out of its comparison with the source's config; every other byte must match.
+   */
+  readonly configDriverMutable?: readonly { readonly offset: number; readonly length: number }[];
+}
 
 export interface VirtioPciOptions {
   /** The virtio device id (1 net, 2 block, ...): PCI device id 0x1040 + id. */
@@ -170,7 +204,7 @@ export type VirtioPciDeviceSpec = VfioUserDeviceSpec & { readonly transport: Vir
  * Builds the vfio-user device spec of `device` behind the virtio PCI modern
  * transport. One spec per server: it holds the transport's state.
  */
-export function virtioPciDevice(device: VirtioDeviceModel, options: VirtioPciOptions): VirtioPciDeviceSpec {
+export function virtioPciDevice(device: VirtioDeviceModel & VirtioPciModelState, options: VirtioPciOptions): VirtioPciDeviceSpec {
   const t = new VirtioPciTransport(device, options);
   const L = VirtioPciLayout;
   const vectors = 1 + device.numQueues;
@@ -234,6 +268,31 @@ export function virtioPciDevice(device: VirtioDeviceModel, options: VirtioPciOpt
     },
   };
   return Object.assign(spec, { transport: t, close: () => t.close() });
+}
+
+/** The tagged sections of a version-2 state from `at` to its end (each tag once); malformed: refused. */
+function readSections(b: Buffer, at: number, refuse: (why: string) => never): Map<number, Buffer> {
+  const out = new Map<number, Buffer>();
+  while (at < b.length) {
+    if (b.length - at < SECTION_HEAD) refuse(`a section header cut at byte ${at} of ${b.length}`);
+    const tag = b.readUInt32LE(at);
+    const len = b.readUInt32LE(at + 4);
+    if (len > b.length - at - SECTION_HEAD) refuse(`section ${tag} of ${len} bytes, ${b.length - at - SECTION_HEAD} left`);
+    if (tag !== SECTION_MODEL) refuse(`unknown section ${tag}`);
+    if (out.has(tag)) refuse(`section ${tag} twice`);
+    out.set(tag, b.subarray(at + SECTION_HEAD, at + SECTION_HEAD + len));
+    at += SECTION_HEAD + len;
+  }
+  return out;
+}
+
+/** The first byte where the saved config differs from ours outside `skip`, or null when they match (lengths too). */
+function configDiffers(saved: Uint8Array, ours: Uint8Array, skip: readonly { offset: number; length: number }[]): number | null {
+  if (saved.length !== ours.length) return Math.min(saved.length, ours.length);
+  for (let i = 0; i < ours.length; i++) {
+    if (saved[i] !== ours[i] && !skip.some((r) => i >= r.offset && i < r.offset + r.length)) return i;
+  }
+  return null;
 }
 
 function le32(v: number): number[] {
@@ -821,7 +880,7 @@ export interface VirtioPciStats {
 
 /** The transport's state: common cfg registers, queues, interrupts, DMA memory, migration. */
 export class VirtioPciTransport {
-  readonly device: VirtioDeviceModel;
+  readonly device: VirtioDeviceModel & VirtioPciModelState;
   readonly queues: PciQueue[];
   readonly memory = new DmaMemory();
   readonly ioEventFds: IoEventFdSpec[] = [];
@@ -859,7 +918,7 @@ export class VirtioPciTransport {
   #configWriteLogged = false;
   #pciCfgBadLogged = false;
 
-  constructor(device: VirtioDeviceModel, options: VirtioPciOptions) {
+  constructor(device: VirtioDeviceModel & VirtioPciModelState, options: VirtioPciOptions) {
     this.device = device;
     this.#log = options.log ?? (() => undefined);
     this.bounceLimit = options.bounceLimit ?? 16 << 20;
@@ -882,6 +941,11 @@ export class VirtioPciTransport {
     const cfg = device.config?.() ?? new Uint8Array(0);
     if (cfg.length > VirtioPciLayout.DEVICE_SIZE) throw new RangeError(`device config of ${cfg.length} bytes`);
     this.configSize = cfg.length;
+    for (const r of device.configDriverMutable ?? []) {
+      if (!Number.isInteger(r.offset) || !Number.isInteger(r.length) || r.offset < 0 || r.length < 1 || r.offset + r.length > cfg.length) {
+        throw new RangeError(`configDriverMutable [${r.offset}, +${r.length}) outside the ${cfg.length}-byte device config`);
+      }
+    }
     const t = this;
     this.#dirtyLog = {
       bytes: new Uint8Array(0),
@@ -1485,8 +1549,10 @@ export class VirtioPciTransport {
     await this.#quiesce();
     if (this.#resetShown !== null) await this.#resetDone;
     const cfg = this.device.config?.() ?? new Uint8Array(0);
-    const out = Buffer.alloc(STATE_HEAD + this.queues.length * STATE_QUEUE + cfg.length);
-    out.write(STATE_MAGIC, 0, 'latin1');
+    const model = this.device.migrationState ? this.device.migrationState() : null;
+    const body = STATE_HEAD + this.queues.length * STATE_QUEUE + cfg.length;
+    const out = Buffer.alloc(body + (model ? SECTION_HEAD + model.length : 0));
+    out.write(model ? STATE_MAGIC_V2 : STATE_MAGIC, 0, 'latin1');
     out.writeUInt32LE(this.queues.length, 8);
     out.writeUInt32LE(cfg.length, 12);
     out.writeBigUInt64LE(this.offered, 16);
@@ -1511,6 +1577,11 @@ export class VirtioPciTransport {
       o += STATE_QUEUE;
     }
     out.set(cfg, o);
+    if (model) {
+      out.writeUInt32LE(SECTION_MODEL, body);
+      out.writeUInt32LE(model.length, body + 4);
+      out.set(model, body + SECTION_HEAD);
+    }
     return out;
   }
 
@@ -1520,17 +1591,22 @@ export class VirtioPciTransport {
     const refuse = (why: string): never => {
       throw new VfioError('VIRTIO_PCI_STATE', Errno.EINVAL, `virtio-pci migration state refused: ${why}`);
     };
-    if (b.length < STATE_HEAD || b.toString('latin1', 0, 8) !== STATE_MAGIC) refuse('not a virtio-pci state (version 1)');
+    const magic = b.length >= STATE_HEAD ? b.toString('latin1', 0, 8) : '';
+    if (magic !== STATE_MAGIC && magic !== STATE_MAGIC_V2) refuse('not a virtio-pci state (version 1 or 2)');
     const n = b.readUInt32LE(8);
     const cfgLen = b.readUInt32LE(12);
     if (n !== this.queues.length) refuse(`${n} queues, this device has ${this.queues.length}`);
-    if (b.length !== STATE_HEAD + n * STATE_QUEUE + cfgLen) refuse(`${b.length} bytes`);
+    const body = STATE_HEAD + n * STATE_QUEUE + cfgLen;
+    if (magic === STATE_MAGIC ? b.length !== body : b.length < body) refuse(`${b.length} bytes`);
+    const sections = magic === STATE_MAGIC_V2 ? readSections(b, body, refuse) : new Map<number, Buffer>();
+    const model = sections.get(SECTION_MODEL);
+    if (model && !this.device.loadMigrationState) refuse(`a device state of ${model.length} bytes, which this device does not take`);
     const driverFeatures = b.readBigUInt64LE(24);
     if (driverFeatures & ~this.offered) refuse(`driver features 0x${driverFeatures.toString(16)} not all offered here (0x${this.offered.toString(16)})`);
     const cfg = this.device.config?.() ?? new Uint8Array(0);
-    if (Buffer.compare(b.subarray(b.length - cfgLen), Buffer.from(cfg.buffer, cfg.byteOffset, cfg.byteLength)) !== 0) {
-      refuse('the device config differs (another disk size or geometry)');
-    }
+    // The bytes the driver may change are restored by the device's state, when it is there; the rest must match.
+    const differs = configDiffers(b.subarray(body - cfgLen, body), cfg, model ? (this.device.configDriverMutable ?? []) : []);
+    if (differs !== null) refuse(`the device config differs at byte ${differs} (another disk size or geometry, another MTU or queue count)`);
     const queues = [];
     let o = STATE_HEAD;
     for (let i = 0; i < n; i++) {
@@ -1548,6 +1624,14 @@ export class VirtioPciTransport {
         device: Number(b.readBigUInt64LE(o + 32)),
       });
       o += STATE_QUEUE;
+    }
+    if (model) {
+      // The device checks its state whole before it takes any of it: a refusal here changes nothing.
+      try {
+        this.device.loadMigrationState!(Uint8Array.from(model));
+      } catch (err) {
+        refuse(`the device state: ${(err as Error).message}`);
+      }
     }
     // Accepted: replace everything.
     for (const q of this.queues) q.engine = null;
