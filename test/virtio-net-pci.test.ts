@@ -7,7 +7,9 @@
  * VirtioNetDriver on a vhost-user port of the same switch is the other end.
  * Frames go both ways and are checked byte for byte; split and packed rings,
  * MRG_RXBUF over small buffers, the control queue, two PCI ports on one
- * switch, and a reset in the middle of traffic.
+ * switch, a reset in the middle of traffic, and migrations: the rings with
+ * RX buffers held, the control queue's state (RX filter, MAC table, a MAC set
+ * by MAC_ADDR_SET) mid-traffic, and garbled states refused.
  *
  * The guest driver is test/helpers/virtio-net-pci-guest.ts: every offset and
  * bit there is from the spec, none imported from the code under test.
@@ -22,13 +24,14 @@ import { VfioUserClient } from '../src/vfio-user/client.js';
 import { VfioUserDevice } from '../src/vfio-user/client-device.js';
 import { NetSwitch } from '../src/devices/net-switch.js';
 import { VirtioNetDriver } from '../src/vhost-user/net-driver.js';
-import { NetQueueAdapter, type NetQueueHandle } from '../src/devices/vhost-user-net.js';
+import { NetQueueAdapter, type NetQueueHandle, type VhostUserNetDevice } from '../src/devices/vhost-user-net.js';
 import type { VhostQueue } from '../src/vhost-user/backend.js';
 import { ethFrame } from './helpers/net-driver.js';
 import { tick } from './helpers/sys.js';
-import { serveSpec } from './helpers/vfio-user-serve.js';
+import { serveSpec, type Served } from './helpers/vfio-user-serve.js';
 import { migrate } from '../src/vfio-user/migrate.js';
-import { virtioNetPciDevice } from '../src/devices/virtio-net-pci.js';
+import { virtioNetPciDevice, type VirtioNetPciDeviceSpec } from '../src/devices/virtio-net-pci.js';
+import { CTRL_RX, CTRL_RX_ALLMULTI, CTRL_RX_PROMISC, CTRL_MAC_TABLE_SET, ctrlCommand, macOf, macTableData, type GuestRing } from './helpers/virtio-net-pci-guest.js';
 import { B, CFG_CLASS, CFG_DEVICE, CFG_REVISION, CFG_SUBSYS, CFG_SUBSYS_VENDOR, CFG_VENDOR, CTRL, CTRL_MAC, CTRL_MAC_ADDR_SET, CTRL_OK, C_GF, C_GFSEL, C_NUMQ, C_STATUS, F_CSUM, F_CTRL_MAC_ADDR, F_CTRL_RX, F_CTRL_VQ, F_EVENT_IDX, F_GSO, F_GUEST_CSUM, F_INDIRECT, F_IN_ORDER, F_MAC, F_MQ, F_MRG_RXBUF, F_MTU, F_RING_PACKED, F_STATUS, F_VERSION_1, Guest, HDR, HDR_NUM_BUFFERS, NC_MAC, NC_MTU, NC_PAIRS, NC_STATUS, NET_S_LINK_UP, RAM_BYTES, RAM_GPA, RX, Ram, type Rx, RxQueue, S_ACK, S_DRIVER, S_FEATURES_OK, Split, TX, T_COMMON, T_DEVICE, T_ISR, T_NOTIFY, TxQueue, type Up, bringUp, pciPort, until, S_DRIVER_OK } from './helpers/virtio-net-pci-guest.js';
 
 const MAC_P = '52:54:00:aa:00:01';
@@ -306,7 +309,11 @@ test('reset in the middle of traffic: chains the device holds are given back, th
   assert.equal(p.spec.transport.stats.brokenQueues, 0);
 });
 
-test('migration of the PCI port between two servers on one switch, RX buffers held at STOP: given back, the destination carries traffic on the same rings', async (t) => {
+/**
+ * A migration's two servers, PCI ports with MAC_P of one switch, guest RAM mapped in both; the
+ * guest brought up on the source; a vhost-user port (MAC_V) on the switch.
+ */
+async function migrationPair(t: TestContext, o: Parameters<typeof bringUp>[1]) {
   const dir = tmpdir();
   const sw = new NetSwitch();
   t.after(() => sw.close());
@@ -318,17 +325,13 @@ test('migration of the PCI port between two servers on one switch, RX buffers he
   const g = new Guest(src.dev);
   t.after(() => g.close());
   await g.probe();
-  const up = await bringUp({ ...src, guest: g, ram }, { packed: false, rxBuf: 512, rxCount: 2, size: 32 });
+  const up = await bringUp({ ...src, guest: g, ram }, o);
   const nic = await vhostPort(t, sw, dir, false);
-  await pciToVhost(up, nic, SIZES.map((n, i) => ethFrame(MAC_V, MAC_P, n, i)));
-  await vhostToPci(up, nic, [ethFrame(MAC_P, MAC_V, 100, 1)], { mrg: true });
-  // A frame needing three buffers where two are: the device holds both.
-  await nic.send(ethFrame(MAC_P, MAC_V, 1514, 2));
-  await until(() => src.spec.net.stats.drops['no-rx-buffer'] === 1, () => 'held');
-  await migrate(src.dev, dst.dev);
-  up.rx.reap();
-  assert.equal(up.rx.empties, 2, 'the two held RX buffers given back (used, length 0) before STOP completed');
-  // The VMM leaves the source and wires the destination's interrupts.
+  return { sw, src, dst, ram, g, up, nic };
+}
+
+/** After a migration the VMM leaves the source (its port goes down) and wires the destination's interrupts; the destination runs. */
+async function switchOver(t: TestContext, src: Served<VirtioNetPciDeviceSpec>, dst: Served<VirtioNetPciDeviceSpec>): Promise<Guest> {
   src.dev.close();
   src.client.close();
   await until(() => !src.spec.port.connected, () => 'the source port down once its client went');
@@ -337,6 +340,20 @@ test('migration of the PCI port between two servers on one switch, RX buffers he
   await g2.probe();
   await g2.wireIrqs();
   assert.equal(await g2.rd(T_COMMON, C_STATUS, 1), S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK, 'the destination runs');
+  return g2;
+}
+
+test('migration of the PCI port between two servers on one switch, RX buffers held at STOP: given back, the destination carries traffic on the same rings', async (t) => {
+  const { sw, src, dst, ram, up, nic } = await migrationPair(t, { packed: false, rxBuf: 512, rxCount: 2, size: 32 });
+  await pciToVhost(up, nic, SIZES.map((n, i) => ethFrame(MAC_V, MAC_P, n, i)));
+  await vhostToPci(up, nic, [ethFrame(MAC_P, MAC_V, 100, 1)], { mrg: true });
+  // A frame needing three buffers where two are: the device holds both.
+  await nic.send(ethFrame(MAC_P, MAC_V, 1514, 2));
+  await until(() => src.spec.net.stats.drops['no-rx-buffer'] === 1, () => 'held');
+  await migrate(src.dev, dst.dev);
+  up.rx.reap();
+  assert.equal(up.rx.empties, 2, 'the two held RX buffers given back (used, length 0) before STOP completed');
+  const g2 = await switchOver(t, src, dst);
   assert.equal(dst.spec.net.ackedFeatures, up.features, 'the features the driver accepted, set on the destination');
   // Same rings, served now by the destination: more RX buffers, frames both ways.
   up.rx.post(28);
@@ -348,6 +365,202 @@ test('migration of the PCI port between two servers on one switch, RX buffers he
   assert.equal(dst.spec.net.stats.txPackets, SIZES.length);
   assert.equal(sw.lookup(0x525400aa0001)?.id, dst.spec.port.id, 'MAC_P learned on the destination port');
 });
+
+// The RX filter a guest sets before the migrations below: promiscuous and all-multicast off, unicast table
+// [L1, L2], multicast table [MC_1], and its own MAC changed to NEW with MAC_ADDR_SET.
+const MAC_NEW = '52:54:00:aa:00:77';
+const MAC_L1 = '52:54:00:cc:00:01';
+const MAC_L2 = '52:54:00:cc:00:02';
+const MAC_UNLISTED = '52:54:00:dd:00:01';
+const MC_1 = '01:00:5e:00:00:fb';
+const MC_2 = '01:00:5e:00:00:01';
+const BCAST = 'ff:ff:ff:ff:ff:ff';
+const MIG_ERROR = 0, MIG_STOP = 1, MIG_RUNNING = 2; // vfio_device_mig_state (linux/vfio.h)
+const F_FILTER = F_VERSION_1 | F_MAC | F_MRG_RXBUF | F_STATUS | F_MTU | F_CTRL_VQ | F_CTRL_RX | F_CTRL_MAC_ADDR;
+const macHex = (b: Buffer): string => b.toString('hex').match(/../g)!.join(':');
+
+/** The guest's four control commands (5.1.6.5), each acked OK. */
+async function setFilter(g: Guest, ram: Ram, ctrl: GuestRing): Promise<void> {
+  assert.equal(await ctrlCommand(g, ram, ctrl, CTRL_RX, CTRL_RX_PROMISC, Buffer.from([0])), CTRL_OK, 'promiscuous off');
+  assert.equal(await ctrlCommand(g, ram, ctrl, CTRL_RX, CTRL_RX_ALLMULTI, Buffer.from([0])), CTRL_OK, 'all-multicast off');
+  assert.equal(await ctrlCommand(g, ram, ctrl, CTRL_MAC, CTRL_MAC_TABLE_SET, macTableData([MAC_L1, MAC_L2], [MC_1])), CTRL_OK, 'MAC table');
+  assert.equal(await ctrlCommand(g, ram, ctrl, CTRL_MAC, CTRL_MAC_ADDR_SET, macOf(MAC_NEW)), CTRL_OK, 'MAC_ADDR_SET');
+}
+
+/**
+ * Frames from the vhost-user driver to every kind of address (none learned: each is flooded to
+ * the PCI port): only those setFilter's filter takes reach the guest's RX ring, in order, the
+ * other three counted 'filtered' by the port. Frames in `ignore` (from earlier traffic) are skipped.
+ */
+async function filterCheck(rx: RxQueue, net: VhostUserNetDevice, nic: VirtioNetDriver, seed: number, ignore: Buffer[] = []): Promise<void> {
+  const cases: [string, boolean][] = [[MAC_UNLISTED, false], [MAC_L1, true], [MAC_P, false], [MC_2, false], [MC_1, true], [BCAST, true], [MAC_L2, true], [MAC_NEW, true]];
+  const frames = cases.map(([dst], i) => ethFrame(dst, MAC_V, 100 + 7 * i, seed + i));
+  const want = frames.filter((_, i) => cases[i]![1]);
+  const filtered = net.stats.drops.filtered;
+  const start = rx.frames.length;
+  const fresh = (): Buffer[] => rx.frames.slice(start).map((r) => r.frame).filter((f) => !ignore.some((x) => x.equals(f)));
+  await nic.sendBatch(frames);
+  await until(() => (rx.reap(), fresh().length >= want.length), () => `${fresh().length} of ${want.length} frames the filter takes`);
+  assert.deepEqual(fresh().map((f) => macHex(f.subarray(0, 6))), want.map((f) => macHex(f.subarray(0, 6))), 'exactly the frames to L1, MC_1, broadcast, L2 and NEW');
+  assert.deepEqual(fresh(), want, 'byte for byte');
+  assert.equal(net.stats.drops.filtered - filtered, 3, 'to the unlisted MAC, to the old MAC, to the unlisted group: filtered');
+}
+
+test("migration of the control queue's state mid-traffic: promiscuous off, a MAC table, a MAC set by MAC_ADDR_SET; the destination accepts, reads the new MAC, filters as the guest set", async (t) => {
+  const { sw, src, dst, ram, g, up, nic } = await migrationPair(t, { packed: false, rxBuf: 2048, size: 64, want: F_FILTER });
+  assert.equal(up.features, F_FILTER);
+  await setFilter(g, ram, up.ctrl);
+  assert.equal(macHex(await g.deviceCfg(NC_MAC, 6)), MAC_NEW, "the source's config space reads the MAC the driver set");
+  await filterCheck(up.rx, src.spec.net, nic, 10);
+
+  // Traffic both ways as the migration starts: TX chains made available and kicked, frames for the guest sent.
+  const txOut = SIZES.map((n, i) => ethFrame(MAC_V, MAC_NEW, n, 500 + i));
+  const rxIn = Array.from({ length: 64 }, (_, i) => ethFrame(MAC_L1, MAC_V, 60 + 20 * i, 600 + i));
+  const got: Buffer[] = [];
+  const receiving = (async () => {
+    while (got.length < txOut.length) got.push(await nic.receive({ timeoutMs: 5000 }));
+  })();
+  const rxStart = up.rx.frames.length;
+  await up.tx.send(txOut);
+  const sending = nic.sendBatch(rxIn);
+  await migrate(src.dev, dst.dev);
+  await sending;
+  assert.equal(await dst.dev.migrationState(), MIG_RUNNING, 'the destination accepted the state');
+  const g2 = await switchOver(t, src, dst);
+  // virtio_net_config at the destination (5.1.4): the MAC the driver set; status, pairs and MTU as configured.
+  assert.equal(macHex(await g2.deviceCfg(NC_MAC, 6)), MAC_NEW, "the destination's config space reads the MAC the driver set");
+  assert.equal((await g2.deviceCfg(NC_STATUS, 2)).readUInt16LE(0), NET_S_LINK_UP);
+  assert.equal((await g2.deviceCfg(NC_PAIRS, 2)).readUInt16LE(0), 1);
+  assert.equal((await g2.deviceCfg(NC_MTU, 2)).readUInt16LE(0), 1500);
+  // Every TX frame reached the driver once, in order (taken by the source, or by the destination after RUNNING).
+  await receiving;
+  assert.deepEqual(got, txOut);
+  let used = 0;
+  await until(() => (used += up.tx.reap()) === txOut.length, () => `TX used ${used} of ${txOut.length}`);
+  // Frames for the guest during the migration: those that landed are intact and in order (some were dropped while stopped).
+  up.rx.reap();
+  let k = 0;
+  for (const r of up.rx.frames.slice(rxStart)) {
+    while (k < rxIn.length && !rxIn[k]!.equals(r.frame)) k++;
+    assert.ok(k < rxIn.length, 'a frame in the RX ring that was not sent, or out of order');
+    k++;
+  }
+  // The RX filter at the destination is the guest's.
+  await filterCheck(up.rx, dst.spec.net, nic, 700, rxIn);
+  // TX from the new MAC at the destination, and its control queue goes on: promiscuous on again, the unlisted MAC taken.
+  const moved = new TxQueue(ram, up.tx.ring, g2);
+  const back = ethFrame(MAC_V, MAC_NEW, 300, 800);
+  await moved.send([back]);
+  assert.ok((await nic.receive({ timeoutMs: 5000 })).equals(back));
+  assert.equal(sw.lookup(0x525400aa0077)?.id, dst.spec.port.id, 'MAC_NEW learned on the destination port');
+  assert.equal(await ctrlCommand(g2, ram, up.ctrl, CTRL_RX, CTRL_RX_PROMISC, Buffer.from([1])), CTRL_OK);
+  const stray = ethFrame(MAC_UNLISTED, MAC_V, 90, 900);
+  const start = up.rx.frames.length;
+  await nic.send(stray);
+  await until(() => (up.rx.reap(), up.rx.frames.length > start), () => 'the frame to the unlisted MAC, promiscuous again');
+  assert.ok(up.rx.frames[start]!.frame.equals(stray));
+  assert.equal(dst.spec.transport.stats.brokenQueues, 0);
+});
+
+test('a truncated or garbled virtio-net state is refused (EINVAL): the destination keeps its own state, the source runs on; a version-1 record without the section still loads', async (t) => {
+  const { src, dst, ram, g, up, nic } = await migrationPair(t, { packed: false, rxBuf: 2048, size: 64, want: F_FILTER });
+  await setFilter(g, ram, up.ctrl);
+  await filterCheck(up.rx, src.spec.net, nic, 10);
+
+  // The source's stream: one record (u32 length, the state); the state as docs/virtio-over-vfio-user.md lays it out.
+  const stream = Buffer.from(await src.dev.save());
+  assert.equal(await src.dev.migrationState(), MIG_STOP);
+  assert.equal(stream.readUInt32LE(0), stream.length - 4, 'one record');
+  const state = stream.subarray(4);
+  assert.equal(state.toString('latin1', 0, 8), 'vdkvpci\x02', 'version 2: sections after the transport state');
+  assert.equal(state.readUInt32LE(8), 3, 'rx, tx, ctrl');
+  assert.equal(state.readUInt32LE(12), 12, 'virtio_net_config is 12 bytes');
+  const CFG = 48 + 3 * 40;
+  const SEC = CFG + 12;
+  assert.equal(macHex(state.subarray(CFG + NC_MAC, CFG + NC_MAC + 6)), MAC_NEW, "the config saved with the driver's MAC");
+  assert.equal(state.readUInt32LE(SEC), 1, 'section 1: the device state');
+  assert.equal(state.readUInt32LE(SEC + 4), 20 + 6 * 3, 'its fixed 20 bytes and three MACs');
+  assert.equal(state.length, SEC + 8 + 38);
+  const D = SEC + 8;
+  assert.deepEqual([state[D], state[D + 1]], [1, 0], 'version 1; promiscuous and all-multicast off');
+  assert.equal(macHex(state.subarray(D + 2, D + 8)), MAC_NEW);
+  assert.deepEqual([state.readUInt16LE(D + 8), state.readUInt16LE(D + 10), state.readUInt32LE(D + 12), state.readUInt32LE(D + 16)], [1, 0, 2, 1]);
+  assert.deepEqual([0, 1, 2].map((i) => macHex(state.subarray(D + 20 + 6 * i, D + 26 + 6 * i))), [MAC_L1, MAC_L2, MC_1]);
+
+  const record = (s: Buffer): Buffer => {
+    const n = Buffer.alloc(4);
+    n.writeUInt32LE(s.length);
+    return Buffer.concat([n, s]);
+  };
+  const edit = (f: (s: Buffer) => void): Buffer => {
+    const s = Buffer.from(state);
+    f(s);
+    return record(s);
+  };
+  const section = (tag: number, bytes: Buffer): Buffer => {
+    const h = Buffer.alloc(8);
+    h.writeUInt32LE(tag);
+    h.writeUInt32LE(bytes.length, 4);
+    return Buffer.concat([h, bytes]);
+  };
+  const withDevice = (dev: Buffer): Buffer => record(Buffer.concat([state.subarray(0, SEC), section(1, dev)]));
+  const dev = state.subarray(D);
+  const devEdit = (f: (d: Buffer) => void): Buffer => {
+    const d = Buffer.from(dev);
+    f(d);
+    return withDevice(d);
+  };
+  const v1 = (mac: string): Buffer => {
+    const s = Buffer.from(state.subarray(0, SEC));
+    s[7] = 1;
+    macOf(mac).copy(s, CFG + NC_MAC);
+    return record(s);
+  };
+  const bad: [string, Buffer][] = [
+    ['the state cut by one byte', record(state.subarray(0, state.length - 1))],
+    ['the state cut inside the section header', record(state.subarray(0, SEC + 5))],
+    ['the stream cut inside its record', stream.subarray(0, stream.length - 1)],
+    ['a section length past the end', edit((s) => s.writeUInt32LE(0xffffffff, SEC + 4))],
+    ['an unknown section after it', record(Buffer.concat([state, section(9, Buffer.alloc(0))]))],
+    ['the device section twice', record(Buffer.concat([state, section(1, dev)]))],
+    ['a device state of 10 bytes', withDevice(dev.subarray(0, 10))],
+    ['device state version 9', devEdit((d) => (d[0] = 9))],
+    ['unknown flag bits', devEdit((d) => (d[1] = 0x84))],
+    ['0 active pairs', devEdit((d) => d.writeUInt16LE(0, 8))],
+    ['2 active pairs of 1', devEdit((d) => d.writeUInt16LE(2, 8))],
+    ['reserved bytes set', devEdit((d) => d.writeUInt16LE(1, 10))],
+    ['a unicast count past the bytes', devEdit((d) => d.writeUInt32LE(0x7fffffff, 12))],
+    ['a multicast count one short of the bytes', devEdit((d) => d.writeUInt32LE(0, 16))],
+    ['another MTU in the config', edit((s) => s.writeUInt16LE(9000, CFG + NC_MTU))],
+    ['another max_virtqueue_pairs in the config', edit((s) => s.writeUInt16LE(2, CFG + NC_PAIRS))],
+    ["version 1 (no section) with the driver's MAC: compared, differs", v1(MAC_NEW)],
+  ];
+  for (const [what, data] of bad) {
+    await assert.rejects(dst.dev.restore(data), (err: Error & { errno?: number }) => err.errno === 22, what);
+    const n = dst.spec.net;
+    assert.deepEqual([formatted(n.mac), n.promisc, n.allMulti, n.macTableUni.size, n.macTableMulti.size, n.activePairs], [MAC_P, true, true, 0, 0, 1], `${what}: the destination's device state untouched`);
+    assert.equal(dst.spec.transport.status, 0, `${what}: the destination's transport untouched`);
+    // A failed arc leaves the device in ERROR (the vfio uapi's rule), still answering; a reset leaves it.
+    assert.equal(await dst.dev.migrationState(), MIG_ERROR, what);
+    await dst.dev.reset();
+    assert.equal(await dst.dev.migrationState(), MIG_RUNNING);
+  }
+  // A version-1 record (as before the device section) whose config matches the destination's: loaded, the device keeps its own state.
+  await dst.dev.restore(v1(MAC_P), MIG_STOP);
+  assert.equal(dst.spec.transport.status, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+  assert.deepEqual([formatted(dst.spec.net.mac), dst.spec.net.promisc], [MAC_P, true]);
+
+  // The source runs on, its filter as the guest set it.
+  await src.dev.setMigrationState(MIG_RUNNING);
+  await filterCheck(up.rx, src.spec.net, nic, 100);
+  // And the real migration to that destination is accepted.
+  await migrate(src.dev, dst.dev);
+  assert.equal(await dst.dev.migrationState(), MIG_RUNNING);
+  const n = dst.spec.net;
+  assert.deepEqual([formatted(n.mac), n.promisc, n.allMulti, n.macTableUni.size, n.macTableMulti.size], [MAC_NEW, false, false, 2, 1]);
+});
+
+const formatted = (mac: Uint8Array): string => macHex(Buffer.from(mac));
 
 test('an untrusted guest: runt, offload flags, oversize and a buffer outside its RAM; drops by cause, DEVICE_NEEDS_RESET, a new bring-up works; no fd left open', async (t) => {
   const fdsBefore = fs.readdirSync('/proc/self/fd').length;

@@ -41,8 +41,10 @@ export const NET_S_LINK_UP = 1;
 /** virtio_net_hdr with num_buffers (5.1.6): flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers. */
 export const HDR = 12;
 export const HDR_NUM_BUFFERS = 10;
-// Control queue (5.1.6.5): class MAC 1, MAC_ADDR_SET 1; ack OK 0.
-export const CTRL_MAC = 1, CTRL_MAC_ADDR_SET = 1, CTRL_OK = 0;
+// Control queue (5.1.6.5): class RX 0 (PROMISC 0, ALLMULTI 1: one byte, 0 off / 1 on), class MAC 1
+// (MAC_TABLE_SET 0: two virtio_net_ctrl_mac, unicast then multicast; MAC_ADDR_SET 1: mac[6]); ack OK 0, ERR 1.
+export const CTRL_RX = 0, CTRL_RX_PROMISC = 0, CTRL_RX_ALLMULTI = 1;
+export const CTRL_MAC = 1, CTRL_MAC_TABLE_SET = 0, CTRL_MAC_ADDR_SET = 1, CTRL_OK = 0, CTRL_ERR = 1;
 // Descriptor flags (2.7.5, 2.8.1).
 export const D_NEXT = 1, D_WRITE = 2, D_AVAIL = 1 << 7, D_USED = 1 << 15;
 // vfio-user IRQ index of MSI-X.
@@ -466,4 +468,42 @@ export async function bringUp(p: PciPort, o: { packed: boolean; rxBuf: number; r
   await p.guest.driverOk();
   await until(() => p.spec.net.rxReady, () => 'the RX ring running');
   return up;
+}
+
+/** "aa:bb:..." as its 6 bytes. */
+export function macOf(mac: string): Buffer {
+  return Buffer.from(mac.split(':').map((h) => parseInt(h, 16)));
+}
+
+/**
+ * VIRTIO_NET_CTRL_MAC_TABLE_SET's data (5.1.6.5.2): struct virtio_net_ctrl_mac
+ * { le32 entries; u8 macs[entries][6]; } for the unicast table, then one for the multicast table.
+ */
+export function macTableData(unicast: string[], multicast: string[]): Buffer {
+  const table = (macs: string[]): Buffer => {
+    const n = Buffer.alloc(4);
+    n.writeUInt32LE(macs.length);
+    return Buffer.concat([n, ...macs.map(macOf)]);
+  };
+  return Buffer.concat([table(unicast), table(multicast)]);
+}
+
+/**
+ * One control command (5.1.6.5): struct virtio_net_ctrl { u8 class; u8 command; u8 command-specific-data[]; }
+ * device-readable, then u8 ack device-writable; made available on `ring` (the control queue), kicked,
+ * waited for. Returns the ack byte.
+ */
+export async function ctrlCommand(guest: Guest, ram: Ram, ring: GuestRing, cls: number, cmd: number, data: Buffer): Promise<number> {
+  const out = ram.alloc(2 + data.length);
+  const ack = ram.alloc(1);
+  ram.b[ram.at(out)] = cls;
+  ram.b[ram.at(out) + 1] = cmd;
+  data.copy(ram.b, ram.at(out) + 2);
+  ram.b[ram.at(ack)] = 0xff;
+  const id = ring.add([{ gpa: out, len: 2 + data.length }, { gpa: ack, len: 1, writable: true }]);
+  await guest.kick(CTRL);
+  let used: { id: number; len: number }[] = [];
+  await until(() => (used = ring.used()).length > 0, () => `control command ${cls}/${cmd} used`);
+  assert.deepEqual(used, [{ id, len: 1 }], 'the control command used, its ack byte written');
+  return ram.b[ram.at(ack)]!;
 }
