@@ -46,7 +46,12 @@
  * back-end does at GET_VRING_BASE: no new requests are taken, those in flight
  * complete (into the rings, with their interrupts), then the state is saved:
  * the common cfg registers, ISR, and per queue its size, vector, enable,
- * addresses and ring base (next avail index; nothing is in flight). The
+ * addresses and ring base (next avail index; nothing is in flight), then
+ * the device config, which the destination compares with its own but for the
+ * bytes the driver may change (configDriverMutable). A device with state of
+ * its own (VirtioPciModelState.migrationState: virtio-net's RX filter, MAC
+ * tables and MAC) adds it as a tagged section (version 2 of the record; a
+ * device without writes version 1, as before). The
  * destination loads it and starts the rings at RUNNING; every started queue
  * is then looked at once, so buffers made available while the device was
  * stopped are served. Dirty pages: every ring write and the bytes written
