@@ -18,6 +18,12 @@
  * The PCI queues lack the switch's `unpop` and `polled`: the device wraps
  * them (NetQueueAdapter, vhost-user-net.ts). The port is event-driven (kicks
  * through the notify area or the ioeventfds); polling is vhost-user only.
+ *
+ * Migration (vfio-user v2, the transport's record): the device's control-queue
+ * state (promiscuous, all-multicast, MAC tables, the MAC the driver set,
+ * active pairs) goes in the record's device section (VhostUserNetDevice's
+ * migrationState / loadMigrationState, the transport's VirtioPciModelState);
+ * the config's mac is restored from it, not compared (configDriverMutable).
  */
 import { NetSwitch, type SwitchPort } from './net-switch.js';
 import { VhostUserNetDevice, type VhostUserNetOptions } from './vhost-user-net.js';
