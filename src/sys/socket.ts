@@ -20,7 +20,11 @@ export interface UnixSocketOptions {
   highWaterMark?: number;
   /** Most fds accepted in one received chunk (default 253, the kernel's limit). */
   maxRecvFds?: number;
-  /** Bytes asked of one recvmsg (default 256 KiB). */
+  /**
+   * Most bytes asked of one recvmsg into the socket's pool (default 256 KiB,
+   * at most 1 MiB). Reads start smaller (READ_POOL_MIN / 4) and double up to
+   * this while each one fills what it asked (see the read pool below).
+   */
   readSize?: number;
   /**
    * Asked before each read: a buffer the next bytes should land in (the rest
@@ -66,7 +70,29 @@ interface WriteEntry {
 const MAX_GATHER = 64;
 /** recvmsg calls per poll wake-up at most (the poll fires again if more is waiting). */
 const READS_PER_WAKEUP = 64;
-const POOL_SIZE = 1024 * 1024;
+/**
+ * The read pool: the memory 'data' chunks are views of. A socket has none
+ * until its first read into it (a socket may never receive anything but
+ * targets, or nothing at all), then one of READ_POOL_MIN bytes; a read asks a
+ * quarter of the pool (several reads share one pool), and a read that fills
+ * what it asked doubles the pool for the next one (more was waiting), up to
+ * READ_POOL_MAX, where reads ask readSize. A pool whose room runs out is
+ * replaced, never reused while views of it may be held (chunkRetained), and
+ * the new one is halved while the old one's largest read took at most a
+ * sixteenth of it. A socket that has not read into its pool for
+ * POOL_IDLE_MS to 2 x POOL_IDLE_MS gives the pool up (views handed out keep
+ * their memory: only the socket's reference goes) and starts again at
+ * READ_POOL_MIN. Sized this way a connection holds 64 KiB of V8 external
+ * memory while it talks in small messages and none while idle, instead of
+ * 1 MiB from its creation (what many short-lived or idle sockets paid in
+ * garbage collection and memory).
+ */
+export const READ_POOL_MIN = 64 * 1024;
+export const READ_POOL_MAX = 1024 * 1024;
+const POOL_IDLE_MS = 1000;
+/** Sockets holding a read pool, checked every POOL_IDLE_MS by one unref'd timer while there are any. */
+const poolHolders = new Set<UnixSocket>();
+let poolSweep: NodeJS.Timeout | null = null;
 /** A shared write's buffers of at least this many bytes are spliced; smaller ones are copied. */
 export const SPLICE_MIN = 16 * 1024;
 /** Capacity asked for the splice pipe (the default 64 KiB holds less than one 64 KiB message). */
@@ -114,8 +140,15 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
   /** See UnixSocketOptions.targetRead. */
   targetRead: ((n: number, fds: Fd[]) => void) | null;
   readonly #fdsOut: Int32Array;
-  #pool: Buffer;
+  /** The read pool (null: none held; the next pool read allocates one of #poolSize bytes). */
+  #pool: Buffer | null = null;
   #poolOffset = 0;
+  /** Size of the next pool allocated (READ_POOL_MIN to READ_POOL_MAX, a power of two). */
+  #poolSize = READ_POOL_MIN;
+  /** The largest read into the current pool (for shrinking the next one). */
+  #poolPeak = 0;
+  /** A read went into the pool since the last idle check. */
+  #poolUsed = false;
   /** The pipe shared writes go through (created on the first one): [read end, write end]. */
   #pipe: [Fd, Fd] | null = null;
   /** pipeSend's state: [0] = bytes in the pipe, not yet in the socket (they go before anything else). */
@@ -131,14 +164,13 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     super();
     this.#fd = fd;
     this.#highWaterMark = options.highWaterMark ?? 1024 * 1024;
-    this.#readSize = Math.min(options.readSize ?? 256 * 1024, POOL_SIZE);
+    this.#readSize = Math.max(1, Math.min(options.readSize ?? 256 * 1024, READ_POOL_MAX));
     this.readTarget = options.readTarget ?? null;
     this.readTail = options.readTail ?? null;
     this.chunkRetained = options.chunkRetained ?? null;
     this.targetRead = options.targetRead ?? null;
     const maxFds = Math.min(options.maxRecvFds ?? native.SCM_MAX_FD, native.SCM_MAX_FD);
     this.#fdsOut = new Int32Array(1 + Math.max(0, maxFds));
-    this.#pool = Buffer.allocUnsafe(POOL_SIZE);
     // uv_poll_init makes the fd non-blocking, also one that came blocking (a twin socket the
     // peer sent): splice(), which has no MSG_DONTWAIT, never waits either (test/sys-socket-splice).
     this.#poll = native.pollNew(fd.value, (status, events) => this.#onPoll(status, events));
@@ -149,6 +181,11 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
   /** The socket's descriptor number (for diagnostics). */
   get fdNumber(): number {
     return this.#fd.closed ? -1 : this.#fd.value;
+  }
+
+  /** Bytes of read pool this socket holds now (0 before its first pooled read, after an idle spell, once closed). */
+  get readPoolSize(): number {
+    return this.#pool ? this.#pool.length : 0;
   }
 
   get closed(): boolean {
@@ -320,6 +357,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
     this.#viewEntries = 0;
     if (this.#pipe) closeAll(this.#pipe);
     this.#pipeState[0] = 0;
+    this.#releasePool();
     this.#fd.close();
     if (err && this.listenerCount('error') > 0) this.emit('error', err);
     this.emit('close', err);
@@ -506,18 +544,16 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
       if (target && target.length === 0) target = null; // never a zero-length read: it would look like EOF
       // A target's read may run on into the pool (readTail): the next message's prefix.
       const tail = target ? Math.min(Math.max(0, this.readTail?.() ?? 0), this.#readSize) : 0;
-      const want = target ? tail : this.#readSize;
-      if (want > 0 && POOL_SIZE - this.#poolOffset < want) {
-        this.#pool = Buffer.allocUnsafe(POOL_SIZE);
-        this.#poolOffset = 0;
-      }
+      const ask = this.#poolSize === READ_POOL_MAX ? this.#readSize : Math.min(this.#readSize, this.#poolSize >> 2);
+      const want = target ? tail : ask;
+      const pool = want > 0 ? this.#poolFor(want) : null;
       let n: number;
       try {
         n = target
           ? tail > 0
-            ? native.recvmsg(this.#fd.value, target, 0, target.length, fdsOut, this.#pool, this.#poolOffset, tail)
+            ? native.recvmsg(this.#fd.value, target, 0, target.length, fdsOut, pool!, this.#poolOffset, tail)
             : native.recvmsg(this.#fd.value, target, 0, target.length, fdsOut)
-          : native.recvmsg(this.#fd.value, this.#pool, this.#poolOffset, this.#readSize, fdsOut);
+          : native.recvmsg(this.#fd.value, pool!, this.#poolOffset, ask, fdsOut);
       } catch (err) {
         this.destroy(err as Error);
         return;
@@ -542,13 +578,55 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
         if (inPool > 0 && this.#closed) closeAll(fds);
       }
       if (inPool > 0 && !this.#closed) {
-        const chunk = this.#pool.subarray(at, at + inPool);
+        const chunk = pool!.subarray(at, at + inPool);
         this.#poolOffset += (inPool + 7) & ~7;
+        if (inPool > this.#poolPeak) this.#poolPeak = inPool;
+        // A pool read that filled what it asked: more was waiting, so the next ones ask more.
+        if (!target && inPool === ask && ask < this.#readSize) this.#poolSize *= 2;
         this.#deliver(chunk, fds);
         // Nobody kept the chunk: its pool memory (hot in cache, already faulted in) takes the next read.
-        if (this.chunkRetained?.() === false) this.#poolOffset = at;
+        if (this.chunkRetained?.() === false && this.#pool === pool) this.#poolOffset = at;
       }
-      if (n < (target ? target.length + tail : this.#readSize)) return;
+      if (n < (target ? target.length + tail : ask)) return;
+    }
+  }
+
+  /** The pool with room for a read of `want` bytes at #poolOffset: the current one, or a new one. */
+  #poolFor(want: number): Buffer {
+    this.#poolUsed = true;
+    const pool = this.#pool;
+    if (pool !== null && pool.length - this.#poolOffset >= want) return pool;
+    if (pool !== null) {
+      // Replaced (views of it may be held). Its reads took little of it: the next one is smaller.
+      while (this.#poolSize > READ_POOL_MIN && this.#poolPeak <= this.#poolSize >> 4) this.#poolSize >>= 1;
+    } else {
+      poolHolders.add(this);
+      poolSweep ??= setInterval(UnixSocket.#sweepPools, POOL_IDLE_MS).unref();
+    }
+    this.#pool = Buffer.allocUnsafe(Math.max(this.#poolSize, want));
+    this.#poolOffset = 0;
+    this.#poolPeak = 0;
+    return this.#pool;
+  }
+
+  /** Drops the socket's reference to its pool; the next pooled read starts again at READ_POOL_MIN. */
+  #releasePool(): void {
+    this.#pool = null;
+    this.#poolOffset = 0;
+    this.#poolPeak = 0;
+    this.#poolSize = READ_POOL_MIN;
+    poolHolders.delete(this);
+    if (poolHolders.size === 0 && poolSweep !== null) {
+      clearInterval(poolSweep);
+      poolSweep = null;
+    }
+  }
+
+  /** Every POOL_IDLE_MS: a socket that did not read into its pool since the last time gives it up. */
+  static #sweepPools(): void {
+    for (const s of poolHolders) {
+      if (s.#poolUsed) s.#poolUsed = false;
+      else s.#releasePool();
     }
   }
 
