@@ -167,7 +167,7 @@ for (const packed of [false, true]) {
   });
 }
 
-test('the control queue over PCI: MAC_ADDR_SET changes virtio_net_config.mac; without MRG_RXBUF a frame takes one buffer, too big is dropped', async (t) => {
+test('the control queue over PCI: MAC_ADDR_SET changes virtio_net_config.mac, a reset puts the configured one back; without MRG_RXBUF a frame takes one buffer, too big is dropped', async (t) => {
   const dir = tmpdir();
   const sw = new NetSwitch();
   t.after(() => sw.close());
@@ -195,6 +195,11 @@ test('the control queue over PCI: MAC_ADDR_SET changes virtio_net_config.mac; wi
   await nic.send(ethFrame('52:54:00:aa:00:99', MAC_V, 1013, 9));
   await until(() => p.spec.net.stats.drops['rx-buffer-too-small'] === 1, () => 'the big frame dropped');
   await vhostToPci(up, nic, [ethFrame('52:54:00:aa:00:99', MAC_V, 61, 10)], { mrg: false });
+
+  // A device reset (status 0) puts back the MAC the device was made with, as QEMU's virtio_net_reset.
+  await p.guest.wr(T_COMMON, C_STATUS, 1, 0);
+  await until(async () => (await p.guest.rd(T_COMMON, C_STATUS, 1)) === 0, () => 'status 0 after reset');
+  assert.equal((await p.guest.deviceCfg(NC_MAC, 6)).toString('hex'), MAC_P.replaceAll(':', ''));
 });
 
 test('two PCI ports of one switch: frames between two vfio-user guests, both ways, split on one and packed on the other', async (t) => {

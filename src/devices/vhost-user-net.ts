@@ -442,6 +442,8 @@ export class VhostUserNetDevice implements VhostUserDevice, VirtioDeviceModel {
   #mrg = false;
   #mtuAcked = false;
   readonly #ctrlIndex: number;
+  /** The MAC given at construction (restored by reset()). */
+  readonly #configuredMac: Uint8Array;
   readonly #rx: RxState[];
   readonly #log: (line: string) => void;
   readonly #reader = new FrameReader();
@@ -466,6 +468,7 @@ export class VhostUserNetDevice implements VhostUserDevice, VirtioDeviceModel {
     this.mtu = options.mtu ?? 1500;
     if (!Number.isInteger(this.mtu) || this.mtu < 68 || this.mtu > 65535) throw new RangeError(`mtu: ${this.mtu} (68..65535)`);
     this.mac = typeof options.mac === 'string' ? parseMac(options.mac) : options.mac ? Uint8Array.from(options.mac) : randomMac();
+    this.#configuredMac = Uint8Array.from(this.mac);
     this.name = options.name ?? formatMac(this.mac);
     this.#log = options.log ?? (() => undefined);
     this.activePairs = this.queuePairs;
@@ -577,6 +580,8 @@ export class VhostUserNetDevice implements VhostUserDevice, VirtioDeviceModel {
     this.macTableUni.clear();
     this.macTableMulti.clear();
     this.activePairs = this.queuePairs;
+    // A device reset puts back the configured MAC, as QEMU's virtio_net_reset does after a MAC_ADDR_SET.
+    this.mac = Uint8Array.from(this.#configuredMac);
   }
 
   /**
