@@ -451,6 +451,137 @@ test('untrusted config space: caps past their BAR, a looping list, a missing cap
   assert.ok(isCode(e, 'NOT_VIRTIO'), String(e));
 });
 
+/** virtio_pci_common_cfg offsets (4.1.4.3), by hand. */
+const DFSELECT = 0, DF = 4, NUM_QUEUES = 18, STATUS = 20, CFG_GEN = 21, Q_SELECT = 22, Q_SIZE = 24, Q_MSIX = 26, Q_NOTIFY_OFF = 30;
+const FEATURES_OK = 8;
+
+interface RegisterDeviceOptions {
+  /** Offered features (default VERSION_1 | FLUSH). */
+  features?: bigint;
+  numQueues?: number;
+  /** queue_size of every existing queue (default 64). */
+  queueMax?: number;
+  /** The status the device keeps after the driver writes `written` (default: what was written). */
+  status?: (written: number) => number;
+  /** config_generation on each read (default 0). */
+  generation?: () => number;
+  notifyOff?: number;
+  /** Whether queue_msix_vector takes what is written (default true; false reads NO_VECTOR). */
+  takesVectors?: boolean;
+  /** virtio_blk_config (default: capacity 2048 sectors). */
+  config?: Buffer;
+}
+
+/**
+ * A device that is only registers: a common cfg that stores what is written
+ * (with the behaviours above), an ISR, a device config, a notify area that
+ * does nothing. It never processes a ring.
+ */
+function registerDevice(o: RegisterDeviceOptions = {}): VfioUserDeviceSpec & { notifies: number } {
+  const features = o.features ?? (F_VERSION_1 | BLK_F_FLUSH);
+  const common = Buffer.alloc(60);
+  const config = o.config ?? Buffer.from([0x00, 0x08, 0, 0, 0, 0, 0, 0]);
+  const queues = o.numQueues ?? 1;
+  const dev = {
+    notifies: 0,
+    pci: { vendorId: 0x1af4, deviceId: 0x1042, subsystemVendorId: 0x1af4, subsystemId: 2, revision: 1, classCode: 0x010000, capabilities: GOOD_CAPS },
+    regions: {
+      4: {
+        size: 0x4000,
+        read: (offset: number, out: Uint8Array): void => {
+          const img = Buffer.from(common);
+          const sel = common.readUInt32LE(DFSELECT);
+          img.writeUInt32LE(sel < 2 ? Number((features >> BigInt(32 * sel)) & 0xffff_ffffn) : 0, DF);
+          img.writeUInt16LE(queues, NUM_QUEUES);
+          img[CFG_GEN] = o.generation?.() ?? 0;
+          const q = common.readUInt16LE(Q_SELECT);
+          if (common.readUInt16LE(Q_SIZE) === 0 || q >= queues) img.writeUInt16LE(q < queues ? (o.queueMax ?? 64) : 0, Q_SIZE);
+          img.writeUInt16LE(o.notifyOff ?? q, Q_NOTIFY_OFF);
+          out.fill(0);
+          for (let i = 0; i < out.length; i++) {
+            const at = offset + i;
+            if (at < 60) out[i] = img[at]!;
+            else if (at >= 0x2000 && at < 0x2000 + config.length) out[i] = config[at - 0x2000]!;
+          }
+        },
+        write: (offset: number, data: Uint8Array): void => {
+          if (offset >= 0x3000) {
+            dev.notifies++;
+            return;
+          }
+          if (offset + data.length > 60) return;
+          common.set(data, offset);
+          if (offset === STATUS) {
+            if (data[0] === 0) common.fill(0, 0, 60);
+            common[STATUS] = o.status ? o.status(data[0]!) : data[0]!;
+          }
+          if (offset === Q_MSIX && o.takesVectors === false) common.writeUInt16LE(0xffff, Q_MSIX);
+        },
+      },
+    },
+    irqs: { msix: 4 },
+  };
+  return dev;
+}
+
+const serveRaw = (t: TestContext, spec: VfioUserDeviceSpec): string => {
+  const dir = tmp();
+  const sock = path.join(dir, 'reg.sock');
+  const server = VfioUserServer.listen(sock, { device: spec });
+  t.after(() => {
+    server.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  return sock;
+};
+
+const connectError = (sock: string, options: VirtioPciBlkDriverOptions = {}): Promise<unknown> =>
+  VirtioPciBlkDriver.connect(sock, options).then(
+    async (d) => {
+      await d.close();
+      return null;
+    },
+    (e: unknown) => e,
+  );
+
+test('untrusted registers: a reset that never ends, features refused, a config that never settles, bad queue registers: typed errors, no fd left', async (t) => {
+  const cases: [string, RegisterDeviceOptions, VirtioPciBlkDriverOptions, string, RegExp][] = [
+    ['status never reads 0 after a reset', { status: () => 0x40 }, { resetTimeoutMs: 50 }, 'RESET_TIMEOUT', /status 0/],
+    ['no VERSION_1 (a legacy device)', { features: BLK_F_FLUSH }, {}, 'FEATURES', /VERSION_1/],
+    ['FEATURES_OK does not stick', { status: (w) => w & ~FEATURES_OK }, {}, 'FEATURES', /refused FEATURES_OK/],
+    ['packed asked for, not offered', {}, { packed: true }, 'FEATURES', /RING_PACKED/],
+    ['config_generation changes on every read', { generation: (() => { let g = 0; return () => g++ & 0xff; })() }, {}, 'CONFIG_GENERATION', /config_generation/],
+    ['a capacity past 2^53 bytes', { config: Buffer.alloc(8, 0xff) }, {}, 'DEVICE_ERROR', /capacity/],
+    ['queue 0 does not exist', { queueMax: 0 }, {}, 'QUEUE', /no queue 0/],
+    ['two queues asked of a one-queue device', {}, { queues: 2 }, 'QUEUE', /2 queues asked for/],
+    ['a queue_notify_off past the notify area', { notifyOff: 100 }, {}, 'QUEUE', /notify offset 100/],
+    ['a queue vector not taken', { takesVectors: false }, {}, 'NO_MSIX', /vector/],
+  ];
+  const before = openFdCount();
+  for (const [what, dev, opts, code, message] of cases) {
+    const dir = tmp();
+    const server = VfioUserServer.listen(path.join(dir, 'reg.sock'), { device: registerDevice(dev) });
+    const e = await connectError(server.path, opts);
+    server.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+    assert.ok(isCode(e, code), `${what}: ${String(e)}`);
+    assert.match((e as Error).message, message, what);
+  }
+  await waitFor(() => openFdCount() <= before, () => `fds: ${openFdCount()} open, ${before} before`);
+});
+
+test('a device that takes requests and never completes them: TIMEOUT for every pending request, none left hanging', async (t) => {
+  const dev = registerDevice();
+  const d = await VirtioPciBlkDriver.connect(serveRaw(t, dev), { ioTimeoutMs: 100, queueSize: 4 });
+  t.after(() => d.close());
+  assert.equal(d.capacity, 2048 * SECTOR);
+  // More than the ring holds: 4 on the ring, 4 waiting.
+  const settled = await Promise.allSettled(Array.from({ length: 8 }, (_, i) => d.read(i * SECTOR, SECTOR)));
+  for (const r of settled) assert.ok(r.status === 'rejected' && isCode(r.reason, 'TIMEOUT'), String(r.status === 'rejected' ? r.reason : r.status));
+  assert.ok(dev.notifies >= 1, 'the device was notified');
+  await assert.rejects(d.getId(), (e: unknown) => isCode(e, 'TIMEOUT'));
+});
+
 test('the transport on its own: discovery of our device, the capability ranges it found', async (t) => {
   const s = serveBlk(t);
   const tr = await VirtioPciTransport.connect(s.sock);

@@ -167,13 +167,16 @@ export class VirtioPciBlkDriver {
     this.#pages = new PagePool(pool.size);
     this.#ioTimeoutMs = o.ioTimeoutMs ?? 30_000;
     const onClose = (e: VirtioPciError): void => this.#failAll(e);
+    // A notify that could not be posted: the requests behind it would never complete.
+    const onError = (e: Error): void => this.#failAll(new VirtioPciError(t.client.closed ? 'DISCONNECTED' : 'REFUSED', `a queue notify was lost: ${e.message}`, { cause: e }));
     const onConfig = (): void => {
       this.stats.configInterrupts++;
       void this.#checkStatus();
     };
     t.on('close', onClose);
     t.on('config', onConfig);
-    this.#unsubscribe.push(() => t.off('close', onClose), () => t.off('config', onConfig));
+    t.on('error', onError);
+    this.#unsubscribe.push(() => t.off('close', onClose), () => t.off('config', onConfig), () => t.off('error', onError));
     // One subscription per eventfd: lanes sharing a vector are reaped together.
     for (const fd of new Set(lanes.map((l) => l.queue.interrupt!))) {
       const mine = lanes.filter((l) => l.queue.interrupt === fd);
@@ -192,17 +195,20 @@ export class VirtioPciBlkDriver {
 
   /** Connects to the vfio-user server at `socketPath` and brings the virtio-blk device up. */
   static async connect(socketPath: string, options: VirtioPciBlkDriverOptions = {}): Promise<VirtioPciBlkDriver> {
-    const t = await VirtioPciTransport.connect(socketPath, options);
+    return VirtioPciBlkDriver.open(await VirtioPciTransport.connect(socketPath, options), options);
+  }
+
+  /** Brings the virtio-blk device of a transport up (3.1.1); the driver owns the transport from now on (closed if this fails). */
+  static async open(t: VirtioPciTransport, o: VirtioPciBlkDriverOptions = {}): Promise<VirtioPciBlkDriver> {
     try {
-      return await VirtioPciBlkDriver.open(t, options);
+      return await VirtioPciBlkDriver.#open(t, o);
     } catch (e) {
       await t.close();
       throw e;
     }
   }
 
-  /** Brings the virtio-blk device of a transport up (3.1.1); the driver owns the transport from now on. */
-  static async open(t: VirtioPciTransport, o: VirtioPciBlkDriverOptions = {}): Promise<VirtioPciBlkDriver> {
+  static async #open(t: VirtioPciTransport, o: VirtioPciBlkDriverOptions): Promise<VirtioPciBlkDriver> {
     if (t.ids.virtioId !== VIRTIO_ID_BLOCK) throw new VirtioPciError('NOT_VIRTIO', `virtio device id ${t.ids.virtioId}, not a block device (${VIRTIO_ID_BLOCK})`);
     await t.reset();
     let wanted = bit(F_VERSION_1);

@@ -38,6 +38,7 @@ import { EventEmitter } from 'node:events';
 import { EventFd, SharedMemory } from '../sys/index.js';
 import { VfioUserClient } from '../vfio-user/client.js';
 import { VfioUserDevice } from '../vfio-user/client-device.js';
+import { ConnectionError } from '../vfio-user/connection.js';
 import { PciIrq, PciRegion, RegionInfoFlag } from '../vfio/uapi.js';
 import { PCI_CFG_SPACE_SIZE, PCI_STD_HEADER_SIZEOF, PCI_STD_NUM_BARS, PciCapId, PciMsix, PciReg, PciStatus } from '../pci/regs.js';
 import { CommonCfg, VIRTIO_MSI_NO_VECTOR, VIRTIO_PCI_DEVICE_ID_BASE, VIRTIO_PCI_VENDOR_ID, VirtioPciCapType, VirtioStatus } from '../devices/virtio-pci.js';
@@ -60,6 +61,8 @@ export type VirtioPciErrorCode =
   | 'QUEUE'
   /** No MSI-X, too few vectors, or a vector the device would not take. */
   | 'NO_MSIX'
+  /** The server refused a BAR access, a DMA mapping or SET_IRQS (its error is the cause). */
+  | 'REFUSED'
   /** The device did not read status 0 after a reset in time. */
   | 'RESET_TIMEOUT'
   /** config_generation kept changing while the device config was read. */
@@ -68,7 +71,7 @@ export type VirtioPciErrorCode =
   | 'DEVICE_ERROR'
   /** The vfio-user connection went away. */
   | 'DISCONNECTED'
-  /** A request was not completed in time. */
+  /** A request was not completed in time, or the server did not reply in time. */
   | 'TIMEOUT'
   /** The driver was used wrongly (a call out of order, after close). */
   | 'STATE';
@@ -268,14 +271,15 @@ export class VirtioPciTransport extends EventEmitter<TransportEvents> {
     } catch (e) {
       if (this.#closed) throw this.#closed;
       if (this.client.closed) throw err('DISCONNECTED', `${what}: the connection closed`, e);
-      throw err('CAP_RANGE', `${what}: ${(e as Error).message}`, e);
+      if (e instanceof ConnectionError && e.code === 'VFU_TIMEOUT') throw err('TIMEOUT', `${what}: ${e.message}`, e);
+      throw err('REFUSED', `${what}: ${(e as Error).message}`, e);
     }
   }
 
   async #read(cap: VirtioPciCap, off: number, size: number, what: string): Promise<Uint8Array> {
     if (off + size > cap.length) throw err('STATE', `${what}: [${off}, +${size}) is outside the ${cap.length}-byte capability`);
     const b = await this.#io(what, () => this.device.read(cap.bar, cap.offset + off, size));
-    if (b.length !== size) throw err('CAP_RANGE', `${what}: ${b.length} of ${size} bytes read`);
+    if (b.length !== size) throw err('REFUSED', `${what}: ${b.length} of ${size} bytes read`);
     return b;
   }
 
