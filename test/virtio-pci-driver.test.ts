@@ -380,22 +380,27 @@ function handBuilt(options: { caps?: ReturnType<typeof vcap>[]; vendorId?: numbe
   };
 }
 
-async function openHandBuilt(t: TestContext, spec: VfioUserDeviceSpec): Promise<unknown> {
+const serveRaw = (t: TestContext, spec: VfioUserDeviceSpec): string => {
   const dir = tmp();
-  const sock = path.join(dir, 'bad.sock');
+  const sock = path.join(dir, 'reg.sock');
   const server = VfioUserServer.listen(sock, { device: spec });
   t.after(() => {
     server.close();
     fs.rmSync(dir, { recursive: true, force: true });
   });
-  return VirtioPciBlkDriver.connect(sock).then(
+  return sock;
+};
+
+const connectError = (sock: string, options: VirtioPciBlkDriverOptions = {}): Promise<unknown> =>
+  VirtioPciBlkDriver.connect(sock, options).then(
     async (d) => {
       await d.close();
       return null;
     },
     (e: unknown) => e,
   );
-}
+
+const openHandBuilt = (t: TestContext, spec: VfioUserDeviceSpec): Promise<unknown> => connectError(serveRaw(t, spec));
 
 const isCode = (e: unknown, code: string): boolean => e instanceof VirtioPciError && e.code === code;
 
@@ -523,26 +528,6 @@ function registerDevice(o: RegisterDeviceOptions = {}): VfioUserDeviceSpec & { n
   };
   return dev;
 }
-
-const serveRaw = (t: TestContext, spec: VfioUserDeviceSpec): string => {
-  const dir = tmp();
-  const sock = path.join(dir, 'reg.sock');
-  const server = VfioUserServer.listen(sock, { device: spec });
-  t.after(() => {
-    server.close();
-    fs.rmSync(dir, { recursive: true, force: true });
-  });
-  return sock;
-};
-
-const connectError = (sock: string, options: VirtioPciBlkDriverOptions = {}): Promise<unknown> =>
-  VirtioPciBlkDriver.connect(sock, options).then(
-    async (d) => {
-      await d.close();
-      return null;
-    },
-    (e: unknown) => e,
-  );
 
 test('untrusted registers: a reset that never ends, features refused, a config that never settles, bad queue registers: typed errors, no fd left', async (t) => {
   const cases: [string, RegisterDeviceOptions, VirtioPciBlkDriverOptions, string, RegExp][] = [
