@@ -19,6 +19,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { VfioUserServer } from '../src/vfio-user/server.js';
 import type { DeviceContext, VfioUserDeviceSpec } from '../src/vfio-user/device.js';
+import { virtioNetPciDevice } from '../src/devices/virtio-net-pci.js';
+import { NetSwitch } from '../src/devices/net-switch.js';
 import { virtioBlkPciDevice, type VirtioBlkPciDeviceSpec, type VirtioBlkPciOptions } from '../src/devices/virtio-blk-pci.js';
 import { VirtioPciBlkDriver, type VirtioPciBlkDriverOptions } from '../src/virtio/pci-blk-driver.js';
 import { VirtioPciError, VirtioPciTransport } from '../src/virtio/pci-driver.js';
@@ -31,6 +33,7 @@ const COMMON_CFG = 1, NOTIFY_CFG = 2, ISR_CFG = 3, DEVICE_CFG = 4;
 /** virtio_pci_common_cfg: queue_desc, queue_driver, queue_device (u64 each, 4.1.4.3). */
 const Q_DESC = 32, Q_DRIVER = 40, Q_DEVICE = 48;
 const F_INDIRECT = 1n << 28n, F_EVENT_IDX = 1n << 29n, F_VERSION_1 = 1n << 32n, F_RING_PACKED = 1n << 34n;
+const NET_F_MAC = 1n << 5n;
 const BLK_F_FLUSH = 1n << 9n, BLK_F_MQ = 1n << 12n, BLK_F_RO = 1n << 5n;
 /** Where our device puts the structures (its doc): BAR4, notify area at 0x3000. */
 const NOTIFY_AT = 0x3000;
@@ -588,6 +591,59 @@ test('the transport on its own: discovery of our device, the capability ranges i
   await assert.rejects(tr.setupQueue(1, { size: 8, vector: 0xffff }), (e: unknown) => isCode(e, 'QUEUE'), 'no queue 1');
   await assert.rejects(tr.setupQueue(0, { size: 12, vector: 0xffff }), (e: unknown) => isCode(e, 'QUEUE'), 'not a power of two');
   await assert.rejects(tr.setupInterrupts(3), (e: unknown) => isCode(e, 'NO_MSIX'));
+});
+
+test('the transport drives another device: a frame from one virtio-net PCI port of a switch to another, split and packed', async (t) => {
+  for (const packed of [false, true]) {
+    const sw = new NetSwitch();
+    const macs = ['52:54:00:00:00:0a', '52:54:00:00:00:0b'];
+    const ports = [];
+    for (const mac of macs) {
+      const spec = virtioNetPciDevice({ switch: sw, mac });
+      const sock = serveRaw(t, spec);
+      const tr = await VirtioPciTransport.connect(sock);
+      t.after(async () => {
+        await tr.close();
+        spec.close();
+      });
+      assert.equal(tr.ids.virtioId, 1, 'virtio-net');
+      await tr.reset();
+      const f = await tr.negotiate(NET_F_MAC | (packed ? F_RING_PACKED : 0n));
+      assert.equal(f, F_VERSION_1 | NET_F_MAC | (packed ? F_RING_PACKED : 0n));
+      assert.deepEqual([...(await tr.readConfig(0, 6))], mac.split(':').map((h) => parseInt(h, 16)), 'virtio_net_config.mac');
+      await tr.setupInterrupts(3);
+      const rx = await tr.setupQueue<number>(0, { size: 16, vector: 1 });
+      const tx = await tr.setupQueue<number>(1, { size: 16, vector: 2 });
+      assert.equal(rx.ring.packed, packed);
+      // 16 RX buffers of 2 KiB (virtio_net_hdr of 12 bytes with VERSION_1, then the frame), TX from 32 KiB on.
+      const mem = await tr.allocate(64 * 1024);
+      for (let i = 0; i < 16; i++) assert.ok(rx.ring.add([{ addr: mem.iova + i * 2048, len: 2048, write: true }], i));
+      await tr.driverOk();
+      rx.notify();
+      ports.push({ spec, tr, rx, tx, mem });
+    }
+    const [a, b] = ports as [(typeof ports)[0], (typeof ports)[0]];
+    await waitFor(() => a.spec.net.rxReady && b.spec.net.rxReady, 'both RX rings running');
+    // A broadcast frame from port a (dst ff:ff:ff:ff:ff:ff, src a's MAC, ethertype 0x88b5), bytes by hand.
+    const frame = Buffer.concat([Buffer.alloc(6, 0xff), Buffer.from([0x52, 0x54, 0, 0, 0, 0x0a, 0x88, 0xb5]), pattern(100, packed ? 2 : 1)]);
+    const got = new Promise<{ token: number; len: number }>((resolve) => {
+      const stop = b.rx.interrupt!.subscribe(() => {
+        const u = b.rx.ring.getUsed();
+        if (!u) return;
+        stop();
+        resolve(u);
+      });
+    });
+    a.mem.memory.bytes.fill(0, 32 * 1024, 32 * 1024 + 12);
+    a.mem.memory.bytes.set(frame, 32 * 1024 + 12);
+    assert.ok(a.tx.ring.add([{ addr: a.mem.iova + 32 * 1024, len: 12 + frame.length, write: false }], 99));
+    if (a.tx.ring.needsKick()) a.tx.notify();
+    const u = await got;
+    assert.equal(u.len, 12 + frame.length, 'virtio_net_hdr + the frame');
+    assert.ok(Buffer.from(b.mem.memory.bytes.subarray(u.token * 2048 + 12, u.token * 2048 + 12 + frame.length)).equals(frame), 'the frame arrived whole');
+    await waitFor(() => a.tx.ring.getUsed()?.token === 99, 'the TX buffer came back');
+    sw.close();
+  }
 });
 
 // --- helpers ---
