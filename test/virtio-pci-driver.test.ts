@@ -34,10 +34,11 @@ const COMMON_CFG = 1, NOTIFY_CFG = 2, ISR_CFG = 3, DEVICE_CFG = 4;
 const Q_DESC = 32, Q_DRIVER = 40, Q_DEVICE = 48;
 const F_INDIRECT = 1n << 28n, F_EVENT_IDX = 1n << 29n, F_VERSION_1 = 1n << 32n, F_RING_PACKED = 1n << 34n;
 const NET_F_MAC = 1n << 5n;
+const BLK_F_DISCARD = 1n << 13n, BLK_F_WRITE_ZEROES = 1n << 14n;
 const BLK_F_FLUSH = 1n << 9n, BLK_F_MQ = 1n << 12n, BLK_F_RO = 1n << 5n;
 /** Where our device puts the structures (its doc): BAR4, notify area at 0x3000. */
 const NOTIFY_AT = 0x3000;
-const VIRTIO_BLK_S_IOERR = 1;
+const VIRTIO_BLK_S_IOERR = 1, VIRTIO_BLK_S_UNSUPP = 2;
 
 const SECTOR = 512;
 const MiB = 1 << 20;
@@ -208,6 +209,31 @@ test('a transfer larger than maxTransfer is split; out-of-range and unaligned re
   await assert.rejects(d.read(100, SECTOR), RangeError);
   await assert.rejects(d.write(0, Buffer.alloc(100)), RangeError);
   await assert.rejects(d.read(0, SECTOR, { queue: 1 }), RangeError);
+});
+
+test('DISCARD and WRITE_ZEROES: the ranges read as zeros in the file, the bytes around them untouched; without the feature: UNSUPP', async (t) => {
+  const s = serveBlk(t);
+  const d = await connect(t, s);
+  assert.ok(d.features & BLK_F_DISCARD && d.features & BLK_F_WRITE_ZEROES);
+  const zeros = (n: number): Buffer => Buffer.alloc(n);
+  await d.write(0, pattern(2 * MiB, 6));
+  await d.discard(4096, MiB);
+  assert.ok(fileBytes(s.file, 4096, MiB).equals(zeros(MiB)), 'discarded: zeros in the file');
+  assert.ok(fileBytes(s.file, 0, 4096).equals(pattern(4096, 6)), 'the bytes before it are kept');
+  assert.ok(fileBytes(s.file, 4096 + MiB, 4096).equals(pattern(2 * MiB, 6).subarray(4096 + MiB, 8192 + MiB)), 'and after it');
+  await d.writeZeroes(MiB + 8192, 3 * SECTOR, { unmap: true });
+  assert.ok(fileBytes(s.file, MiB + 8192, 3 * SECTOR).equals(zeros(3 * SECTOR)));
+  assert.ok((await d.read(MiB + 8192, 3 * SECTOR)).equals(zeros(3 * SECTOR)));
+  assert.equal(s.spec.disk.stats.discards, 1);
+  assert.equal(s.spec.disk.stats.writeZeroes, 1);
+  await assert.rejects(d.discard(IMAGE_BYTES - SECTOR, 2 * SECTOR), RangeError);
+  // A device without them: refused here, nothing sent.
+  const plain = await VirtioPciBlkDriver.connect(serveRaw(t, registerDevice()), { ioTimeoutMs: 0 });
+  t.after(() => plain.close());
+  for (const op of [plain.discard(0, SECTOR), plain.writeZeroes(0, SECTOR)]) {
+    await assert.rejects(op, (e: unknown) => e instanceof BlkIoError && e.status === VIRTIO_BLK_S_UNSUPP);
+  }
+  assert.equal(plain.inFlight, 0);
 });
 
 test('a read-only disk: RO negotiated, a write fails with the device\'s IOERR and leaves the file alone', async (t) => {

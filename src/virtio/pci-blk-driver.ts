@@ -64,6 +64,8 @@ interface BlkRequestState {
   out: Uint8Array | null;
   /** Bytes the device writes back (IN, GET_ID). */
   inLen: number;
+  /** DISCARD / WRITE_ZEROES: the one virtio_blk_discard_write_zeroes segment. */
+  segment: { sector: number; sectors: number; flags: number } | null;
   resolve(v: Buffer | undefined): void;
   reject(e: Error): void;
   slot: number;
@@ -71,9 +73,15 @@ interface BlkRequestState {
   started: number;
 }
 
-/** Header slot: virtio_blk_req header (type u32, reserved u32, sector u64) at 0, status byte at 16. */
-const SLOT_BYTES = 32;
-const STATUS_AT = 16;
+/**
+ * Header slot: virtio_blk_req header (type u32, reserved u32, sector u64) at 0,
+ * a discard / write-zeroes segment (sector u64, num_sectors u32, flags u32) at 16, status byte at 32.
+ */
+const SLOT_BYTES = 64;
+const SEGMENT_AT = 16;
+const STATUS_AT = 32;
+/** virtio_blk_discard_write_zeroes flags: bit 0 unmap (WRITE_ZEROES only). */
+const WRITE_ZEROES_UNMAP = 1;
 const ID_BYTES = 20;
 const BLK_CONFIG_BYTES = 60;
 const PAGE = 4096;
@@ -123,14 +131,14 @@ interface Lane {
 }
 
 /** The blk features asked for (the ring features by option). */
-const WANTED_BLK = [BlkFeature.SIZE_MAX, BlkFeature.SEG_MAX, BlkFeature.GEOMETRY, BlkFeature.RO, BlkFeature.BLK_SIZE, BlkFeature.FLUSH, BlkFeature.TOPOLOGY, BlkFeature.MQ];
+const WANTED_BLK = [BlkFeature.SIZE_MAX, BlkFeature.SEG_MAX, BlkFeature.GEOMETRY, BlkFeature.RO, BlkFeature.BLK_SIZE, BlkFeature.FLUSH, BlkFeature.TOPOLOGY, BlkFeature.MQ, BlkFeature.DISCARD, BlkFeature.WRITE_ZEROES];
 const F_INDIRECT_DESC = 28;
 const F_EVENT_IDX = 29;
 const F_VERSION_1 = 32;
 const F_RING_PACKED = 34;
 const bit = (n: number): bigint => 1n << BigInt(n);
 
-const OPS: Record<number, string> = { [BlkReq.IN]: 'read', [BlkReq.OUT]: 'write', [BlkReq.FLUSH]: 'flush', [BlkReq.GET_ID]: 'get-id' };
+const OPS: Record<number, string> = { [BlkReq.IN]: 'read', [BlkReq.OUT]: 'write', [BlkReq.FLUSH]: 'flush', [BlkReq.GET_ID]: 'get-id', [BlkReq.DISCARD]: 'discard', [BlkReq.WRITE_ZEROES]: 'write-zeroes' };
 
 export class VirtioPciBlkDriver {
   readonly transport: VirtioPciTransport;
@@ -290,11 +298,11 @@ export class VirtioPciBlkDriver {
     if (offset + length > this.capacity) throw new RangeError(`[${offset}, +${length}) is past the end of the ${this.capacity}-byte disk`);
   }
 
-  #enqueue(lane: Lane, type: number, sector: number, out: Uint8Array | null, inLen: number): Promise<Buffer | undefined> {
+  #enqueue(lane: Lane, type: number, sector: number, out: Uint8Array | null, inLen: number, segment: BlkRequestState['segment'] = null): Promise<Buffer | undefined> {
     if (this.#error) return Promise.reject(this.#error);
     if (this.#closing) return Promise.reject(new VirtioPciError('STATE', 'the driver is closed'));
     return new Promise((resolve, reject) => {
-      lane.waiting.push({ type, sector, out, inLen, resolve, reject, slot: -1, poolAt: -1, started: 0 });
+      lane.waiting.push({ type, sector, out, inLen, segment, resolve, reject, slot: -1, poolAt: -1, started: 0 });
       this.#fill(lane);
     });
   }
@@ -306,7 +314,7 @@ export class VirtioPciBlkDriver {
     while (lane.waiting.length > 0 && lane.slots.length > 0) {
       const r = lane.waiting[0]!;
       const dataLen = r.out ? r.out.length : r.inLen;
-      if (!ring.canAdd(dataLen > 0 ? 3 : 2)) break;
+      if (!ring.canAdd(dataLen > 0 || r.segment ? 3 : 2)) break;
       if (dataLen > 0) {
         r.poolAt = this.#pages.take(dataLen);
         if (r.poolAt < 0) break;
@@ -322,6 +330,12 @@ export class VirtioPciBlkDriver {
       hdr.setUint8(at + STATUS_AT, 0xff);
       const gpa = this.#headers.iova + at;
       const bufs = [{ addr: gpa, len: 16, write: false }];
+      if (r.segment) {
+        hdr.setBigUint64(at + SEGMENT_AT, BigInt(r.segment.sector), true);
+        hdr.setUint32(at + SEGMENT_AT + 8, r.segment.sectors, true);
+        hdr.setUint32(at + SEGMENT_AT + 12, r.segment.flags, true);
+        bufs.push({ addr: gpa + SEGMENT_AT, len: 16, write: false });
+      }
       if (dataLen > 0) bufs.push({ addr: this.#pool.iova + r.poolAt, len: dataLen, write: r.out === null });
       bufs.push({ addr: gpa + STATUS_AT, len: 1, write: true });
       r.started = Date.now();
@@ -426,6 +440,31 @@ export class VirtioPciBlkDriver {
   async flush(options: { queue?: number } = {}): Promise<void> {
     if (!this.transport.hasFeature(BlkFeature.FLUSH)) return;
     await this.#enqueue(this.#lane(options.queue), BlkReq.FLUSH, 0, null, 0);
+  }
+
+  /**
+   * DISCARD [offset, offset + length) (VIRTIO_BLK_F_DISCARD; without it a BlkIoError UNSUPP):
+   * one segment per request, at most max_discard_sectors each.
+   */
+  discard(offset: number, length: number, options: { queue?: number } = {}): Promise<void> {
+    return this.#segments(BlkReq.DISCARD, BlkFeature.DISCARD, this.config.maxDiscardSectors, offset, length, 0, options.queue);
+  }
+
+  /** WRITE_ZEROES [offset, offset + length) (VIRTIO_BLK_F_WRITE_ZEROES); `unmap` lets the device deallocate. */
+  writeZeroes(offset: number, length: number, options: { queue?: number; unmap?: boolean } = {}): Promise<void> {
+    return this.#segments(BlkReq.WRITE_ZEROES, BlkFeature.WRITE_ZEROES, this.config.maxWriteZeroesSectors, offset, length, options.unmap ? WRITE_ZEROES_UNMAP : 0, options.queue);
+  }
+
+  async #segments(type: number, feature: number, maxSectors: number, offset: number, length: number, flags: number, queue: number | undefined): Promise<void> {
+    this.#checkRange(offset, length);
+    if (!this.transport.hasFeature(feature)) throw new BlkIoError(OPS[type]!, BlkStatus.UNSUPP);
+    const step = maxSectors > 0 ? maxSectors : 0xffff_ffff;
+    const parts: Promise<unknown>[] = [];
+    const end = (offset + length) / SECTOR;
+    for (let sector = offset / SECTOR; sector < end; sector += step) {
+      parts.push(this.#enqueue(this.#lane(queue), type, 0, null, 0, { sector, sectors: Math.min(step, end - sector), flags }));
+    }
+    await Promise.all(parts);
   }
 
   /** GET_ID: the device's serial (up to 20 bytes, NUL-terminated when shorter). */
