@@ -311,7 +311,7 @@ export class VirtioPciBlkDriver {
   #fill(lane: Lane): void {
     const ring = lane.queue.ring;
     const pool = this.#pool.memory.bytes;
-    while (lane.waiting.length > 0 && lane.slots.length > 0) {
+    while (this.#error === null && lane.waiting.length > 0 && lane.slots.length > 0) {
       const r = lane.waiting[0]!;
       const dataLen = r.out ? r.out.length : r.inLen;
       if (!ring.canAdd(dataLen > 0 || r.segment ? 3 : 2)) break;
@@ -339,7 +339,15 @@ export class VirtioPciBlkDriver {
       if (dataLen > 0) bufs.push({ addr: this.#pool.iova + r.poolAt, len: dataLen, write: r.out === null });
       bufs.push({ addr: gpa + STATUS_AT, len: 1, write: true });
       r.started = Date.now();
-      ring.add(bufs, r);
+      try {
+        ring.add(bufs, r);
+      } catch (e) {
+        // A broken ring (the device broke its rules): nothing more goes on it.
+        const broken = new VirtioPciError('DEVICE_ERROR', `queue ${lane.queue.index}: ${(e as Error).message}`, { cause: e });
+        r.reject(broken);
+        this.#failAll(broken);
+        return;
+      }
     }
     if (!lane.kickScheduled) {
       lane.kickScheduled = true;
