@@ -26,6 +26,7 @@ import { VirtioPciBlkDriver, type VirtioPciBlkDriverOptions } from '../src/virti
 import { VirtioPciError, VirtioPciTransport } from '../src/virtio/pci-driver.js';
 import { BlkIoError } from '../src/vhost-user/blk-driver.js';
 import { SharedMemory } from '../src/sys/index.js';
+import { Rng } from '../src/fuzz/rng.js';
 import { openFdCount, tick } from './helpers/sys.js';
 
 // --- the spec's numbers, by hand ---
@@ -594,6 +595,51 @@ test('a device that takes requests and never completes them: TIMEOUT for every p
   for (const r of settled) assert.ok(r.status === 'rejected' && isCode(r.reason, 'TIMEOUT'), String(r.status === 'rejected' ? r.reason : r.status));
   assert.ok(dev.notifies >= 1, 'the device was notified');
   await assert.rejects(d.getId(), (e: unknown) => isCode(e, 'TIMEOUT'));
+});
+
+test('bounded random run: our device with bytes of its BAR and config space reads changed at random: only typed errors, nothing hangs', { timeout: 120_000 }, async (t) => {
+  let rng = new Rng(1);
+  let fuzzing = false;
+  const s = serveBlk(t, {
+    wrap: (spec) => {
+      const bar = spec.regions![4]!;
+      const cfg = spec.configAccess!;
+      const flip = (out: Uint8Array, from: number): void => {
+        if (!fuzzing || out.length === 0 || !rng.chance(0.15)) return;
+        const i = rng.range(from, out.length);
+        if (i < out.length) out[i] = rng.int(256);
+      };
+      return {
+        ...spec,
+        regions: { ...spec.regions, 4: { ...bar, read: (offset, out) => (bar.read!(offset, out), flip(out, 0)) } },
+        configAccess: { ...cfg, read: (offset, out, config) => (cfg.read!(offset, out, config), flip(out, Math.max(0, 0x34 - offset))) },
+      };
+    },
+  });
+  const outcomes = new Map<string, number>();
+  const count = (k: string): void => void outcomes.set(k, (outcomes.get(k) ?? 0) + 1);
+  const typed = (e: unknown): boolean => e instanceof VirtioPciError || e instanceof BlkIoError;
+  for (let i = 0; i < 150; i++) {
+    rng = Rng.forInput(0x5eed, i);
+    fuzzing = true;
+    let d: VirtioPciBlkDriver;
+    try {
+      d = await VirtioPciBlkDriver.connect(s.sock, { resetTimeoutMs: 20, ioTimeoutMs: 500, queueSize: 8, packed: rng.chance(0.5) ? 'auto' : false });
+    } catch (e) {
+      assert.ok(typed(e), `input ${i}: connect threw ${String((e as Error).stack ?? e)}`);
+      count((e as VirtioPciError).code ?? 'BlkIoError');
+      continue;
+    }
+    count('connected');
+    const ops = await Promise.allSettled([d.read(0, 4096), d.write(4096, pattern(4096, i)), d.getId(), d.flush()]);
+    for (const r of ops) if (r.status === 'rejected') assert.ok(typed(r.reason) || r.reason instanceof RangeError, `input ${i}: ${String(r.reason)}`);
+    await d.close();
+  }
+  fuzzing = false;
+  // The device still works for a driver that is told the truth.
+  const d = await connect(t, s);
+  await roundTrip(d, s, 0, 8192, 11);
+  assert.ok((outcomes.get('connected') ?? 0) > 0 && outcomes.size > 2, `a mix of outcomes: ${JSON.stringify([...outcomes])}`);
 });
 
 test('the transport on its own: discovery of our device, the capability ranges it found', async (t) => {
