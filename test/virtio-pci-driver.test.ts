@@ -141,8 +141,28 @@ test('split ring: features, capacity, GET_ID, writes in the image file, reads of
   await roundTrip(d, s, IMAGE_BYTES - SECTOR, SECTOR, 3);
   assert.ok(d.stats.interrupts > 0, 'completions came with MSI-X interrupts');
   assert.ok(s.spec.transport.stats.interrupts >= d.stats.interrupts, 'the device raised at least as many (eventfds coalesce)');
-  assert.equal(s.spec.transport.stats.kicks, d.stats.kicks, 'every kick reached the notify area');
+  assert.equal(s.spec.transport.stats.ioeventfdKicks, d.stats.kicks, 'every kick went through the ioeventfd the server offered for the notify address');
+  assert.equal(s.spec.transport.stats.kicks, 0, 'no REGION_WRITE kick');
   assert.equal(d.stats.completed, s.spec.disk.stats.reads + s.spec.disk.stats.writes + s.spec.disk.stats.flushes + s.spec.disk.stats.getIds);
+});
+
+test('kicks: through the ioeventfds of GET_REGION_IO_FDS by default, REGION_WRITEs to the notify area without them', async (t) => {
+  for (const ioeventfds of [true, false]) {
+    const s = serveBlk(t, { queues: 2 });
+    const d = await connect(t, s, { queues: 2, ioeventfds });
+    const data = pattern(64 * 1024, 12);
+    await Promise.all([d.write(0, data, { queue: 0 }), d.write(64 * 1024, data, { queue: 1 })]);
+    assert.ok(fileBytes(s.file, 64 * 1024, data.length).equals(data));
+    assert.ok(d.stats.kicks >= 2, 'both queues kicked');
+    const st = s.spec.transport.stats;
+    assert.deepEqual([st.ioeventfdKicks, st.kicks], ioeventfds ? [d.stats.kicks, 0] : [0, d.stats.kicks]);
+  }
+  // A server without ioeventfds (our device with its list emptied): REGION_WRITE kicks, unasked.
+  const s = serveBlk(t, { ioeventfds: false });
+  const d = await connect(t, s);
+  await d.write(0, pattern(4096, 13));
+  assert.ok(fileBytes(s.file, 0, 4096).equals(pattern(4096, 13)));
+  assert.equal(s.spec.transport.stats.kicks, d.stats.kicks);
 });
 
 test('more requests than the ring holds, in flight at once, split and packed, two queues', async (t) => {

@@ -31,6 +31,8 @@ const NAMED: Record<string, number> = {
   INDIRECT_DESC: VF.INDIRECT_DESC,
   MQ: BlkFeature.MQ,
   FLUSH: BlkFeature.FLUSH,
+  DISCARD: BlkFeature.DISCARD,
+  WRITE_ZEROES: BlkFeature.WRITE_ZEROES,
   SEG_MAX: BlkFeature.SEG_MAX,
   BLK_SIZE: BlkFeature.BLK_SIZE,
 };
@@ -63,7 +65,7 @@ export async function runVirtioPciDemo(log: (line: string) => void = console.log
         const names = Object.keys(NAMED).filter((n) => t.hasFeature(NAMED[n]!));
         log(
           `  PCI ${hex4(t.ids.vendorId)}:${hex4(t.ids.deviceId)}, common cfg BAR${t.common.bar}+0x${t.common.offset.toString(16)}, notify BAR${t.notifyCap.bar}+0x${t.notifyCap.offset.toString(16)} x${t.notifyMultiplier}; ` +
-            `${packed ? 'packed' : 'split'} rings of ${disk.queueSize}: features ${names.join(' ')}; ${disk.numQueues} queues, ${disk.vectors} MSI-X vectors (config + one per queue); ` +
+            `${packed ? 'packed' : 'split'} rings of ${disk.queueSize}: features ${names.join(' ')}; ${disk.numQueues} queues, ${disk.vectors} MSI-X vectors (config + one per queue), kicks by ${disk.notifyBy}; ` +
             `${disk.capacity / MiB} MiB, id "${await disk.getId()}"`,
         );
         const seed = packed ? 1 : 0;

@@ -271,6 +271,11 @@ export class VirtioPciBlkDriver {
     return this.transport.hasFeature(BlkFeature.RO);
   }
 
+  /** How kicks reach the device: the server's ioeventfds, or REGION_WRITEs to the notify area. */
+  get notifyBy(): 'ioeventfd' | 'message' {
+    return this.#lanes[0]!.queue.notifyBy;
+  }
+
   get eventIdx(): boolean {
     return this.transport.hasFeature(F_EVENT_IDX);
   }
@@ -427,6 +432,7 @@ export class VirtioPciBlkDriver {
   /** Reads `length` bytes at `offset` (multiples of 512); larger than maxTransfer: several requests. */
   async read(offset: number, length: number, options: { queue?: number } = {}): Promise<Buffer> {
     this.#checkRange(offset, length);
+    if (length > 0 && length <= this.maxTransfer) return (await this.#enqueue(this.#lane(options.queue), BlkReq.IN, offset / SECTOR, null, length))!;
     const parts: Promise<Buffer | undefined>[] = [];
     for (let at = 0; at < length; at += this.maxTransfer) {
       parts.push(this.#enqueue(this.#lane(options.queue), BlkReq.IN, (offset + at) / SECTOR, null, Math.min(this.maxTransfer, length - at)));

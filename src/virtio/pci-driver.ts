@@ -22,8 +22,10 @@
  *
  * BAR accesses go through VfioUserDevice: straight to the mapping when the
  * server offered the BAR (or a sparse area of it) by fd, by REGION_READ /
- * REGION_WRITE otherwise. Queue notifications are posted REGION_WRITEs of
- * the queue index (no reply awaited) when posted writes are allowed.
+ * REGION_WRITE otherwise. Queue notifications signal the ioeventfd the
+ * server offers (GET_REGION_IO_FDS) for the queue's notify address, as a
+ * VMM wires them into KVM; without one, a posted REGION_WRITE of the queue
+ * index (no reply awaited) when posted writes are allowed.
  *
  * Guest memory: SharedMemory regions the transport creates and DMA-maps into
  * the device by fd (IOVA = guest-physical address, no ACCESS_PLATFORM), laid
@@ -35,10 +37,11 @@
  * (NO_MSIX): INTx is not driven.
  */
 import { EventEmitter } from 'node:events';
-import { EventFd, SharedMemory } from '../sys/index.js';
+import { EventFd, SharedMemory, type Fd } from '../sys/index.js';
 import { VfioUserClient } from '../vfio-user/client.js';
 import { VfioUserDevice } from '../vfio-user/client-device.js';
 import { ConnectionError } from '../vfio-user/connection.js';
+import { Command, IoFdType } from '../vfio-user/constants.js';
 import { PciIrq, PciRegion, RegionInfoFlag } from '../vfio/uapi.js';
 import { PCI_CFG_SPACE_SIZE, PCI_STD_HEADER_SIZEOF, PCI_STD_NUM_BARS, PciCapId, PciMsix, PciReg, PciStatus } from '../pci/regs.js';
 import { CommonCfg, VIRTIO_MSI_NO_VECTOR, VIRTIO_PCI_DEVICE_ID_BASE, VIRTIO_PCI_VENDOR_ID, VirtioPciCapType, VirtioStatus } from '../devices/virtio-pci.js';
@@ -112,6 +115,13 @@ export interface VirtioPciTransportOptions {
   iovaBase?: number;
   /** Close the client with the transport (default true). */
   ownsClient?: boolean;
+  /**
+   * Kick through the ioeventfds the server offers on the notify area
+   * (GET_REGION_IO_FDS: the eventfd whose range and datamatch a write of the
+   * queue index would hit is signalled instead of sending the write), as QEMU
+   * wires them into KVM (default true; without a matching one, REGION_WRITE).
+   */
+  ioeventfds?: boolean;
 }
 
 export interface QueueSetupOptions {
@@ -143,6 +153,8 @@ export interface VirtioPciQueue<T> {
   readonly interrupt: EventFd | null;
   /** Offset of the queue's notify address in the notify capability's BAR. */
   readonly notifyOffset: number;
+  /** How notify() reaches the device: the server's ioeventfd for the address, or a REGION_WRITE. */
+  readonly notifyBy: 'ioeventfd' | 'message';
   /** Notifies the device (a posted write of the queue index); errors go to the transport's 'error' event. */
   notify(): void;
 }
@@ -171,6 +183,11 @@ const MAX_CAPS = 48;
 const MAX_MSIX = 2048;
 const REGION_ALIGN = 0x20_0000;
 const CONFIG_GENERATION_TRIES = 16;
+/** GET_REGION_IO_FDS: the 16-byte head, 40-byte entries; KVM_IOEVENTFD_FLAG_DATAMATCH. */
+const IO_FDS_HEAD = 16;
+const IO_FD_ENTRY = 40;
+const MAX_IO_FDS = 1024;
+const IOEVENTFD_DATAMATCH = 1;
 
 const err = (code: VirtioPciErrorCode, message: string, cause?: unknown): VirtioPciError => new VirtioPciError(code, message, cause === undefined ? undefined : { cause });
 
@@ -199,6 +216,7 @@ export class VirtioPciTransport extends EventEmitter<TransportEvents> {
   readonly #queues = new Map<number, VirtioPciQueue<unknown>>();
   #closed: VirtioPciError | null = null;
   #closing: Promise<void> | null = null;
+  #ioFds: Promise<IoEventFd[]> | null = null;
 
   private constructor(client: VfioUserClient, device: VfioUserDevice, found: Discovered, options: Required<VirtioPciTransportOptions>) {
     super();
@@ -246,6 +264,7 @@ export class VirtioPciTransport extends EventEmitter<TransportEvents> {
         resetTimeoutMs: options.resetTimeoutMs ?? 1000,
         iovaBase: options.iovaBase ?? 0x1_0000_0000,
         ownsClient: options.ownsClient ?? true,
+        ioeventfds: options.ioeventfds ?? true,
       });
     } catch (e) {
       device.close();
@@ -474,16 +493,58 @@ export class VirtioPciTransport extends EventEmitter<TransportEvents> {
     const notifyOffset = this.notifyCap.offset + at;
     const idx = Buffer.alloc(2);
     idx.writeUInt16LE(index);
+    const kick = (await this.#ioEventFds()).find((e) => e.offset === notifyOffset && (e.size === 0 || e.size === 2) && (e.datamatch === null || e.datamatch === BigInt(index)))?.fd ?? null;
     const q: VirtioPciQueue<T> = {
       index,
       ring,
       vector: o.vector,
       interrupt: o.vector === VIRTIO_MSI_NO_VECTOR ? null : this.#irqs[o.vector]!,
       notifyOffset,
-      notify: () => this.#notify(notifyOffset, idx),
+      notifyBy: kick ? 'ioeventfd' : 'message',
+      notify: kick ? () => void (this.#closed || this.#closing || kick.closed || kick.signal(1)) : () => this.#notify(notifyOffset, idx),
     };
     this.#queues.set(index, q as VirtioPciQueue<unknown>);
     return q;
+  }
+
+  /**
+   * The ioeventfds of the notify capability's BAR (GET_REGION_IO_FDS, asked
+   * once: the size, then the entries with their fds), each entry checked
+   * (type ioeventfd, its fd sent, its range inside the BAR). A server that
+   * refuses the command or answers it badly gets REGION_WRITE kicks.
+   */
+  #ioEventFds(): Promise<IoEventFd[]> {
+    this.#ioFds ??= (async (): Promise<IoEventFd[]> => {
+      if (!this.#options.ioeventfds) return [];
+      const bar = this.notifyCap.bar;
+      const ask = (argsz: number) => this.client.request(Command.DEVICE_GET_REGION_IO_FDS, { argsz, flags: 0, index: bar, count: 0 }, { takeFds: true });
+      let fds: Fd[] = [];
+      try {
+        const head = await ask(IO_FDS_HEAD);
+        fds = head.fds;
+        const argsz = head.body.argsz;
+        if (head.body.count === 0 || argsz > IO_FDS_HEAD + MAX_IO_FDS * IO_FD_ENTRY) return [];
+        for (const f of fds.splice(0)) f.close();
+        const r = await ask(argsz);
+        fds = r.fds;
+        const size = (await this.device.regionInfo(bar)).size;
+        const out: IoEventFd[] = [];
+        const used = new Set<number>();
+        for (const e of r.body.entries) {
+          if (e.type !== IoFdType.IOEVENTFD || e.fdIndex >= fds.length || used.has(e.fdIndex) || e.offset + e.size > size) continue;
+          used.add(e.fdIndex);
+          out.push({ offset: e.offset, size: e.size, datamatch: (e.flags & IOEVENTFD_DATAMATCH) !== 0 ? e.datamatch : null, fd: EventFd.from(fds[e.fdIndex]!) });
+        }
+        fds = fds.filter((_, i) => !used.has(i));
+        return out;
+      } catch (e) {
+        if (this.client.closed) throw err('DISCONNECTED', `GET_REGION_IO_FDS: the connection closed`, e);
+        return [];
+      } finally {
+        for (const f of fds) f.close();
+      }
+    })();
+    return this.#ioFds;
   }
 
   #notify(offset: number, idx: Buffer): void {
@@ -559,10 +620,19 @@ export class VirtioPciTransport extends EventEmitter<TransportEvents> {
       this.device.close();
       if (this.#options.ownsClient) this.client.close();
       for (const r of this.#regions.splice(0)) r.memory.close();
+      for (const e of await (this.#ioFds ?? Promise.resolve([])).catch(() => [])) e.fd.close();
       this.#queues.clear();
     })();
     return this.#closing;
   }
+}
+
+/** An ioeventfd of GET_REGION_IO_FDS: a write to [offset, offset + size) (size 0: any) of datamatch (null: any) signals `fd`. */
+interface IoEventFd {
+  offset: number;
+  size: number;
+  datamatch: bigint | null;
+  fd: EventFd;
 }
 
 interface Discovered {
