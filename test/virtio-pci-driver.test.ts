@@ -155,7 +155,19 @@ test('kicks: through the ioeventfds of GET_REGION_IO_FDS by default, REGION_WRIT
     assert.ok(fileBytes(s.file, 64 * 1024, data.length).equals(data));
     assert.ok(d.stats.kicks >= 2, 'both queues kicked');
     const st = s.spec.transport.stats;
+    assert.equal(d.notifyBy, ioeventfds ? 'ioeventfd' : 'message');
     assert.deepEqual([st.ioeventfdKicks, st.kicks], ioeventfds ? [d.stats.kicks, 0] : [0, d.stats.kicks]);
+  }
+  // ioeventfds that a write of the queue index to its notify address would not hit: elsewhere, another datamatch, another size.
+  for (const change of [{ offset: NOTIFY_AT + 0x100 }, { datamatch: 5n }, { size: 4 }]) {
+    const s = serveBlk(t, {
+      wrap: (spec) => ({ ...spec, regions: { ...spec.regions, 4: { ...spec.regions![4]!, ioEventFds: spec.regions![4]!.ioEventFds!.map((e) => ({ ...e, ...change })) } } }),
+    });
+    const d = await connect(t, s);
+    assert.equal(d.notifyBy, 'message', JSON.stringify(change, (_k, v: unknown) => (typeof v === 'bigint' ? String(v) : v)));
+    await d.write(0, pattern(4096, 14));
+    assert.ok(fileBytes(s.file, 0, 4096).equals(pattern(4096, 14)));
+    assert.equal(s.spec.transport.stats.kicks, d.stats.kicks);
   }
   // A server without ioeventfds (our device with its list emptied): REGION_WRITE kicks, unasked.
   const s = serveBlk(t, { ioeventfds: false });
