@@ -177,6 +177,25 @@ test('kicks: through the ioeventfds of GET_REGION_IO_FDS by default, REGION_WRIT
   assert.equal(s.spec.transport.stats.kicks, d.stats.kicks);
 });
 
+test('a device without MSI-X: INTx, the ISR telling queue interrupts from config changes, the line unmasked each time', async (t) => {
+  const s = serveBlk(t, { queues: 2, wrap: (spec) => ({ ...spec, irqs: { intx: true } }) });
+  const d = await connect(t, s, { queues: 2, queueSize: 8 });
+  assert.equal(d.transport.msixVectors, 0);
+  assert.equal(d.vectors, 0, 'no MSI-X vector wired');
+  assert.deepEqual(s.spec.transport.queues.map((q) => q.vector), [0xffff, 0xffff], 'queue_msix_vector NO_VECTOR on both queues');
+  // More requests than both rings hold: completions keep coming only if the line is unmasked after each interrupt.
+  const data = pattern(48 * 4096, 15);
+  const ws: Promise<void>[] = [];
+  for (let i = 0; i < 48; i++) ws.push(d.write(i * 4096, data.subarray(i * 4096, (i + 1) * 4096), { queue: i % 2 }));
+  await Promise.all(ws);
+  assert.ok(fileBytes(s.file, 0, data.length).equals(data));
+  assert.ok((await d.read(0, data.length)).equals(data));
+  assert.ok(d.stats.interrupts >= 2);
+  s.spec.transport.configChanged();
+  await waitFor(() => d.stats.configInterrupts === 1, 'the config change, told by ISR bit 1');
+  assert.equal(await d.getId(), 'vdevkit-blk', 'queue interrupts still come after a config one');
+});
+
 test('more requests than the ring holds, in flight at once, split and packed, two queues', async (t) => {
   for (const packed of [false, true]) {
     const s = serveBlk(t, { queues: 2 });

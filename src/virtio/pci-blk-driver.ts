@@ -29,7 +29,7 @@ import type { EventFd } from '../sys/index.js';
 import type { VfioUserClientOptions } from '../vfio-user/client.js';
 import { BlkFeature, BlkReq, BlkStatus, SECTOR } from '../devices/vhost-user-blk.js';
 import { VIRTIO_ID_BLOCK } from '../devices/virtio-blk-pci.js';
-import { VirtioStatus } from '../devices/virtio-pci.js';
+import { VIRTIO_MSI_NO_VECTOR, VirtioStatus } from '../devices/virtio-pci.js';
 import { BlkIoError, decodeBlkConfig, type BlkConfig, type VirtioBlkDriverOptions } from '../vhost-user/blk-driver.js';
 import { VirtioPciError, VirtioPciTransport, type DmaRegion, type VirtioPciQueue, type VirtioPciTransportOptions } from './pci-driver.js';
 
@@ -147,7 +147,7 @@ export class VirtioPciBlkDriver {
   readonly packed: boolean;
   readonly queueSize: number;
   readonly maxTransfer: number;
-  /** MSI-X vectors wired (vector 0: config; the queues share the rest). */
+  /** MSI-X vectors wired (vector 0: config; the queues share the rest); 0: INTx. */
   readonly vectors: number;
   readonly stats: VirtioPciBlkStats = { completed: 0, kicks: 0, interrupts: 0, configInterrupts: 0 };
   readonly #lanes: Lane[];
@@ -168,7 +168,7 @@ export class VirtioPciBlkDriver {
     this.packed = t.hasFeature(F_RING_PACKED);
     this.queueSize = lanes[0]!.queue.ring.size;
     this.maxTransfer = maxTransfer;
-    this.vectors = irqs.length;
+    this.vectors = t.msixVectors > 0 ? irqs.length : 0;
     this.#lanes = lanes;
     this.#headers = headers;
     this.#pool = pool;
@@ -239,8 +239,9 @@ export class VirtioPciBlkDriver {
     if (t.hasFeature(BlkFeature.SIZE_MAX) && config.sizeMax > 0) maxTransfer = Math.min(maxTransfer, Math.floor(config.sizeMax / SECTOR) * SECTOR);
     if (maxTransfer < SECTOR) throw new VirtioPciError('DEVICE_ERROR', `a largest transfer of ${maxTransfer} bytes`);
     // Vector 0 for config; a vector per queue when there are enough, else the queues share vector 1 (or 0).
+    // Without MSI-X: INTx, every queue on it (queue_msix_vector NO_VECTOR).
     const vectors = Math.min(t.msixVectors, 1 + want);
-    const irqs = await t.setupInterrupts(vectors);
+    const irqs = vectors > 0 ? await t.setupInterrupts(vectors) : [await t.setupIntx()];
     const maxSize = await t.maxQueueSize(0);
     let size = Math.min(o.queueSize ?? 128, maxSize);
     if (!packed) size = 2 ** Math.floor(Math.log2(Math.max(1, size)));
@@ -248,7 +249,7 @@ export class VirtioPciBlkDriver {
     const pool = await t.allocate(Math.max(o.dmaBytes ?? 16 << 20, maxTransfer), 'vdevkit-pci-blk-dma');
     const lanes: Lane[] = [];
     for (let i = 0; i < want; i++) {
-      const vector = vectors > 1 + i ? 1 + i : vectors > 1 ? 1 : 0;
+      const vector = vectors === 0 ? VIRTIO_MSI_NO_VECTOR : vectors > 1 + i ? 1 + i : vectors > 1 ? 1 : 0;
       const queue = await t.setupQueue<BlkRequestState>(i, { size, vector, packed });
       const slots: number[] = [];
       for (let s = size - 1; s >= 0; s--) slots.push(i * size + s);

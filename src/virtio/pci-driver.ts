@@ -33,8 +33,9 @@
  * queues (src/virtio/driver*.ts) write their rings through.
  *
  * Interrupts: MSI-X vectors wired to eventfds with SET_IRQS; vector 0 is the
- * config interrupt ('config' event). A device without MSI-X is refused
- * (NO_MSIX): INTx is not driven.
+ * config interrupt ('config' event). Without MSI-X, INTx (setupIntx): the
+ * ISR read at each interrupt tells queue from config, then the line is
+ * unmasked.
  */
 import { EventEmitter } from 'node:events';
 import { EventFd, SharedMemory, type Fd } from '../sys/index.js';
@@ -149,7 +150,7 @@ export interface VirtioPciQueue<T> {
   readonly index: number;
   readonly ring: DriverQueue<T>;
   readonly vector: number;
-  /** The queue's interrupt eventfd (its vector's), or null without one. */
+  /** The queue's interrupt eventfd (its vector's, or with INTx the transport's queue eventfd), or null without one. */
   readonly interrupt: EventFd | null;
   /** Offset of the queue's notify address in the notify capability's BAR. */
   readonly notifyOffset: number;
@@ -183,6 +184,9 @@ const MAX_CAPS = 48;
 const MAX_MSIX = 2048;
 const REGION_ALIGN = 0x20_0000;
 const CONFIG_GENERATION_TRIES = 16;
+/** ISR status bits (4.1.4.5): a queue interrupt, a config change. */
+const ISR_QUEUE = 1;
+const ISR_CONFIG = 2;
 /** GET_REGION_IO_FDS: the 16-byte head, 40-byte entries; KVM_IOEVENTFD_FLAG_DATAMATCH. */
 const IO_FDS_HEAD = 16;
 const IO_FD_ENTRY = 40;
@@ -212,6 +216,7 @@ export class VirtioPciTransport extends EventEmitter<TransportEvents> {
   readonly #regions: DmaRegion[] = [];
   #nextIova: number;
   #irqs: EventFd[] = [];
+  #intx: { line: EventFd; queues: EventFd; stop: () => void } | null = null;
   #unsubscribe: (() => void)[] = [];
   readonly #queues = new Map<number, VirtioPciQueue<unknown>>();
   #closed: VirtioPciError | null = null;
@@ -441,6 +446,17 @@ export class VirtioPciTransport extends EventEmitter<TransportEvents> {
   }
 
   async #disableIrqs(): Promise<void> {
+    const intx = this.#intx;
+    this.#intx = null;
+    if (intx) {
+      intx.stop();
+      try {
+        if (!this.client.closed) await this.device.disableIrqs(PciIrq.INTX);
+      } finally {
+        intx.line.close();
+        intx.queues.close();
+      }
+    }
     if (this.#irqs.length === 0) return;
     const old = this.#irqs;
     this.#irqs = [];
@@ -449,6 +465,53 @@ export class VirtioPciTransport extends EventEmitter<TransportEvents> {
     } finally {
       for (const f of old) f.close();
     }
+  }
+
+  /**
+   * INTx instead of MSI-X (4.1.4.5): the line's eventfd wired with SET_IRQS;
+   * at each interrupt the ISR is read (which clears it), bit 1 is the
+   * 'config' event, bit 0 signals the eventfd returned here, which every
+   * queue set up with VIRTIO_MSI_NO_VECTOR gets as its `interrupt`; then the
+   * line, automasked when it fired, is unmasked. Returns that eventfd.
+   */
+  async setupIntx(): Promise<EventFd> {
+    this.#check();
+    const info = await this.#io('GET_IRQ_INFO', () => this.device.irqInfo(PciIrq.INTX)).catch(() => null);
+    if (!info || info.count < 1) throw err('NO_MSIX', 'the device has neither MSI-X vectors nor an INTx line');
+    await this.#disableIrqs();
+    const line = EventFd.create();
+    const queues = EventFd.create();
+    let running = false;
+    let again = false;
+    const service = async (): Promise<void> => {
+      if (running) {
+        again = true;
+        return;
+      }
+      running = true;
+      try {
+        do {
+          again = false;
+          const isr = await this.readIsr();
+          if (isr & ISR_CONFIG) this.emit('config');
+          if (isr & ISR_QUEUE) queues.signal(1);
+          await this.#io('SET_IRQS unmask', () => this.device.setIrqs(PciIrq.INTX, 'unmask', 0, 1));
+        } while (again && !this.closed);
+      } catch (e) {
+        if (!this.closed && this.listenerCount('error') > 0) this.emit('error', e as Error);
+      } finally {
+        running = false;
+      }
+    };
+    const stop = line.subscribe(() => void service());
+    this.#intx = { line, queues, stop };
+    try {
+      await this.#io('SET_IRQS', () => this.device.setEventFds(PciIrq.INTX, 0, [line]));
+    } catch (e) {
+      await this.#disableIrqs();
+      throw e;
+    }
+    return queues;
   }
 
   /**
@@ -498,7 +561,7 @@ export class VirtioPciTransport extends EventEmitter<TransportEvents> {
       index,
       ring,
       vector: o.vector,
-      interrupt: o.vector === VIRTIO_MSI_NO_VECTOR ? null : this.#irqs[o.vector]!,
+      interrupt: o.vector === VIRTIO_MSI_NO_VECTOR ? (this.#intx?.queues ?? null) : this.#irqs[o.vector]!,
       notifyOffset,
       notifyBy: kick ? 'ioeventfd' : 'message',
       notify: kick ? () => void (this.#closed || this.#closing || kick.closed || kick.signal(1)) : () => this.#notify(notifyOffset, idx),
