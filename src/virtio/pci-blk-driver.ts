@@ -223,11 +223,12 @@ export class VirtioPciBlkDriver {
     for (const b of WANTED_BLK) wanted |= bit(b);
     if (o.eventIdx !== false) wanted |= bit(F_EVENT_IDX);
     if (o.indirect !== false) wanted |= bit(F_INDIRECT_DESC);
-    const offered = await t.deviceFeatures();
-    const packed = o.packed === true || ((o.packed ?? 'auto') === 'auto' && (offered & bit(F_RING_PACKED)) !== 0n);
-    if (packed && (offered & bit(F_RING_PACKED)) === 0n) throw new VirtioPciError('FEATURES', 'packed rings asked for; the device does not offer VIRTIO_F_RING_PACKED');
-    if (packed) wanted |= bit(F_RING_PACKED);
-    await t.negotiate(wanted);
+    // Features are read after DRIVER (3.1.1 step 4): the ring layout is chosen from what is offered.
+    const packed = (await t.negotiate((offered) => {
+      const p = o.packed === true || ((o.packed ?? 'auto') === 'auto' && (offered & bit(F_RING_PACKED)) !== 0n);
+      if (p && (offered & bit(F_RING_PACKED)) === 0n) throw new VirtioPciError('FEATURES', 'packed rings asked for; the device does not offer VIRTIO_F_RING_PACKED');
+      return p ? wanted | bit(F_RING_PACKED) : wanted;
+    })) & bit(F_RING_PACKED);
     const cfgLen = Math.min(BLK_CONFIG_BYTES, t.deviceCfg?.length ?? 0);
     if (cfgLen < 8) throw new VirtioPciError('MISSING_CAP', `the device config is ${cfgLen} bytes: no capacity`);
     const config = decodeBlkConfig(await t.readConfig(0, cfgLen));
@@ -244,13 +245,13 @@ export class VirtioPciBlkDriver {
     const irqs = vectors > 0 ? await t.setupInterrupts(vectors) : [await t.setupIntx()];
     const maxSize = await t.maxQueueSize(0);
     let size = Math.min(o.queueSize ?? 128, maxSize);
-    if (!packed) size = 2 ** Math.floor(Math.log2(Math.max(1, size)));
+    if (packed === 0n) size = 2 ** Math.floor(Math.log2(Math.max(1, size)));
     const headers = await t.allocate(SLOT_BYTES * size * want, 'vdevkit-pci-blk-headers');
     const pool = await t.allocate(Math.max(o.dmaBytes ?? 16 << 20, maxTransfer), 'vdevkit-pci-blk-dma');
     const lanes: Lane[] = [];
     for (let i = 0; i < want; i++) {
       const vector = vectors === 0 ? VIRTIO_MSI_NO_VECTOR : vectors > 1 + i ? 1 + i : vectors > 1 ? 1 : 0;
-      const queue = await t.setupQueue<BlkRequestState>(i, { size, vector, packed });
+      const queue = await t.setupQueue<BlkRequestState>(i, { size, vector, packed: packed !== 0n });
       const slots: number[] = [];
       for (let s = size - 1; s >= 0; s--) slots.push(i * size + s);
       lanes.push({ queue, slots, waiting: [], kickScheduled: false });

@@ -362,11 +362,11 @@ export class VirtioPciTransport extends EventEmitter<TransportEvents> {
 
   /**
    * 3.1.1 up to FEATURES_OK: ACKNOWLEDGE, DRIVER, the features (offered &
-   * `wanted`) written, FEATURES_OK set and read back. VERSION_1 must be
+   * `wanted`, or & what `wanted(offered)` returns: it may throw) written, FEATURES_OK set and read back. VERSION_1 must be
    * offered; ACCESS_PLATFORM, which the transport cannot honour (it gives
    * guest-physical addresses), is never accepted. Call after reset().
    */
-  async negotiate(wanted: bigint): Promise<bigint> {
+  async negotiate(wanted: bigint | ((offered: bigint) => bigint)): Promise<bigint> {
     this.#check();
     const S = VirtioStatus;
     await this.setStatus(S.ACKNOWLEDGE);
@@ -377,7 +377,14 @@ export class VirtioPciTransport extends EventEmitter<TransportEvents> {
       await this.setStatus(S.ACKNOWLEDGE | S.DRIVER | S.FAILED);
       throw err('FEATURES', 'the device does not offer VIRTIO_F_VERSION_1 (a legacy device)');
     }
-    const f = offered & (wanted | (1n << F_VERSION_1)) & ~(1n << F_ACCESS_PLATFORM);
+    let asked: bigint;
+    try {
+      asked = typeof wanted === 'function' ? wanted(offered) : wanted;
+    } catch (e) {
+      await this.setStatus(S.ACKNOWLEDGE | S.DRIVER | S.FAILED);
+      throw e;
+    }
+    const f = offered & (asked | (1n << F_VERSION_1)) & ~(1n << F_ACCESS_PLATFORM);
     for (const sel of [0, 1]) {
       await this.writeCommon(CommonCfg.DRIVER_FEATURE_SELECT, 4, sel);
       await this.writeCommon(CommonCfg.DRIVER_FEATURE, 4, Number((f >> BigInt(32 * sel)) & 0xffff_ffffn));
