@@ -16,6 +16,10 @@ export { VhostUserFrontend, VhostUserReconnectError } from './vhost-user/fronten
 export type { VhostUserFrontendOptions } from './vhost-user/frontend.js';
 export { VirtioBlkDriver, BlkIoError } from './vhost-user/blk-driver.js';
 export type { VirtioBlkDriverOptions, BlkConfig, BlkRequest, ReconnectOptions, ReconnectInfo } from './vhost-user/blk-driver.js';
+export { VirtioPciBlkDriver } from './virtio/pci-blk-driver.js';
+export type { VirtioPciBlkDriverOptions, VirtioPciBlkStats } from './virtio/pci-blk-driver.js';
+export { VirtioPciTransport, VirtioPciError } from './virtio/pci-driver.js';
+export type { VirtioPciErrorCode, VirtioPciCap, VirtioPciIds, VirtioPciQueue, DmaRegion, QueueSetupOptions, VirtioPciTransportOptions } from './virtio/pci-driver.js';
 export { VirtioNetDriver, decodeNetConfig } from './vhost-user/net-driver.js';
 export type { VirtioNetDriverOptions, NetConfig, NetQueueStats } from './vhost-user/net-driver.js';
 export { VhostUserNetDevice } from './devices/vhost-user-net.js';

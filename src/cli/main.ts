@@ -14,7 +14,8 @@ Commands:
   vhost-user-net  a learning L2 switch whose ports are vhost-user sockets
   vhost-user-probe  what a vhost-user back-end offers, and a conformance check
   blk-bench   a small fio-like job against a vhost-user-blk back-end
-  demo [sys]  run the demo: our switch (polling) between two of our virtio-net
+  demo [sys]  run the demo: a virtio-blk PCI device over vfio-user driven by
+              our userspace virtio PCI driver; our switch (polling) between two of our virtio-net
               drivers; a virtio-blk disk over vhost-user driven by our
               front-end; a vfio-user device served, driven and migrated
               (sys: two processes sharing a memfd and eventfds)
@@ -74,6 +75,8 @@ async function main(argv: string[]): Promise<number> {
         const { runSysDemo } = await import('../demo/sys-demo.js');
         await runSysDemo();
       } else {
+        const { runVirtioPciDemo } = await import('../demo/virtio-pci-demo.js');
+        await runVirtioPciDemo();
         const { runNetDemo } = await import('../demo/net-demo.js');
         await runNetDemo();
         const { runVhostUserDemo } = await import('../demo/vhost-user-demo.js');
