@@ -36,3 +36,33 @@ for (const t of TARGETS) {
     assert.deepEqual(r.findings, []);
   });
 }
+
+test('runTarget --from: input i of a seed is the same in any run, so a long run resumes or splits by index range', async () => {
+  const { Rng } = await import('../src/fuzz/rng.js');
+  const seen: number[] = [];
+  const recorder = {
+    name: 'recorder',
+    concurrency: 3,
+    generate: (rng: InstanceType<typeof Rng>) => ({ msgs: [], cuts: [], extra: [rng.u32()] }),
+    async start() {
+      return {
+        async run(input: { extra: number[] }) {
+          seen.push(input.extra[0]!);
+        },
+        async probe() {},
+        async close() {},
+      };
+    },
+  };
+  const whole = await runTarget(recorder, { seconds: 30, seed: 77, maxInputs: 10, saveDir: null, batch: 4 });
+  assert.equal(whole.from, 0);
+  const all = seen.splice(0);
+  const a = await runTarget(recorder, { seconds: 30, seed: 77, maxInputs: 4, saveDir: null, batch: 4 });
+  const b = await runTarget(recorder, { seconds: 30, seed: 77, from: 4, maxInputs: 6, saveDir: null, batch: 4 });
+  assert.equal(a.inputs + b.inputs, 10);
+  assert.equal(b.from, 4);
+  assert.deepEqual(seen, all);
+  // Independent of the harness: input i is generated from Rng.forInput(seed, i).
+  assert.deepEqual(all, Array.from({ length: 10 }, (_, i) => Rng.forInput(77, i).u32()));
+  await assert.rejects(runTarget(recorder, { seconds: 1, seed: 77, from: -1, maxInputs: 1, saveDir: null }), RangeError);
+});

@@ -156,6 +156,11 @@ export interface RunOptions {
   seed: number;
   /** Stop after this many inputs (default: no limit). */
   maxInputs?: number;
+  /**
+   * Index of the first input (default 0). Input i of a seed is the same whatever run makes it, so a
+   * long run of seed S is resumed, or split across processes, by giving each part its own range.
+   */
+  from?: number;
   /** Where reproducers go (default: test/fixtures/fuzz/<target>/); null: not saved. */
   saveDir?: string | null;
   /** Inputs per batch (fd and probe checks between batches). */
@@ -168,6 +173,8 @@ export interface RunOptions {
 export interface RunReport {
   target: string;
   seed: number;
+  /** Index of the first input run. */
+  from: number;
   inputs: number;
   seconds: number;
   perSecond: number;
@@ -205,6 +212,8 @@ function describe(e: unknown): string {
 
 /** Runs `target` for `seconds` (or `maxInputs`), restarting the endpoint after each finding. */
 export async function runTarget(target: FuzzTarget, o: RunOptions): Promise<RunReport> {
+  const from = o.from ?? 0;
+  if (!Number.isSafeInteger(from) || from < 0) throw new RangeError(`from must be a non-negative integer, not ${from}`);
   const log = o.log ?? (() => {});
   const batch = o.batch ?? 50;
   const escapes = new Escapes();
@@ -216,7 +225,7 @@ export async function runTarget(target: FuzzTarget, o: RunOptions): Promise<RunR
   let inputs = 0;
   // The first write to a piped stdout makes libuv open its one reserve fd (/dev/null, for EMFILE):
   // log before the fd baseline is taken, or that fd counts as the first batch's leak.
-  log(`${target.name}: seed 0x${o.seed.toString(16)}, concurrency ${target.concurrency ?? 1}`);
+  log(`${target.name}: seed 0x${o.seed.toString(16)}, from input ${from}, concurrency ${target.concurrency ?? 1}`);
   let inst = await target.start(pool);
   let base = await baseline(inst);
   let baseNames = openFdNames();
@@ -242,7 +251,7 @@ export async function runTarget(target: FuzzTarget, o: RunOptions): Promise<RunR
       const group: { index: number; input: FuzzInput }[] = [];
       const k = Math.max(1, Math.min(target.concurrency ?? 1, o.maxInputs === undefined ? Infinity : o.maxInputs - inputs));
       for (let j = 0; j < k; j++) {
-        const index = inputs++;
+        const index = from + inputs++;
         group.push({ index, input: target.generate(Rng.forInput(o.seed, index)) });
       }
       pending.push(...group);
@@ -274,7 +283,7 @@ export async function runTarget(target: FuzzTarget, o: RunOptions): Promise<RunR
       if (performance.now() - lastReport > 10_000) {
         lastReport = performance.now();
         const s = (lastReport - t0) / 1000;
-        log(`${target.name}: ${inputs} inputs in ${s.toFixed(0)} s (${Math.round(inputs / s)}/s), ${findings.length} findings`);
+        log(`${target.name}: ${inputs} inputs in ${s.toFixed(0)} s (${Math.round(inputs / s)}/s, next index ${from + inputs}), ${findings.length} findings`);
       }
     }
   } finally {
@@ -284,7 +293,7 @@ export async function runTarget(target: FuzzTarget, o: RunOptions): Promise<RunR
     escapes.remove();
   }
   const seconds = (performance.now() - t0) / 1000;
-  return { target: target.name, seed: o.seed, inputs, seconds, perSecond: inputs / seconds, findings };
+  return { target: target.name, seed: o.seed, from, inputs, seconds, perSecond: inputs / seconds, findings };
 }
 
 export interface Reproducer {
