@@ -981,6 +981,34 @@ test('DMA_UNMAP of guest RAM under a request in flight is answered once the I/O 
   assert.deepEqual(Buffer.from(side.bytes.subarray(0, SECTOR)), diskPattern(8, SECTOR), 'written back by DMA_WRITE');
 });
 
+test('DMA_UNMAP of a window the device served from, with nothing in flight, is answered at once and the window is gone; a new one serves', async (t) => {
+  const dir = tmp();
+  const s = await serve(t, dir, 'a.sock', { file: makeDisk(dir) });
+  const ram = await guestRam(t, s.client);
+  const { drv, ring } = await bringUp(t, s, ram);
+  const heap = new Heap();
+  const req = blkRequest(ram, heap, T_IN, 3, SECTOR);
+  submit(ring, req);
+  await drv.kick(0);
+  await waitFor(() => ring.usedIdx === 1, 'served');
+  // The device holds every window mapped by fd: an idle DMA_UNMAP must not wait on that hold.
+  await Promise.race([
+    s.client.dmaUnmap(RAM_GPA, RAM_BYTES),
+    new Promise((_, reject) => setTimeout(() => reject(new Error('DMA_UNMAP with nothing in flight was not answered')), 2000)),
+  ]);
+  // The ring is out of reach now: a kick serves nothing (and breaks nothing).
+  const held = blkRequest(ram, heap, T_IN, 4, SECTOR);
+  submit(ring, held);
+  await drv.kick(0);
+  await new Promise((r) => setTimeout(r, 50));
+  assert.equal(ring.usedIdx, 1, 'nothing served from an unmapped window');
+  await s.client.dmaMap({ iova: RAM_GPA, size: RAM_BYTES, memory: ram });
+  await drv.kick(0);
+  await waitFor(() => ring.usedIdx === 2, 'the request waiting is served once the memory is back');
+  assert.deepEqual(dataOf(ram, held), diskPattern(4, SECTOR));
+  assert.equal(s.spec.transport.stats.brokenQueues, 0);
+});
+
 test('vdevkit serve virtio-blk --file IMAGE --socket PATH', async (t) => {
   const dir = tmp();
   const file = makeDisk(dir);

@@ -913,7 +913,13 @@ export class VirtioPciTransport {
   #resetShown: number | null = null;
   #resetDone: Promise<void> | null = null;
   #quiesced: Promise<void> | null = null;
-  /** Chains in flight on every queue, and the window holds kept while any is. */
+  /**
+   * Chains in flight on every queue. Each window mapped by fd is held from its DMA_MAP
+   * (#holds): a DMA_UNMAP that comes while chains are in flight retires the hold, and its reply
+   * waits until none is; one that comes with none in flight releases it at once. Holding per
+   * window rather than per burst of requests keeps the request path free of hold/release work
+   * (a null disk completes each request before the next pop: the burst was one request).
+   */
   #busy = 0;
   readonly #holds = new Map<string, () => void>();
   /** Holds of windows unmapped while busy: released when nothing is in flight. */
@@ -1056,7 +1062,7 @@ export class VirtioPciTransport {
     // A window unmapped under I/O and mapped again before that I/O is done: the new mapping serves from now on.
     for (const g of this.memory.ghosts.filter((g) => g.iova < w.iova + w.size && w.iova < g.iova + g.size)) this.#dropGhost(g);
     this.memory.mapped.add({ guestPhysAddr: w.iova, size: w.size, userAddr: w.iova, mmapOffset: 0 }, bytes);
-    if (this.#busy > 0) this.#hold(w);
+    this.#hold(w);
     // A ring waiting for its memory (a restored device whose client maps after RUNNING).
     for (const q of this.queues) {
       if (q.enabled && !q.engine) this.#start(q);
@@ -1073,13 +1079,14 @@ export class VirtioPciTransport {
     }
     const key = `${w.iova}:${w.size}`;
     const held = this.#holds.get(key);
-    if (held) {
+    this.#holds.delete(key);
+    if (held && this.#busy > 0) {
       // Requests in flight may still complete into it: it stays (held) until they are done.
-      this.#holds.delete(key);
       this.#retired.push(held);
       this.memory.ghosts.push(w);
     } else {
       this.memory.mapped.remove({ guestPhysAddr: w.iova, size: w.size, userAddr: w.iova });
+      held?.(); // nothing in flight: the DMA_UNMAP is answered now
     }
   }
 
@@ -1481,12 +1488,12 @@ export class VirtioPciTransport {
   busy(n: number): void {
     const before = this.#busy;
     this.#busy = Math.max(0, before + n);
-    if (before === 0 && this.#busy > 0) {
-      for (const w of this.#ctx?.dma.windows() ?? []) if (w.mapped) this.#hold(w);
-    } else if (before > 0 && this.#busy === 0) {
+    if (before > 0 && this.#busy === 0 && (this.#retired.length > 0 || this.memory.ghosts.length > 0)) {
       const paused = this.memory.ghosts.length > 0;
       for (const g of [...this.memory.ghosts]) this.#dropGhost(g);
-      this.#releaseHolds(); // answers the DMA_UNMAPs that waited
+      const retired = this.#retired;
+      this.#retired = [];
+      for (const release of retired) release(); // answers the DMA_UNMAPs that waited
       if (paused) for (const q of this.queues) if (q.engine) q.schedule();
     }
   }

@@ -376,7 +376,11 @@ export class Session {
       this.runtime.spec.dmaUnmapped?.(windowOf(region));
     } finally {
       if (region.handle.pins > 0) region.handle.closeWhenUnpinned = true;
-      else region.handle.shm?.close(); // every view into it becomes empty
+      else {
+        region.handle.shm?.close(); // every view into it becomes empty
+        // The device's hook may have dropped the last pin itself (nothing in flight): the DMA_UNMAP waiting on it goes.
+        region.handle.onUnpinned?.();
+      }
     }
   }
 
