@@ -356,6 +356,12 @@ test('migration of the PCI port between two servers on one switch, RX buffers he
   await nic.send(ethFrame(MAC_P, MAC_V, 1514, 2));
   await until(() => src.spec.net.stats.drops['no-rx-buffer'] === 1, () => 'held');
   await migrate(src.dev, dst.dev);
+  // Running on the loaded state, the destination announces the guest's MAC at once (before the guest sends
+  // anything): the switch moved MAC_P to its port, and the other ports got RARP broadcasts, 5 rounds spread out.
+  assert.equal(sw.lookup(0x525400aa0001)?.id, dst.spec.port.id, "MAC_P learned on the destination port from its announcement");
+  const t0 = Date.now();
+  for (let i = 0; i < 5; i++) assert.deepEqual(await nic.receive({ timeoutMs: 3000 }), rarpFor(MAC_P), `announcement ${i}: a RARP request for MAC_P`);
+  assert.ok(Date.now() - t0 >= 500, `5 rounds 50, 150, 250 and 350 ms apart, not at once (${Date.now() - t0} ms)`);
   up.rx.reap();
   assert.equal(up.rx.empties, 2, 'the two held RX buffers given back (used, length 0) before STOP completed');
   const g2 = await switchOver(t, src, dst);
@@ -370,6 +376,26 @@ test('migration of the PCI port between two servers on one switch, RX buffers he
   assert.equal(dst.spec.net.stats.txPackets, SIZES.length);
   assert.equal(sw.lookup(0x525400aa0001)?.id, dst.spec.port.id, 'MAC_P learned on the destination port');
 });
+
+/**
+ * A RARP request announcing `mac` (RFC 903 over Ethernet, as QEMU's announce_self_create builds it):
+ * broadcast from mac, ethertype 0x8035, htype 1, ptype 0x0800, hlen 6, plen 4, op 3 (request reverse),
+ * sender and target hardware address mac, both IPs 0, zero-padded to the 60-byte minimum.
+ */
+function rarpFor(mac: string): Buffer {
+  const m = [...macOf(mac)];
+  return Buffer.from([...Array(6).fill(0xff), ...m, 0x80, 0x35, 0, 1, 8, 0, 6, 4, 0, 3, ...m, 0, 0, 0, 0, ...m, 0, 0, 0, 0, ...Array(18).fill(0)]);
+}
+const isRarp = (f: Buffer): boolean => f.length >= 14 && f.readUInt16BE(12) === 0x8035;
+
+/** The next frame the vhost-user driver receives that is not an announcement (those go to `rarps`). */
+async function receiveData(nic: VirtioNetDriver, rarps: Buffer[]): Promise<Buffer> {
+  for (;;) {
+    const f = await nic.receive({ timeoutMs: 5000 });
+    if (!isRarp(f)) return f;
+    rarps.push(f);
+  }
+}
 
 // The RX filter a guest sets before the migrations below: promiscuous and all-multicast off, unicast table
 // [L1, L2], multicast table [MC_1], and its own MAC changed to NEW with MAC_ADDR_SET.
@@ -422,8 +448,9 @@ test("migration of the control queue's state mid-traffic: promiscuous off, a MAC
   const txOut = SIZES.map((n, i) => ethFrame(MAC_V, MAC_NEW, n, 500 + i));
   const rxIn = Array.from({ length: 64 }, (_, i) => ethFrame(MAC_L1, MAC_V, 60 + 20 * i, 600 + i));
   const got: Buffer[] = [];
+  const rarps: Buffer[] = [];
   const receiving = (async () => {
-    while (got.length < txOut.length) got.push(await nic.receive({ timeoutMs: 5000 }));
+    while (got.length < txOut.length) got.push(await receiveData(nic, rarps));
   })();
   const rxStart = up.rx.frames.length;
   await up.tx.send(txOut);
@@ -440,6 +467,13 @@ test("migration of the control queue's state mid-traffic: promiscuous off, a MAC
   // Every TX frame reached the driver once, in order (taken by the source, or by the destination after RUNNING).
   await receiving;
   assert.deepEqual(got, txOut);
+  // The destination announced the MAC the driver set (migrated with the control state), not its configured one.
+  while (rarps.length === 0) {
+    const f = await nic.receive({ timeoutMs: 5000 });
+    assert.ok(isRarp(f), `a data frame of ${f.length} bytes where the announcement was due`);
+    rarps.push(f);
+  }
+  assert.deepEqual(rarps[0], rarpFor(MAC_NEW));
   let used = 0;
   await until(() => (used += up.tx.reap()) === txOut.length, () => `TX used ${used} of ${txOut.length}`);
   // Frames for the guest during the migration: those that landed are intact and in order (some were dropped while stopped).
@@ -456,7 +490,8 @@ test("migration of the control queue's state mid-traffic: promiscuous off, a MAC
   const moved = new TxQueue(ram, up.tx.ring, g2);
   const back = ethFrame(MAC_V, MAC_NEW, 300, 800);
   await moved.send([back]);
-  assert.ok((await nic.receive({ timeoutMs: 5000 })).equals(back));
+  assert.ok((await receiveData(nic, rarps)).equals(back));
+  assert.ok(rarps.every((f) => f.equals(rarpFor(MAC_NEW))), 'every announcement for MAC_NEW');
   assert.equal(sw.lookup(0x525400aa0077)?.id, dst.spec.port.id, 'MAC_NEW learned on the destination port');
   assert.equal(await ctrlCommand(g2, ram, up.ctrl, CTRL_RX, CTRL_RX_PROMISC, Buffer.from([1])), CTRL_OK);
   const stray = ethFrame(MAC_UNLISTED, MAC_V, 90, 900);

@@ -287,6 +287,13 @@ export interface VhostUserNetOptions {
   poll?: boolean;
   /** How long a polled port holds a frame for a receiver without buffers (default 2 ms; 0: drop at once). */
   holdMs?: number;
+  /**
+   * RARP frames the port sends for the guest's MAC once it runs on a migrated state (the
+   * PCI transport; over vhost-user the front-end asks with SEND_RARP instead): QEMU's
+   * announce defaults, 5 rounds, the first at once and then 50, 150, 250 and 350 ms apart.
+   * 0: none.
+   */
+  announceRounds?: number;
 }
 
 export function parseMac(s: string): Uint8Array {
@@ -426,6 +433,9 @@ export class VhostUserNetDevice implements VhostUserDevice, VirtioDeviceModel {
   /** virtio_net_config.mac: the driver sets it (MAC_ADDR_SET); migrated in migrationState(), not compared. */
   readonly configDriverMutable = [{ offset: 0, length: 6 }] as const;
   readonly holdMs: number;
+  readonly announceRounds: number;
+  /** The self-announcement after a migration in progress (migrated()). */
+  #announceTimer: NodeJS.Timeout | null = null;
   mac: Uint8Array;
   mtu: number;
   readonly stats: NetPortStats = { txPackets: 0, txBytes: 0, rxPackets: 0, rxBytes: 0, drops: emptyDrops(), ctrlOk: 0, ctrlErr: 0 };
@@ -474,6 +484,8 @@ export class VhostUserNetDevice implements VhostUserDevice, VirtioDeviceModel {
     this.activePairs = this.queuePairs;
     this.poll = options.poll === true;
     this.holdMs = options.holdMs ?? HOLD_MS;
+    this.announceRounds = options.announceRounds ?? 5;
+    if (!Number.isInteger(this.announceRounds) || this.announceRounds < 0 || this.announceRounds > 100) throw new RangeError(`announceRounds: ${this.announceRounds} (0..100)`);
     if (!(this.holdMs >= 0)) throw new RangeError(`holdMs: ${this.holdMs}`);
     this.#rx = Array.from({ length: this.queuePairs }, () => new RxState());
     let f = bit(VF.VERSION_1) | bit(VF.INDIRECT_DESC) | bit(VF.EVENT_IDX);
@@ -523,6 +535,29 @@ export class VhostUserNetDevice implements VhostUserDevice, VirtioDeviceModel {
     this.mtu = mtu;
     this.#mtuAcked = true;
     return true;
+  }
+
+  /**
+   * The PCI transport runs this device on a loaded state: the guest arrived here. Its MAC
+   * (the one the driver set, migrated) is announced by RARP broadcasts through the switch, so
+   * the switch and every network behind it learn the guest's new port at once, without
+   * waiting for the guest's next frame: qemu_announce_self() (net/announce.c) for a NIC
+   * without VIRTIO_NET_F_GUEST_ANNOUNCE, which this device does not offer.
+   */
+  migrated(): void {
+    if (this.#announceTimer) clearTimeout(this.#announceTimer);
+    this.#announceTimer = null;
+    const mac = Uint8Array.from(this.mac);
+    let round = 0;
+    const once = (): void => {
+      this.#announceTimer = null;
+      this.sendRarp(mac);
+      if (++round >= this.announceRounds) return;
+      // net/announce.c qemu_announce_timer_step: initial + (rounds - round - 1) * step, at most max (50, 100, 550).
+      this.#announceTimer = setTimeout(once, Math.min(50 + (round - 1) * 100, 550));
+      this.#announceTimer.unref();
+    };
+    if (this.announceRounds > 0) once();
   }
 
   sendRarp(mac: Uint8Array): void {

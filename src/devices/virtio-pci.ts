@@ -179,6 +179,12 @@ export interface VirtioPciModelState {
    * out of its comparison with the source's config; every other byte must match.
    */
   readonly configDriverMutable?: readonly { readonly offset: number; readonly length: number }[];
+  /**
+   * The device runs again on a state loaded here (RESUMING, then RUNNING): the guest
+   * moved to this device. virtio-net announces the guest's MAC from here, as QEMU's
+   * qemu_announce_self() does after a migration.
+   */
+  migrated?(): void;
 }
 
 export interface VirtioPciOptions {
@@ -913,6 +919,8 @@ export class VirtioPciTransport {
   #resetShown: number | null = null;
   #resetDone: Promise<void> | null = null;
   #quiesced: Promise<void> | null = null;
+  /** A state was loaded since the device last ran: the next RUNNING is the guest arriving (VirtioPciModelState.migrated). */
+  #loaded = false;
   /**
    * Chains in flight on every queue. Each window mapped by fd is held from its DMA_MAP
    * (#holds): a DMA_UNMAP that comes while chains are in flight retires the hold, and its reply
@@ -1541,6 +1549,8 @@ export class VirtioPciTransport {
   }
 
   #resume(): void {
+    const migrated = this.#loaded;
+    this.#loaded = false;
     this.#running = true;
     this.#irqsAllowed = true;
     this.#quiesced = null;
@@ -1553,6 +1563,13 @@ export class VirtioPciTransport {
       q.kickPending = false;
       // Buffers made available while stopped (their kick went elsewhere, or was held): look once.
       if (q.engine) q.schedule();
+    }
+    if (migrated) {
+      try {
+        this.device.migrated?.();
+      } catch (err) {
+        this.#log(`after the migration: ${(err as Error).message}`);
+      }
     }
   }
 
@@ -1661,5 +1678,6 @@ export class VirtioPciTransport {
       Object.assign(q, s);
     });
     if (this.status & VirtioStatus.FEATURES_OK) this.device.setFeatures?.(driverFeatures);
+    this.#loaded = true;
   }
 }
