@@ -254,6 +254,112 @@ test('front-end: the back-end channel: CONFIG_CHANGE and host notifiers acked 0,
   assert.equal(openFds(), before, 'no fd leaked');
 });
 
+test('front-end as IOMMU: ACCESS_PLATFORM acked with BACKEND_REQ + REPLY_ACK only; rings as IOVAs; a MISS answered by an UPDATE before its ack, a MISS outside memory refused; ACCESS_FAIL reported', async (t) => {
+  const F_ACCESS_PLATFORM = 1n << 33n;
+  const before = openFds();
+  let backendCh: MessageChannel | null = null;
+  const acks: bigint[] = [];
+  /** What the front-end sent: SET_FEATURES values, SET_VRING_ADDR payloads, IOTLB_MSG payloads with their flags. */
+  const features: bigint[] = [];
+  const vringAddr: Buffer[] = [];
+  const iotlb: { flags: number; p: Buffer }[] = [];
+  const order: string[] = [];
+  const be = fakeBackend((m, reply) => {
+    if (m.request === 1) {
+      reply(1, u64(F_VERSION_1 | F_PROTOCOL | F_ACCESS_PLATFORM));
+      return true;
+    }
+    if (m.request === 2) features.push(m.payload.readBigUInt64LE(0));
+    if (m.request === 9) vringAddr.push(Buffer.from(m.payload));
+    if (m.request === 22) {
+      iotlb.push({ flags: m.flags, p: Buffer.from(m.payload) });
+      order.push('UPDATE');
+    }
+    if (m.request === 21) {
+      backendCh = new MessageChannel(new UnixSocket(m.fds.shift()!));
+      backendCh.on('message', (a) => {
+        assert.equal(a.flags, VERSION | REPLY);
+        assert.equal(a.request, 1, 'the ack is of BACKEND_IOTLB_MSG');
+        acks.push(a.payload.readBigUInt64LE(0));
+        order.push(`ack ${a.payload.readBigUInt64LE(0)}`);
+      });
+    }
+    return undefined;
+  }, PF_REPLY_ACK | PF_BACKEND_REQ);
+  t.after(() => be.done());
+  // Without an IOMMU the bit is never acked.
+  const plain = await VhostUserFrontend.connect(be.sock);
+  t.after(() => plain.close());
+  await plain.handshake();
+  await plain.setFeatures(F_VERSION_1 | F_ACCESS_PLATFORM);
+  assert.equal(features.pop()! & F_ACCESS_PLATFORM, 0n, 'ACCESS_PLATFORM not acked without an IOMMU');
+  plain.close();
+  (backendCh as MessageChannel | null)?.close();
+
+  const fe = await VhostUserFrontend.connect(be.sock);
+  t.after(() => {
+    fe.close();
+    (backendCh as MessageChannel | null)?.close();
+  });
+  await fe.handshake({ iommu: 'identity' });
+  const misses: [number, number, unknown][] = [];
+  const fails: [number, number][] = [];
+  fe.on('iotlbMiss', (iova, perm, e) => misses.push([iova, perm, e]));
+  fe.on('iotlbAccessFail', (iova, perm) => fails.push([iova, perm]));
+  const mem = SharedMemory.create(0x20_0000);
+  fe.addMemory(mem, 0x4000_0000);
+  await fe.syncMemory();
+  await fe.setFeatures(F_VERSION_1 | F_ACCESS_PLATFORM);
+  assert.equal(features.pop(), F_VERSION_1 | F_PROTOCOL | F_ACCESS_PLATFORM, 'ACCESS_PLATFORM acked');
+  assert.equal(fe.iommuEnabled, true);
+  // SET_VRING_ADDR carries the IOVAs (= our GPAs with the identity IOMMU), not user addresses.
+  await fe.setVringAddr(0, 0x4000_1000, 0x4000_2000, 0x4000_3000);
+  const va = vringAddr.pop()!;
+  assert.deepEqual([va.readBigUInt64LE(8), va.readBigUInt64LE(16), va.readBigUInt64LE(24)], [0x4000_1000n, 0x4000_3000n, 0x4000_2000n], 'desc, used, avail as IOVAs');
+
+  assert.ok(backendCh);
+  const ch = backendCh as MessageChannel;
+  // struct vhost_iotlb_msg by hand: iova u64, size u64, uaddr u64, perm u8, type u8, 6 bytes padding.
+  const msg = (iova: bigint, perm: number, type: number): Buffer => {
+    const b = Buffer.alloc(32);
+    b.writeBigUInt64LE(iova, 0);
+    b[24] = perm;
+    b[25] = type;
+    return b;
+  };
+  ch.send(1, VERSION | NEED_REPLY, msg(0x4000_1234n, 3, 1)); // MISS, RW, inside the region
+  ch.send(1, VERSION | NEED_REPLY, msg(0x9000_0000n, 1, 1)); // MISS outside every region
+  ch.send(1, VERSION | NEED_REPLY, msg(0x4000_1234n, 2, 4)); // ACCESS_FAIL
+  ch.send(1, VERSION | NEED_REPLY, msg(0x4000_1234n, 3, 7)); // an unknown type
+  ch.send(1, VERSION | NEED_REPLY, Buffer.alloc(8)); // short
+  const end = Date.now() + 2000;
+  while (acks.length < 5 && Date.now() < end) await new Promise((r) => setTimeout(r, 10));
+  assert.deepEqual(acks, [0n, 1n, 0n, 1n, 1n], 'acked in the order of the requests');
+  assert.deepEqual(order.slice(0, 2), ['UPDATE', 'ack 0'], "the MISS's UPDATE was sent (and acked) before the MISS was acked");
+  assert.equal(iotlb.length, 1, 'one UPDATE, none for the refused MISS');
+  const u = iotlb[0]!;
+  assert.equal(u.flags, VERSION | NEED_REPLY, 'IOTLB_MSG asks for an ack');
+  // The 4 KiB page of 0x40001234, at the region's user address + 0x1000, read-write, type UPDATE.
+  assert.equal(u.p.length, 32);
+  assert.deepEqual([u.p.readBigUInt64LE(0), u.p.readBigUInt64LE(8), u.p.readBigUInt64LE(16), u.p[24], u.p[25]], [0x4000_1000n, 0x1000n, BigInt(fe.regions[0]!.userAddr + 0x1000), 3, 2]);
+  assert.deepEqual(u.p.subarray(26), Buffer.alloc(6), 'padding zero');
+  assert.equal(misses.length, 2);
+  assert.deepEqual(misses[1], [0x9000_0000, 1, null]);
+  assert.deepEqual(fails, [[0x4000_1234, 2]]);
+  assert.deepEqual(fe.iotlbStats, { misses: 1, refused: 1, updates: 1, invalidates: 0, accessFails: 1 });
+  // INVALIDATE from the API: type 3, size given, uaddr and perm 0.
+  await fe.iotlbInvalidate(0x4000_1000, 0x1000);
+  const inv = iotlb[1]!.p;
+  assert.deepEqual([inv.readBigUInt64LE(0), inv.readBigUInt64LE(8), inv.readBigUInt64LE(16), inv[24], inv[25]], [0x4000_1000n, 0x1000n, 0n, 0, 3]);
+  await rejects(fe.iotlbUpdate({ iova: 0, size: 0, uaddr: 0, perm: 3 }), 'INVALID', /UPDATE of 0 bytes/);
+  fe.close();
+  fe.releaseMemory();
+  ch.close();
+  be.done();
+  await new Promise((r) => setTimeout(r, 50));
+  assert.equal(openFds(), before, 'no fd leaked');
+});
+
 test('front-end against our back-end: the message sequence, CONFIG_CHANGE through the back-end channel, block I/O', async () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdevkit-fe-'));
   const sock = path.join(dir, 'blk.sock');

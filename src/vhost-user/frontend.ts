@@ -63,6 +63,18 @@ export const FRONTEND_MAX_MEM_SLOTS = 256;
 /** The front-end virtual address of GPA 0 as we describe it to back-ends (any consistent value works). */
 export const UVA_BASE = 0x7f00_0000_0000;
 const CONFIG_HDR = 12;
+/** sizeof(struct vhost_iotlb_msg): iova, size, uaddr (u64 each), perm, type (u8), padded to 8. */
+const IOTLB_MSG_SIZE = 32;
+
+function iotlbBytes(iova: number, size: number, uaddr: number, perm: number, type: number): Buffer {
+  const b = Buffer.alloc(IOTLB_MSG_SIZE);
+  b.writeBigUInt64LE(BigInt(iova), 0);
+  b.writeBigUInt64LE(BigInt(size), 8);
+  b.writeBigUInt64LE(BigInt(uaddr), 16);
+  b[24] = perm;
+  b[25] = type;
+  return b;
+}
 const REPLY_FLAGS = FLAG_VERSION | FLAG_REPLY;
 
 export interface VhostUserFrontendOptions {
@@ -90,6 +102,37 @@ export interface HandshakeOptions {
   queues?: number;
   /** Open the back-end request channel when BACKEND_REQ is acked (default true). */
   backendChannel?: boolean;
+  /**
+   * Be the device's IOMMU (VIRTIO_F_ACCESS_PLATFORM, QEMU with a vIOMMU): when given,
+   * setFeatures() may ack ACCESS_PLATFORM (it needs BACKEND_REQ and REPLY_ACK, as in
+   * QEMU); ring and buffer addresses are then IOVAs, which the back-end translates
+   * through its IOTLB, asking us on the back-end channel (IOTLB MISS) and getting
+   * IOTLB_MSG UPDATEs. 'identity': IOVA = GPA, through our memory regions, in pages of
+   * `iommuPageSize` (what a guest IOMMU in passthrough gives: QEMU's intel-iommu
+   * answers 4 KiB pages); or a translation of one's own.
+   */
+  iommu?: 'identity' | FrontendIommu;
+  /** The identity IOMMU's page (default 4096; a power of two of at least 4096). */
+  iommuPageSize?: number;
+}
+
+/** struct vhost_iotlb_msg perm: VHOST_ACCESS_RO / WO / RW. */
+export const IotlbPerm = { RO: 1, WO: 2, RW: 3 } as const;
+/** struct vhost_iotlb_msg type. */
+export const IotlbType = { MISS: 1, UPDATE: 2, INVALIDATE: 3, ACCESS_FAIL: 4 } as const;
+
+/** One IOTLB entry: `size` bytes of IOVA space from `iova` at our user address `uaddr`. */
+export interface IotlbEntry {
+  iova: number;
+  size: number;
+  uaddr: number;
+  perm: number;
+}
+
+/** An IOMMU the front-end answers IOTLB misses from. */
+export interface FrontendIommu {
+  /** The entry that covers `iova` with at least `perm`, or null: none (the MISS is refused, the back-end's access fails). */
+  translate(iova: number, perm: number): IotlbEntry | null;
 }
 
 /** A memory region of ours given to the back-end. */
@@ -139,6 +182,10 @@ type FrontendEvents = {
   close: [err: VhostUserError];
   /** reconnect() re-established the connection (negotiated state starts over; memory regions kept). */
   reconnect: [];
+  /** The back-end's IOTLB MISS, answered (entry) or refused (null: no translation). */
+  iotlbMiss: [iova: number, perm: number, entry: IotlbEntry | null];
+  /** The back-end's IOTLB ACCESS_FAIL: an access through an entry it had was refused. */
+  iotlbAccessFail: [iova: number, perm: number];
 };
 
 /** Where reconnect() goes: the path connect() or accept() was given. */
@@ -216,6 +263,12 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
   /** Regions as the back-end knows them (what ADD/REM_MEM_REG diffs against). */
   #sent: FrontendRegion[] = [];
   readonly #notifiers = new Map<number, HostNotifier>();
+  /** The back-end requests being served, in order (#onBackendRequest). */
+  #backendQueue: Promise<void> = Promise.resolve();
+  /** The IOMMU of handshake({ iommu }) (null: none, ACCESS_PLATFORM is not acked). */
+  #iommu: FrontendIommu | null = null;
+  /** IOTLB traffic: misses answered / refused, UPDATEs and INVALIDATEs sent, ACCESS_FAILs. */
+  readonly iotlbStats = { misses: 0, refused: 0, updates: 0, invalidates: 0, accessFails: 0 };
   /** Guest memory as the driver side sees it: GPA -> our mappings. */
   readonly memory = new GuestMemory();
 
@@ -587,17 +640,42 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
       throw new VhostUserError('UNSUPPORTED', `the maximum number of queues supported by the back-end is ${this.maxQueues ?? 1} (asked for ${queues})`);
     }
     if (this.hasProtocol(PF.BACKEND_REQ) && options.backendChannel !== false) await this.setBackendReqFd();
+    this.#iommu = options.iommu === 'identity' ? this.#identityIommu(options.iommuPageSize ?? 4096) : (options.iommu ?? null);
     await this.setOwner();
+  }
+
+  /** IOVA = GPA through our regions, one page per entry (never across a region's end). */
+  #identityIommu(page: number): FrontendIommu {
+    if (!Number.isInteger(page) || page < 4096 || (page & (page - 1)) !== 0 || page > 2 ** 30) throw new RangeError(`iommuPageSize ${page}: a power of two from 4096 to 2^30`);
+    return {
+      translate: (iova: number): IotlbEntry | null => {
+        for (const r of this.#regions) {
+          if (iova < r.guestPhysAddr || iova >= r.guestPhysAddr + r.size) continue;
+          const start = Math.max(r.guestPhysAddr, iova - (iova % page));
+          const end = Math.min(r.guestPhysAddr + r.size, start - (start % page) + page);
+          return { iova: start, size: end - start, uaddr: r.userAddr + (start - r.guestPhysAddr), perm: IotlbPerm.RW };
+        }
+        return null;
+      },
+    };
+  }
+
+  /** ACCESS_PLATFORM is acked: ring and buffer addresses are IOVAs, translated by the back-end's IOTLB. */
+  get iommuEnabled(): boolean {
+    return (this.features & bit(VF.ACCESS_PLATFORM)) !== 0n;
   }
 
   /**
    * SET_FEATURES with `wanted & offered`, plus PROTOCOL_FEATURES when offered.
-   * ACCESS_PLATFORM (IOTLB) is never acked. Without REPLY_ACK, a GET_FEATURES
+   * ACCESS_PLATFORM (IOTLB) is acked only with an IOMMU (handshake's `iommu`) and
+   * BACKEND_REQ + REPLY_ACK negotiated (QEMU: "IOMMU support requires reply-ack and
+   * backend-req protocol features"); otherwise it is left out. Without REPLY_ACK, a GET_FEATURES
    * follows as a barrier (the seed's enforce_reply): the back-end has applied
    * the features when it answers. Returns the value sent.
    */
   async setFeatures(wanted: bigint): Promise<bigint> {
-    let f = this.offeredFeatures & wanted & ~bit(VF.ACCESS_PLATFORM);
+    let f = this.offeredFeatures & wanted;
+    if (!this.#iommu || !this.hasProtocol(PF.BACKEND_REQ) || !this.replyAck || !this.#backend) f &= ~bit(VF.ACCESS_PLATFORM);
     if ((this.offeredFeatures & bit(VF.PROTOCOL_FEATURES)) !== 0n) f |= bit(VF.PROTOCOL_FEATURES);
     if (this.replyAck) await this.#set(Req.SET_FEATURES, u64(f));
     else {
@@ -701,14 +779,19 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
     return this.#set(Req.SET_VRING_BASE, vringState(index, base));
   }
 
-  /** SET_VRING_ADDR with GPAs translated to our user addresses. */
+  /**
+   * SET_VRING_ADDR with GPAs translated to our user addresses, or, with ACCESS_PLATFORM, the
+   * IOVAs as given (QEMU's vhost_user_vq_get_addr gives the rings' IOVAs then; the back-end
+   * translates them through its IOTLB).
+   */
   setVringAddr(index: number, desc: number, driver: number, device: number, flags = 0, log = 0): Promise<void> {
     const b = Buffer.alloc(40);
+    const at = (a: number): number => (this.iommuEnabled ? a : this.uva(a));
     b.writeUInt32LE(index, 0);
     b.writeUInt32LE(flags, 4);
-    b.writeBigUInt64LE(BigInt(this.uva(desc)), 8);
-    b.writeBigUInt64LE(BigInt(this.uva(device)), 16);
-    b.writeBigUInt64LE(BigInt(this.uva(driver)), 24);
+    b.writeBigUInt64LE(BigInt(at(desc)), 8);
+    b.writeBigUInt64LE(BigInt(at(device)), 16);
+    b.writeBigUInt64LE(BigInt(at(driver)), 24);
     b.writeBigUInt64LE(BigInt(log), 32);
     return this.#set(Req.SET_VRING_ADDR, b);
   }
@@ -879,6 +962,71 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
     return this.#set(Req.SET_INFLIGHT_FD, b, [info.memory.fd]);
   }
 
+  // ---- IOTLB (ACCESS_PLATFORM) -------------------------------------------
+
+  /** IOTLB_MSG UPDATE: the back-end may use `entry` (acked: REPLY_ACK is negotiated with ACCESS_PLATFORM). */
+  async iotlbUpdate(entry: IotlbEntry): Promise<void> {
+    await this.#iotlbMsg(IotlbType.UPDATE, entry.iova, entry.size, entry.uaddr, entry.perm);
+    this.iotlbStats.updates++;
+  }
+
+  /** IOTLB_MSG INVALIDATE: entries of [iova, iova + size) are gone; once acked the back-end no longer uses them. */
+  async iotlbInvalidate(iova: number, size: number): Promise<void> {
+    await this.#iotlbMsg(IotlbType.INVALIDATE, iova, size, 0, 0);
+    this.iotlbStats.invalidates++;
+  }
+
+  #iotlbMsg(type: number, iova: number, size: number, uaddr: number, perm: number): Promise<void> {
+    if (!this.iommuEnabled) throw new VhostUserError('UNSUPPORTED', 'IOTLB_MSG without ACCESS_PLATFORM negotiated');
+    for (const [k, v] of [['iova', iova], ['size', size], ['uaddr', uaddr]] as const) {
+      if (!Number.isSafeInteger(v) || v < 0) throw new VhostUserError('INVALID', `IOTLB ${k} ${v}`);
+    }
+    if (type === IotlbType.UPDATE && (size === 0 || (perm & ~IotlbPerm.RW) !== 0 || perm === 0)) throw new VhostUserError('INVALID', `IOTLB UPDATE of ${size} bytes, perm ${perm}`);
+    return this.#set(Req.IOTLB_MSG, iotlbBytes(iova, size, uaddr, perm, type), null, true);
+  }
+
+  /** BACKEND_IOTLB_MSG: a MISS is answered by an UPDATE (or refused), then acked if asked; ACCESS_FAIL is reported. */
+  async #iotlbRequest(msg: VhostUserMessage): Promise<bigint> {
+    if (!this.iommuEnabled || !this.#iommu) {
+      this.#log('BACKEND_IOTLB_MSG without ACCESS_PLATFORM negotiated');
+      return 1n;
+    }
+    if (msg.payload.length !== IOTLB_MSG_SIZE) {
+      this.#log(`BACKEND_IOTLB_MSG of ${msg.payload.length} bytes (struct vhost_iotlb_msg is ${IOTLB_MSG_SIZE})`);
+      return 1n;
+    }
+    const iova = Number(msg.payload.readBigUInt64LE(0));
+    const perm = msg.payload[24]!;
+    const type = msg.payload[25]!;
+    if (type === IotlbType.ACCESS_FAIL) {
+      this.iotlbStats.accessFails++;
+      this.emit('iotlbAccessFail', iova, perm);
+      return 0n;
+    }
+    if (type !== IotlbType.MISS || perm === 0 || (perm & ~IotlbPerm.RW) !== 0 || !Number.isSafeInteger(iova)) {
+      this.#log(`BACKEND_IOTLB_MSG type ${type} perm ${perm} iova 0x${iova.toString(16)}: refused`);
+      return 1n;
+    }
+    let entry: IotlbEntry | null = null;
+    try {
+      entry = this.#iommu.translate(iova, perm);
+    } catch (err) {
+      this.#log(`IOTLB translate of 0x${iova.toString(16)}: ${(err as Error).message}`);
+    }
+    // The entry must cover the address asked for with the access asked for.
+    if (entry && (iova < entry.iova || iova >= entry.iova + entry.size || (entry.perm & perm) !== perm)) entry = null;
+    this.emit('iotlbMiss', iova, perm, entry);
+    if (!entry) {
+      this.iotlbStats.refused++;
+      this.#log(`IOTLB MISS of 0x${iova.toString(16)} (perm ${perm}): no translation`);
+      return 1n;
+    }
+    this.iotlbStats.misses++;
+    // "Completed" for a MISS: the front-end has sent the UPDATE (the spec's BACKEND_IOTLB_MSG).
+    await this.iotlbUpdate(entry);
+    return 0n;
+  }
+
   // ---- the back-end request channel ------------------------------------
 
   /** SET_BACKEND_REQ_FD: a socketpair, one end to the back-end; its requests are served here. */
@@ -903,8 +1051,24 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
     });
   }
 
+  /**
+   * Back-end requests are served one at a time, in order (an IOTLB MISS waits for its UPDATE's
+   * ack): replies go back in the order of the requests, which is how a back-end matches them.
+   */
   #onBackendRequest(ch: MessageChannel, msg: VhostUserMessage): void {
+    this.#backendQueue = this.#backendQueue.then(() => this.#serveBackendRequest(ch, msg)).catch((err: Error) => this.#log(`back-end request ${msg.request}: ${err.message}`));
+  }
+
+  async #serveBackendRequest(ch: MessageChannel, msg: VhostUserMessage): Promise<void> {
     let ret = 0n;
+    const reply = (r: bigint): void => {
+      if ((msg.flags & FLAG_NEED_REPLY) === 0 || ch.closed) return;
+      try {
+        ch.send(msg.request, REPLY_FLAGS, u64(r));
+      } catch {
+        /* the channel closed */
+      }
+    };
     const fds = msg.fds;
     const rname = Object.entries(BackendReq).find(([, v]) => v === msg.request)?.[0] ?? `back-end request ${msg.request}`;
     if ((msg.flags & FLAG_REPLY) !== 0) {
@@ -915,6 +1079,17 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
     }
     if (fds.length > 0 && !this.hasProtocol(PF.BACKEND_SEND_FD)) {
       this.#log(`${rname}: fds without BACKEND_SEND_FD`);
+    }
+    if (msg.request === BackendReq.IOTLB_MSG) {
+      closeAll(fds);
+      let r = 1n;
+      try {
+        r = await this.#iotlbRequest(msg);
+      } catch (err) {
+        this.#log(`IOTLB MISS: the UPDATE failed: ${(err as Error).message}`);
+      }
+      reply(r);
+      return;
     }
     switch (msg.request) {
       case BackendReq.CONFIG_CHANGE_MSG:
@@ -953,13 +1128,7 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
         this.#log(`${rname}: not handled`);
         ret = 1n;
     }
-    if ((msg.flags & FLAG_NEED_REPLY) !== 0) {
-      try {
-        ch.send(msg.request, REPLY_FLAGS, u64(ret));
-      } catch {
-        /* the channel closed */
-      }
-    }
+    reply(ret);
   }
 }
 

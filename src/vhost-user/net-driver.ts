@@ -34,7 +34,7 @@ import { ringLayout, type DriverBuffer, type DriverQueue, type DriverQueueOption
 import { NetCtrl, NetFeature, NET_HDR_SIZE, NET_S_LINK_UP, formatMac } from '../devices/vhost-user-net.js';
 import { ProtocolFeature as PF, VirtioFeature as VF, bit } from './constants.js';
 import { VhostUserError } from './errors.js';
-import { VhostUserFrontend, type VhostUserFrontendOptions } from './frontend.js';
+import { VhostUserFrontend, type HandshakeOptions, type VhostUserFrontendOptions } from './frontend.js';
 
 const STATUS_ACK = 1;
 const STATUS_DRIVER = 2;
@@ -145,6 +145,13 @@ export interface VirtioNetDriverOptions extends VhostUserFrontendOptions {
   rxBacklog?: number;
   /** A TX buffer (or control command) not used in this time disconnects the back-end (default 30000 ms; 0: never). */
   txTimeoutMs?: number;
+  /**
+   * Drive the device behind an IOMMU (VIRTIO_F_ACCESS_PLATFORM, required when given): the
+   * front-end answers the back-end's IOTLB misses (HandshakeOptions.iommu); the rings' and
+   * buffers' addresses are IOVAs, equal to our GPAs with 'identity'.
+   */
+  iommu?: HandshakeOptions['iommu'];
+  iommuPageSize?: number;
 }
 
 interface TxToken {
@@ -365,7 +372,7 @@ export class VirtioNetDriver extends EventEmitter<NetDriverEvents> {
     if (!Number.isInteger(pairs) || pairs < 1 || pairs > 127) throw new RangeError(`queuePairs: ${pairs} (1..127)`);
     const size = o.queueSize ?? 256;
     // GET_QUEUE_NUM counts queue pairs for net (QEMU's vhost-user net compares it with queues=).
-    await fe.handshake({ queues: pairs, config: 'use' });
+    await fe.handshake({ queues: pairs, config: 'use', ...(o.iommu ? { iommu: o.iommu } : {}), ...(o.iommuPageSize !== undefined ? { iommuPageSize: o.iommuPageSize } : {}) });
     const offered = fe.offeredFeatures;
     const offers = (n: number): boolean => (offered & bit(n)) !== 0n;
     if (!offers(VF.VERSION_1)) throw new VhostUserError('UNSUPPORTED', 'the back-end does not offer VIRTIO_F_VERSION_1');
@@ -382,9 +389,13 @@ export class VirtioNetDriver extends EventEmitter<NetDriverEvents> {
     if (packed) wanted |= bit(VF.RING_PACKED);
     if (pairs > 1) wanted |= bit(NetFeature.MQ);
     if (ctrl) wanted |= bit(NetFeature.CTRL_VQ) | bit(NetFeature.CTRL_RX) | bit(NetFeature.CTRL_MAC_ADDR);
+    if (o.iommu) wanted |= bit(VF.ACCESS_PLATFORM);
     const status = fe.hasProtocol(PF.STATUS);
     if (status) await fe.setStatus(STATUS_ACK | STATUS_DRIVER);
     await fe.setFeatures(wanted);
+    if (o.iommu && !fe.iommuEnabled) {
+      throw new VhostUserError('UNSUPPORTED', `an IOMMU asked for: the back-end ${offers(VF.ACCESS_PLATFORM) ? 'offers ACCESS_PLATFORM but not BACKEND_REQ and REPLY_ACK' : 'does not offer VIRTIO_F_ACCESS_PLATFORM'}`);
+    }
     if (status) {
       await fe.setStatus(STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK);
       const s = await fe.getStatus();
