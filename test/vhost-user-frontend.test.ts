@@ -275,6 +275,7 @@ test('front-end as IOMMU: ACCESS_PLATFORM acked with BACKEND_REQ + REPLY_ACK onl
       iotlb.push({ flags: m.flags, p: Buffer.from(m.payload) });
       order.push('UPDATE');
     }
+    if (m.request === 5) order.push('SET_MEM_TABLE');
     if (m.request === 21) {
       backendCh = new MessageChannel(new UnixSocket(m.fds.shift()!));
       backendCh.on('message', (a) => {
@@ -327,6 +328,7 @@ test('front-end as IOMMU: ACCESS_PLATFORM acked with BACKEND_REQ + REPLY_ACK onl
     b[25] = type;
     return b;
   };
+  order.length = 0;
   ch.send(1, VERSION | NEED_REPLY, msg(0x4000_1234n, 3, 1)); // MISS, RW, inside the region
   ch.send(1, VERSION | NEED_REPLY, msg(0x9000_0000n, 1, 1)); // MISS outside every region
   ch.send(1, VERSION | NEED_REPLY, msg(0x4000_1234n, 2, 4)); // ACCESS_FAIL
@@ -352,8 +354,14 @@ test('front-end as IOMMU: ACCESS_PLATFORM acked with BACKEND_REQ + REPLY_ACK onl
   const inv = iotlb[1]!.p;
   assert.deepEqual([inv.readBigUInt64LE(0), inv.readBigUInt64LE(8), inv.readBigUInt64LE(16), inv[24], inv[25]], [0x4000_1000n, 0x1000n, 0n, 0, 3]);
   await rejects(fe.iotlbUpdate({ iova: 0, size: 0, uaddr: 0, perm: 3 }), 'INVALID', /UPDATE of 0 bytes/);
+  // A region taken out under the identity IOMMU: its whole range is invalidated before the new memory table.
+  fe.removeMemory(fe.regions[0]!).close();
+  order.length = 0;
+  await fe.syncMemory();
+  const gone = iotlb[2]!.p;
+  assert.deepEqual([gone.readBigUInt64LE(0), gone.readBigUInt64LE(8), gone[25]], [0x4000_0000n, 0x20_0000n, 3], 'INVALIDATE of the region');
+  assert.deepEqual(order, ['UPDATE', 'SET_MEM_TABLE'], 'the INVALIDATE (IOTLB_MSG) before SET_MEM_TABLE');
   fe.close();
-  fe.releaseMemory();
   ch.close();
   be.done();
   await new Promise((r) => setTimeout(r, 50));

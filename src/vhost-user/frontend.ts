@@ -267,6 +267,7 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
   #backendQueue: Promise<void> = Promise.resolve();
   /** The IOMMU of handshake({ iommu }) (null: none, ACCESS_PLATFORM is not acked). */
   #iommu: FrontendIommu | null = null;
+  #identity = false;
   /** IOTLB traffic: misses answered / refused, UPDATEs and INVALIDATEs sent, ACCESS_FAILs. */
   readonly iotlbStats = { misses: 0, refused: 0, updates: 0, invalidates: 0, accessFails: 0 };
   /** Guest memory as the driver side sees it: GPA -> our mappings. */
@@ -641,6 +642,7 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
     }
     if (this.hasProtocol(PF.BACKEND_REQ) && options.backendChannel !== false) await this.setBackendReqFd();
     this.#iommu = options.iommu === 'identity' ? this.#identityIommu(options.iommuPageSize ?? 4096) : (options.iommu ?? null);
+    this.#identity = options.iommu === 'identity';
     await this.setOwner();
   }
 
@@ -736,6 +738,11 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
   async syncMemory(): Promise<void> {
     if (this.#regions.length > this.memSlots) {
       throw new VhostUserError('INVALID', `${this.#regions.length} memory regions; the back-end takes at most ${this.memSlots}`);
+    }
+    // Regions gone under the identity IOMMU: their IOTLB entries are invalidated first (as a vIOMMU's
+    // unmap notifier does), so the back-end never translates into memory it is about to unmap.
+    if (this.iommuEnabled && this.#identity) {
+      for (const r of this.#sent) if (!this.#regions.includes(r)) await this.iotlbInvalidate(r.guestPhysAddr, r.size);
     }
     if (this.hasProtocol(PF.CONFIGURE_MEM_SLOTS)) {
       for (const r of [...this.#sent]) {

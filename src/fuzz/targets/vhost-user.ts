@@ -959,6 +959,8 @@ function frontendInput(rng: Rng): FuzzInput {
   const replies: Seed[] = [];
   const set = (): void => void (has(PF.REPLY_ACK) && replies.push(ack()));
   let regions = 0;
+  /** The reply to SET_FEATURES (its ack, or the GET_FEATURES barrier): IOTLB misses go after it. */
+  let featuresReply: Seed | null = null;
   for (const op of ops) {
     switch (op) {
       case 0:
@@ -974,6 +976,7 @@ function frontendInput(rng: Rng): FuzzInput {
       case 1:
         if (has(PF.REPLY_ACK)) set();
         else replies.push(u64r('r/GET_FEATURES', offered));
+        featuresReply ??= replies[replies.length - 1] ?? null;
         break;
       case 2:
         regions++;
@@ -1053,7 +1056,28 @@ function frontendInput(rng: Rng): FuzzInput {
   }
   // After the input: a back-end that answers every request well (1), or one that goes away (0).
   const behaved = rng.chance(0.6) ? 1 : 0;
-  return { msgs, cuts: [], extra: [behaved, ...ops] };
+  // Drawn last, so the inputs without it are those of the target before it: in a third of the inputs the
+  // front-end is the device's IOMMU (the GET_FEATURES reply then offers ACCESS_PLATFORM): 'identity', or a
+  // translation that answers hostile entries. extra[0] bit 1 / bit 2.
+  let iommu = 0;
+  if (rng.chance(1 / 3)) {
+    iommu = rng.chance(0.7) ? 2 : 6;
+    const first = msgs[0];
+    if (first && first.bytes.length === 20 && new DataView(first.bytes.buffer, first.bytes.byteOffset).getUint32(0, true) === 0) {
+      const b = Uint8Array.from(first.bytes);
+      new DataView(b.buffer).setUint32(12 + 4, new DataView(b.buffer).getUint32(16, true) | 2, true); // bit 33
+      msgs[0] = { bytes: b, fds: first.fds };
+    }
+    // Misses of pages in and out of the front-end's memory (its first region is at GPA 0, 64 KiB), after the features.
+    for (let n = 1 + rng.int(3); n > 0; n--) {
+      const miss = vmsg('IOTLB_MSG/miss', B.IOTLB_MSG, rng.chance(0.8) ? V | NEED_REPLY : V, (b) =>
+        b.u64(rng.chance(0.8) ? rng.int(0x10000) : rng.pick([0x10000, 2 ** 53, 0xffff_ffff_ffff_f000])).u64(0).u64(0).u8(rng.pick([1, 2, 3, 0, 7])).u8(rng.chance(0.9) ? 1 : rng.pick([2, 3, 4, 9])).u16(0, false).u32(0, false),
+      );
+      const after = featuresReply ? seq.indexOf(featuresReply) : -1;
+      msgs.splice(Math.min(msgs.length, after >= 0 ? after + 1 + rng.int(3) : 3 + rng.int(4)), 0, { bytes: miss.bytes, fds: [] });
+    }
+  }
+  return { msgs, cuts: [], extra: [behaved | iommu, ...ops] };
 }
 
 /** A well-behaved back-end's reply to `req` (null: the request has none). */
@@ -1087,6 +1111,52 @@ function wellBehavedReply(req: RawMsg): Buffer | null {
 
 const SYNC_BACKEND_REQ = 0x7ffe;
 
+/** An IOMMU that answers misses with entries a careless front-end would send on: not covering, empty, huge, without access, throwing. */
+const hostileIommu = {
+  translate(iova: number, perm: number): { iova: number; size: number; uaddr: number; perm: number } | null {
+    switch (Math.floor(iova / 0x1000) % 7) {
+      case 0:
+        return { iova: iova + 0x1000, size: 0x1000, uaddr: 0x7f00_0000_0000, perm: 3 };
+      case 1:
+        return { iova, size: 0, uaddr: 0, perm: 3 };
+      case 2:
+        return { iova: 0, size: 2 ** 60, uaddr: 2 ** 53 - 1, perm };
+      case 3:
+        return { iova, size: 0x1000, uaddr: 0x1000, perm: 0 };
+      case 4:
+        throw new Error('translate threw');
+      case 5:
+        return { iova: -1, size: -1, uaddr: -1, perm: 9 };
+      default:
+        return null;
+    }
+  },
+};
+
+/**
+ * An IOTLB_MSG the front-end sent: only with ACCESS_PLATFORM acked and an IOMMU, with a 32-byte
+ * struct vhost_iotlb_msg (type UPDATE or INVALIDATE), NEED_REPLY; an identity UPDATE maps a page
+ * inside one of its regions at that region's user address, read-write.
+ */
+function checkIotlbMsg(req: RawMsg, fe: VhostUserFrontend, mode: number, regions: Set<{ guestPhysAddr: number; size: number; userAddr: number }>): Finding | null {
+  if (!mode || !fe.iommuEnabled) return new Finding('invariant', 'IOTLB_MSG sent without an IOMMU and ACCESS_PLATFORM');
+  const p = req.payload;
+  if (p.length !== 32 || !(req.flags & NEED_REPLY)) return new Finding('invariant', `IOTLB_MSG of ${p.length} bytes, flags 0x${req.flags.toString(16)}`);
+  const iova = Number(p.readBigUInt64LE(0));
+  const size = Number(p.readBigUInt64LE(8));
+  const uaddr = Number(p.readBigUInt64LE(16));
+  const [perm, type] = [p[24]!, p[25]!];
+  if (type !== 2 && type !== 3) return new Finding('invariant', `IOTLB_MSG type ${type}`);
+  if (type === 2 && (size === 0 || perm === 0 || perm > 3)) return new Finding('invariant', `IOTLB UPDATE of ${size} bytes, perm ${perm}`);
+  if (mode === 2 && type === 2) {
+    const r = [...regions].find((x) => iova >= x.guestPhysAddr && iova + size <= x.guestPhysAddr + x.size && uaddr === x.userAddr + (iova - x.guestPhysAddr));
+    if (!r || uaddr !== r.userAddr + (iova - r.guestPhysAddr) || perm !== 3 || size > 0x1000) {
+      return new Finding('invariant', `identity IOTLB UPDATE 0x${iova.toString(16)}+0x${size.toString(16)} at 0x${uaddr.toString(16)} perm ${perm}: not a page of a region`);
+    }
+  }
+  return null;
+}
+
 export const vhostUserFrontend: FuzzTarget = {
   name: 'vhost-user-frontend',
   concurrency: 8,
@@ -1103,7 +1173,10 @@ export const vhostUserFrontend: FuzzTarget = {
       async run(input) {
         const [ours, theirs] = socketPair();
         const peer = new RawEnd(theirs);
-        const behaved = input.extra[0] === 1;
+        const behaved = ((input.extra[0] ?? 0) & 1) === 1;
+        const iommuMode = (input.extra[0] ?? 0) & 6;
+        /** Every region the front-end had during the input (a MISS may be answered for one removed since). */
+        const everRegions = new Set<{ guestPhysAddr: number; size: number; userAddr: number }>();
         let k = 0;
         let mainSent: WireMessage[] = [];
         let backend: RawEnd | null = null;
@@ -1183,6 +1256,8 @@ export const vhostUserFrontend: FuzzTarget = {
           }
           for (const f of req.fds) f.close();
           if (req.flags & REPLY) violation ??= new Finding('invariant', `the front-end sent a reply (request ${req.request})`);
+          for (const r of fe.regions) everRegions.add(r);
+          if (req.request === R.IOTLB_MSG) violation ??= checkIotlbMsg(req, fe, iommuMode, everRegions);
           if (!syncing) sendRequests();
           if (req.flags & NEED_REPLY || ALWAYS_REPLIED.has(req.request)) sendReply(req);
         };
@@ -1197,8 +1272,8 @@ export const vhostUserFrontend: FuzzTarget = {
           return m;
         };
         const ops: (() => Promise<unknown>)[] = [
-          () => fe.handshake({ queues: 1 }),
-          () => fe.setFeatures(bit(VF.VERSION_1) | bit(VF.RING_PACKED) | bit(VF.EVENT_IDX)),
+          () => fe.handshake({ queues: 1, ...(iommuMode === 2 ? { iommu: 'identity' as const } : iommuMode === 6 ? { iommu: hostileIommu } : {}) }),
+          () => fe.setFeatures(bit(VF.VERSION_1) | bit(VF.RING_PACKED) | bit(VF.EVENT_IDX) | (iommuMode ? bit(VF.ACCESS_PLATFORM) : 0n)),
           () => {
             fe.addMemory(SharedMemory.create(0x10000));
             return fe.syncMemory();
