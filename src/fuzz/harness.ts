@@ -168,6 +168,8 @@ export interface RunOptions {
   log?: (line: string) => void;
   /** Stop at the first finding. */
   stopOnFinding?: boolean;
+  /** Stop when aborted (the CLI's SIGINT / SIGTERM): the inputs begun are finished and checked, the report is exact. */
+  signal?: AbortSignal;
 }
 
 export interface RunReport {
@@ -244,8 +246,24 @@ export async function runTarget(target: FuzzTarget, o: RunOptions): Promise<RunR
     baseNames = openFdNames();
     pending = [];
   };
+  /** The per-batch checks over the inputs since the last ones: a probe on a new connection, fds, heap, escapes. */
+  const checkBatch = async (): Promise<void> => {
+    const inBatch = pending;
+    pending = [];
+    try {
+      await deadline(inst.probe(), 10_000, 'probe on a new connection');
+      const now = await fdsBackTo(base, 2000);
+      if (now > base) throw new Finding('leak', `${now - base} fds more than at the start of the batch (${now} open, ${base} expected)${leakDetail(baseNames)}`);
+      const heap = process.memoryUsage().heapUsed;
+      if (heap > MAX_HEAP) throw new Finding('memory', `heap at ${heap >> 20} MiB`);
+      const esc = escapes.take();
+      if (esc.length) throw new Finding('exception', `escaped a handler: ${describe(esc[0])}`);
+    } catch (e) {
+      await found(e as Error, inBatch);
+    }
+  };
   try {
-    while (performance.now() < end && (o.maxInputs === undefined || inputs < o.maxInputs)) {
+    while (performance.now() < end && (o.maxInputs === undefined || inputs < o.maxInputs) && !o.signal?.aborted) {
       if (o.stopOnFinding && findings.length) break;
       if (findings.length >= 20) break;
       const group: { index: number; input: FuzzInput }[] = [];
@@ -265,27 +283,15 @@ export async function runTarget(target: FuzzTarget, o: RunOptions): Promise<RunR
         await found(e as Error, group);
         continue;
       }
-      if (pending.length >= batch) {
-        const inBatch = pending;
-        pending = [];
-        try {
-          await deadline(inst.probe(), 10_000, 'probe on a new connection');
-          const now = await fdsBackTo(base, 2000);
-          if (now > base) throw new Finding('leak', `${now - base} fds more than at the start of the batch (${now} open, ${base} expected)${leakDetail(baseNames)}`);
-          const heap = process.memoryUsage().heapUsed;
-          if (heap > MAX_HEAP) throw new Finding('memory', `heap at ${heap >> 20} MiB`);
-          const esc = escapes.take();
-          if (esc.length) throw new Finding('exception', `escaped a handler: ${describe(esc[0])}`);
-        } catch (e) {
-          await found(e as Error, inBatch);
-        }
-      }
+      if (pending.length >= batch) await checkBatch();
       if (performance.now() - lastReport > 10_000) {
         lastReport = performance.now();
         const s = (lastReport - t0) / 1000;
         log(`${target.name}: ${inputs} inputs in ${s.toFixed(0)} s (${Math.round(inputs / s)}/s, next index ${from + inputs}), ${findings.length} findings`);
       }
     }
+    // The last inputs get their batch checks too: every input counted in the report was checked whole.
+    if (pending.length > 0 && !(o.stopOnFinding && findings.length)) await checkBatch();
   } finally {
     await inst.close().catch(() => {});
     pool.close();

@@ -38,6 +38,10 @@ async function main(): Promise<void> {
     else usage();
   }
   const targets = name === 'all' ? TARGETS : [targetByName(name) ?? usage()];
+  // SIGINT / SIGTERM end a run cleanly: the inputs begun are finished and checked, and the report
+  // gives the exact range run (a long run resumes with --from at its end).
+  const stop = new AbortController();
+  for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => stop.abort());
   let findings = 0;
   let total = 0;
   for (const t of targets) {
@@ -45,12 +49,14 @@ async function main(): Promise<void> {
       seconds,
       seed,
       from,
+      signal: stop.signal,
       ...(maxInputs !== undefined ? { maxInputs } : {}),
       ...(save ? {} : { saveDir: null }),
       log: (l) => console.log(l),
     });
     findings += r.findings.length;
     total += r.inputs;
+    if (stop.signal.aborted) console.log(`${r.target}: stopped by a signal; resume with --from ${r.from + r.inputs}`);
     console.log(`${r.target}: seed 0x${r.seed.toString(16)}, inputs ${r.from}..${r.from + r.inputs - 1}: ${r.inputs} inputs in ${r.seconds.toFixed(1)} s = ${Math.round(r.perSecond)} inputs/s, ${r.findings.length} findings`);
     for (const f of r.findings) console.log(`  ${f.kind}: ${f.message.split('\n')[0]}${f.file ? ` -> ${f.file}` : ''}`);
   }
