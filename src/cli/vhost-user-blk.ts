@@ -19,6 +19,9 @@ Options:
       --serial ID      GET_ID answer (at most 20 bytes; default vdevkit-blk)
       --connect        connect to a front-end that listens (QEMU server=on)
       --latency-ms N   complete each request N ms late (tests of slow disks)
+      --iommu          offer VIRTIO_F_ACCESS_PLATFORM: work behind the front-end's
+                       IOMMU (QEMU: intel-iommu and iommu_platform=on), translating
+                       IOVAs through the IOTLB it sends
   -v, --verbose        log protocol events
   -t, --trace          log every front-end message
 `;
@@ -42,6 +45,7 @@ export async function vhostUserBlkCommand(argv: string[]): Promise<number> {
       serial: { type: 'string' },
       connect: { type: 'boolean' },
       'latency-ms': { type: 'string' },
+      iommu: { type: 'boolean' },
       verbose: { type: 'boolean', short: 'v' },
       trace: { type: 'boolean', short: 't' },
       help: { type: 'boolean', short: 'h' },
@@ -77,7 +81,11 @@ export async function vhostUserBlkCommand(argv: string[]): Promise<number> {
     ...(values.serial !== undefined ? { serial: values.serial } : {}),
     log,
   });
-  const options = { ...(values.verbose ? { log } : {}), ...(values.trace ? { trace: (l: string) => log(`<- ${l}`) } : {}) };
+  const options = {
+    ...(values.verbose ? { log } : {}),
+    ...(values.trace ? { trace: (l: string) => log(`<- ${l}`) } : {}),
+    ...(values.iommu ? { iommu: true } : {}),
+  };
   const backend = values.connect ? await VhostUserBackend.connect(values.socket, disk, { ...options, timeoutMs: 30_000 }) : VhostUserBackend.listen(values.socket, disk, options);
   backend.on('connect', () => log('front-end connected'));
   backend.on('disconnect', (err) => log(`front-end disconnected${err ? `: ${err.message}` : ''}`));
@@ -90,6 +98,7 @@ export async function vhostUserBlkCommand(argv: string[]): Promise<number> {
   backend.close();
   disk.close();
   const s = disk.stats;
-  log(`stopped: ${s.reads} reads (${s.bytesRead} B), ${s.writes} writes (${s.bytesWritten} B), ${s.flushes} flushes, ${s.errors} errors`);
+  const t = backend.iotlbStats;
+  log(`stopped: ${s.reads} reads (${s.bytesRead} B), ${s.writes} writes (${s.bytesWritten} B), ${s.flushes} flushes, ${s.errors} errors${values.iommu ? `; IOTLB: ${t.misses} misses, ${t.updates} updates, ${t.invalidations} invalidations` : ''}`);
   return 0;
 }

@@ -20,7 +20,7 @@ import { EventFd } from '../sys/eventfd.js';
 import { native } from '../sys/native.js';
 import { SharedMemory } from '../sys/shm.js';
 import { UnixServer, UnixSocket, connectUnix } from '../sys/socket.js';
-import { GuestMemory, DirtyLog, InflightRegion, createDeviceQueue, inflightQueueSize, VirtioError } from '../virtio/index.js';
+import { GuestMemory, DirtyLog, InflightRegion, createDeviceQueue, inflightQueueSize, VirtioError, Iotlb, IotlbMiss, IOTLB_PERM_READ, IOTLB_PERM_WRITE } from '../virtio/index.js';
 import type { DeviceQueue, DescChain, MemoryRegionInfo } from '../virtio/index.js';
 import { MessageChannel, type VhostUserMessage } from './channel.js';
 import {
@@ -43,6 +43,23 @@ import {
 } from './constants.js';
 import { VhostUserError } from './errors.js';
 import { threadPoller, type Pollable } from './poller.js';
+
+/** sizeof(struct vhost_iotlb_msg): iova, size, uaddr (u64), perm, type (u8), padded to 32. */
+const IOTLB_MSG_SIZE = 32;
+/** struct vhost_iotlb_msg type. */
+const IOTLB_MISS = 1;
+const IOTLB_UPDATE = 2;
+const IOTLB_INVALIDATE = 3;
+
+/** What the back-end's IOTLB saw (VhostUserBackendOptions.iommu), over all sessions. */
+export interface IotlbStats {
+  /** BACKEND_IOTLB_MSG MISS messages sent. */
+  misses: number;
+  /** IOTLB_MSG UPDATEs applied. */
+  updates: number;
+  /** IOTLB_MSG INVALIDATEs applied. */
+  invalidations: number;
+}
 
 /** What a device author implements. */
 export interface VhostUserDevice {
@@ -106,6 +123,17 @@ export interface VhostUserBackendOptions {
   inflight?: boolean;
   /** A line per front-end message (name, flags, payload size, fds). */
   trace?: (line: string) => void;
+  /**
+   * Offer VIRTIO_F_ACCESS_PLATFORM: work behind the front-end's IOMMU (QEMU with a vIOMMU and
+   * `iommu_platform=on`). Ring and buffer addresses are then IOVAs, translated through an IOTLB
+   * the front-end fills (IOTLB_MSG UPDATE / INVALIDATE); a missing translation is asked for on
+   * the back-end channel (BACKEND_IOTLB_MSG MISS) and the ring waits for it. Needs BACKEND_REQ
+   * and REPLY_ACK acked. Default false (as DPDK's RTE_VHOST_USER_IOMMU_SUPPORT: a front-end that
+   * acks the bit without being an IOMMU would leave every ring waiting).
+   */
+  iommu?: boolean;
+  /** IOTLB entries kept at most (default 2048). */
+  iotlbEntries?: number;
 }
 
 /** One ring's state, as the front-end set it up. */
@@ -133,6 +161,10 @@ export class VhostQueue implements Pollable {
   /** Chains given back by unpop() (a stack: the last given back is popped first). */
   #unpopped: DescChain[] = [];
   #polled = false;
+  /** Waiting for an IOTLB UPDATE (a buffer's translation missed): pop() returns null until then. */
+  iotlbWait = false;
+  /** The ring's start waits for an IOTLB UPDATE (its addresses missed). */
+  startWait = false;
 
   /** @internal */
   constructor(index: number, owner: Session) {
@@ -217,10 +249,17 @@ export class VhostQueue implements Pollable {
       this.inFlight++;
       return again;
     }
+    if (this.iotlbWait) return null;
     let chain: DescChain | null;
     try {
       chain = ring.pop();
     } catch (err) {
+      if (err instanceof IotlbMiss) {
+        // Nothing was taken: the ring waits for the front-end's UPDATE, then pops again.
+        this.iotlbWait = true;
+        this.#owner.iotlbMiss(err);
+        return null;
+      }
       this.#broken(err as Error);
       return null;
     }
@@ -296,6 +335,8 @@ export class VhostQueue implements Pollable {
 
   /** @internal Stops the ring (GET_VRING_BASE): no more kicks; resolves once every popped chain was pushed. */
   async stop(): Promise<number> {
+    this.iotlbWait = false;
+    this.startWait = false;
     this.#stopPolling();
     this.#unsubscribe?.();
     this.#unsubscribe = null;
@@ -340,6 +381,8 @@ export class VhostQueue implements Pollable {
 
   /** @internal Closes the ring's fds (the session ends). Chains still in flight are dropped when pushed. */
   close(): void {
+    this.iotlbWait = false;
+    this.startWait = false;
     this.#stopPolling();
     this.#unsubscribe?.();
     this.#unsubscribe = null;
@@ -401,9 +444,26 @@ class Session {
   #queue: Promise<void> = Promise.resolve();
 
   readonly trace: ((line: string) => void) | null;
+  /** ACCESS_PLATFORM offered (VhostUserBackendOptions.iommu): the IOTLB's size. */
+  readonly #iommu: { entries: number; stats: IotlbStats } | null;
+  /** Set while ACCESS_PLATFORM is acked: IOVA -> front-end address translations. */
+  iotlb: Iotlb | null = null;
+  /** Misses asked for and not yet answered by an UPDATE (IOVA page and perm), bounded. */
+  #missesPending = new Set<string>();
+  /** IOTLB counters (the back-end's, over all sessions): misses sent, updates and invalidations received. */
+  readonly iotlbStats: IotlbStats;
 
-  constructor(device: VhostUserDevice, channel: MessageChannel, offeredProtocol: bigint, log: (line: string) => void, trace?: (line: string) => void) {
+  constructor(
+    device: VhostUserDevice,
+    channel: MessageChannel,
+    offeredProtocol: bigint,
+    log: (line: string) => void,
+    trace?: (line: string) => void,
+    iommu: { entries: number; stats: IotlbStats } | null = null,
+  ) {
     this.device = device;
+    this.#iommu = iommu;
+    this.iotlbStats = iommu?.stats ?? { misses: 0, updates: 0, invalidations: 0 };
     this.trace = trace ?? null;
     this.channel = channel;
     this.log = log;
@@ -516,7 +576,14 @@ class Session {
         p.expect(8);
         const unknown = f & ~this.#offeredFeatures();
         if (unknown !== 0n) throw new VhostUserError('INVALID', `features 0x${unknown.toString(16)} were not offered`);
+        const platform = (f & bit(VF.ACCESS_PLATFORM)) !== 0n;
+        if (platform && !(this.hasProtocol(PF.BACKEND_REQ) && this.hasProtocol(PF.REPLY_ACK))) {
+          // QEMU's rule too (vhost_user_set_features: "IOMMU support requires reply-ack and backend-req").
+          throw new VhostUserError('INVALID', 'ACCESS_PLATFORM without BACKEND_REQ and REPLY_ACK');
+        }
         this.features = f;
+        if (!platform) this.iotlb = null;
+        else this.iotlb ??= new Iotlb(this.memory, { maxEntries: this.#iommu?.entries ?? 2048 });
         // Without PROTOCOL_FEATURES the rings start enabled (there is no SET_VRING_ENABLE).
         if (!this.has(VF.PROTOCOL_FEATURES)) for (const q of this.queues) q.enabled = true;
         this.device.setFeatures?.(f);
@@ -708,6 +775,8 @@ class Session {
         }
         return { payload: u64(ok ? 0n : 1n) };
       }
+      case Req.IOTLB_MSG:
+        return { payload: u64(this.#iotlbMsg(p) ? 0n : 1n) };
       case Req.SET_VRING_ENDIAN:
         throw new VhostUserError('UNSUPPORTED', 'CROSS_ENDIAN was not offered (legacy big-endian rings)');
       default:
@@ -716,7 +785,93 @@ class Session {
   }
 
   #offeredFeatures(): bigint {
-    return this.device.features | bit(VF.PROTOCOL_FEATURES) | bit(VF.LOG_ALL);
+    return this.device.features | bit(VF.PROTOCOL_FEATURES) | bit(VF.LOG_ALL) | (this.#iommu ? bit(VF.ACCESS_PLATFORM) : 0n);
+  }
+
+  /**
+   * IOTLB_MSG (struct vhost_iotlb_msg, 32 bytes): UPDATE adds a translation, INVALIDATE
+   * removes the ones overlapping its range. The reply is 0 (done) or 1 (refused: no
+   * ACCESS_PLATFORM, a bad type, perm or range). Rings waiting for a translation are
+   * retried after an UPDATE.
+   */
+  #iotlbMsg(p: Payload): boolean {
+    p.expect(IOTLB_MSG_SIZE);
+    const iotlb = this.iotlb;
+    if (!iotlb) {
+      this.log('IOTLB_MSG without ACCESS_PLATFORM acked: refused');
+      return false;
+    }
+    const iova = p.u64(0);
+    const size = p.u64(8);
+    const perm = p.bytes[24]!;
+    const type = p.bytes[25]!;
+    const MAX = BigInt(Number.MAX_SAFE_INTEGER);
+    try {
+      if (type === IOTLB_UPDATE) {
+        iotlb.update(Number(iova), Number(size), p.addr(16), perm);
+        this.iotlbStats.updates++;
+        this.#iotlbUpdated();
+        return true;
+      }
+      if (type === IOTLB_INVALIDATE) {
+        // Addresses are below 2^53 here, so a range reaching past it (or of size 0: the whole
+        // space, a u64 length that wrapped) invalidates to the end: more misses, never a stale entry.
+        if (iova <= MAX) iotlb.invalidate(Number(iova), size === 0n || iova + size > MAX ? Number(MAX - iova) : Number(size));
+        this.iotlbStats.invalidations++;
+        return true;
+      }
+      this.log(`IOTLB_MSG of type ${type} from the front-end (only UPDATE and INVALIDATE are its to send): refused`);
+      return false;
+    } catch (err) {
+      this.log(`IOTLB_MSG: ${(err as Error).message}: refused`);
+      return false;
+    }
+  }
+
+  /** A translation arrived: what waited on a miss is tried again. */
+  #iotlbUpdated(): void {
+    this.#missesPending.clear();
+    for (const q of this.queues) {
+      if (q.startWait && !q.started) {
+        q.startWait = false;
+        try {
+          this.#startRing(q);
+        } catch (err) {
+          this.log(`vring ${q.index}: ${(err as Error).message}`);
+        }
+      }
+      if (q.iotlbWait) {
+        q.iotlbWait = false;
+        q.schedule();
+      }
+    }
+  }
+
+  /**
+   * BACKEND_IOTLB_MSG MISS for `miss` (once per IOVA page and perm until the next UPDATE).
+   * QEMU answers with an IOTLB_MSG UPDATE on the front-end channel, or with nothing when its
+   * IOMMU refuses the access (the ring then waits: the guest's driver is at fault).
+   */
+  iotlbMiss(miss: IotlbMiss): void {
+    const key = `${Math.floor(miss.iova / 4096)}:${miss.perm}`;
+    if (this.#missesPending.has(key)) return;
+    const ch = this.#backendChannel;
+    if (!ch) {
+      this.log(`${miss.message}: no back-end channel to ask the front-end on`);
+      return;
+    }
+    if (this.#missesPending.size >= 1024) this.#missesPending.clear();
+    this.#missesPending.add(key);
+    this.iotlbStats.misses++;
+    const b = Buffer.alloc(IOTLB_MSG_SIZE);
+    b.writeBigUInt64LE(BigInt(miss.iova), 0);
+    b[24] = miss.perm;
+    b[25] = IOTLB_MISS;
+    try {
+      ch.send(BackendReq.IOTLB_MSG, FLAG_VERSION, b);
+    } catch (err) {
+      this.log(`BACKEND_IOTLB_MSG: ${(err as Error).message}`);
+    }
   }
 
   #mapRegion(info: MemoryRegionInfo, fd: Fd): MappedRegion {
@@ -843,17 +998,33 @@ class Session {
     const packed = this.has(VF.RING_PACKED);
     if (!packed && (q.size & (q.size - 1)) !== 0) throw new VhostUserError('INVALID', `vring ${q.index}: split ring size ${q.size} is not a power of two`);
     const ringSizes = packed ? [16 * q.size, 4, 4] : [16 * q.size, 6 + 2 * q.size, 6 + 8 * q.size];
-    const gpa = (uva: number, len: number, what: string): number => {
+    const iotlb = this.iotlb;
+    // Behind an IOMMU the addresses are IOVAs: translated now (the rings' views are then fixed
+    // until the ring stops); a miss is asked for and the start waits for the UPDATE.
+    const gpa = (addr: number, len: number, what: string, perm: number): number => {
       try {
-        return this.memory.uvaToGpa(uva, len);
-      } catch {
-        throw new VhostUserError('INVALID', `vring ${q.index}: ${what} at 0x${uva.toString(16)} (+${len}) is not in guest memory`);
+        return iotlb ? iotlb.ringGpa(addr, len, perm) : this.memory.uvaToGpa(addr, len);
+      } catch (err) {
+        if (err instanceof IotlbMiss) throw err;
+        throw new VhostUserError('INVALID', `vring ${q.index}: ${what} at ${iotlb ? 'IOVA ' : ''}0x${addr.toString(16)} (+${len}) is not in guest memory`);
       }
     };
-    const desc = gpa(q.addr.desc, ringSizes[0]!, packed ? 'descriptor ring' : 'descriptor table');
-    const driver = gpa(q.addr.avail, ringSizes[1]!, packed ? 'driver event area' : 'avail ring');
-    const device = gpa(q.addr.used, ringSizes[2]!, packed ? 'device event area' : 'used ring');
+    const R = IOTLB_PERM_READ;
+    const W = IOTLB_PERM_WRITE;
     const logging = this.has(VF.LOG_ALL) && this.dirtyLog !== null;
+    let desc: number, driver: number, device: number, logUsed: number;
+    try {
+      desc = gpa(q.addr.desc, ringSizes[0]!, packed ? 'descriptor ring' : 'descriptor table', packed ? R | W : R);
+      driver = gpa(q.addr.avail, ringSizes[1]!, packed ? 'driver event area' : 'avail ring', R);
+      device = gpa(q.addr.used, ringSizes[2]!, packed ? 'device event area' : 'used ring', W);
+      // log_guest_addr is an IOVA too (QEMU sends the used ring's DMA address); logged as its GPA.
+      logUsed = iotlb && logging && q.addr.flags & VRING_F_LOG ? gpa(q.addr.log, ringSizes[2]!, 'used ring log address', W) : q.addr.log;
+    } catch (err) {
+      if (!(err instanceof IotlbMiss)) throw err;
+      q.startWait = true;
+      this.iotlbMiss(err);
+      return;
+    }
     const inflightQueue = this.inflight && q.index < this.inflight.numQueues ? this.inflight.region.queue(q.index) : null;
     const ring = createDeviceQueue({
       memory: this.memory,
@@ -866,10 +1037,20 @@ class Session {
       indirect: this.has(VF.INDIRECT_DESC),
       base: q.base,
       log: logging ? this.dirtyLog : null,
-      ...(logging && q.addr.flags & VRING_F_LOG ? { logUsedAddr: q.addr.log } : {}),
+      ...(logging && q.addr.flags & VRING_F_LOG ? { logUsedAddr: logUsed } : {}),
       inflight: inflightQueue,
+      dma: iotlb,
     });
-    const resubmit = inflightQueue ? ring.resubmit() : [];
+    let resubmit: DescChain[] = [];
+    try {
+      if (inflightQueue) resubmit = ring.resubmit();
+    } catch (err) {
+      if (!(err instanceof IotlbMiss)) throw err;
+      // A request to resubmit points at an IOVA not translated yet: the whole start is retried.
+      q.startWait = true;
+      this.iotlbMiss(err);
+      return;
+    }
     if (resubmit.length > 0) this.log(`vring ${q.index}: resubmitting ${resubmit.length} request(s) in flight at the last disconnect`);
     // The chains resubmit() returns count as in flight in the ring; pop() hands them out first.
     q.start(ring, resubmit);
@@ -982,6 +1163,8 @@ class Session {
       q.enabled = !this.has(VF.PROTOCOL_FEATURES) && this.features !== 0n;
     }
     this.status = 0;
+    this.iotlb?.clear();
+    this.#missesPending.clear();
     this.device.reset?.();
   }
 
@@ -1247,6 +1430,8 @@ export class VhostUserBackend extends EventEmitter<BackendEvents> {
   #closed = false;
   /** Connect mode: where to reconnect. */
   #connectPath: string | null = null;
+  /** IOTLB counters over all sessions (VhostUserBackendOptions.iommu; zeros without it). */
+  readonly iotlbStats: IotlbStats = { misses: 0, updates: 0, invalidations: 0 };
   /** The inflight region survives the session (QEMU gives it back on reconnect; we keep nothing else). */
 
   private constructor(device: VhostUserDevice, options: VhostUserBackendOptions) {
@@ -1355,7 +1540,8 @@ export class VhostUserBackend extends EventEmitter<BackendEvents> {
       return;
     }
     const channel = new MessageChannel(sock);
-    const session = new Session(this.device, channel, this.#offeredProtocol(), (l) => this.#log(l), this.#options.trace);
+    const iommu = this.#options.iommu === true ? { entries: this.#options.iotlbEntries ?? 2048, stats: this.iotlbStats } : null;
+    const session = new Session(this.device, channel, this.#offeredProtocol(), (l) => this.#log(l), this.#options.trace, iommu);
     this.#session = session;
     channel.on('error', (err) => this.#log(`protocol error: ${err.message}`));
     channel.on('close', (err) => {

@@ -1,5 +1,5 @@
 export { VhostUserBackend, VhostQueue } from './backend.js';
-export type { VhostUserDevice, VhostUserBackendOptions } from './backend.js';
+export type { VhostUserDevice, VhostUserBackendOptions, IotlbStats } from './backend.js';
 export { VhostUserError } from './errors.js';
 export type { VhostUserErrorCode } from './errors.js';
 export { MessageChannel } from './channel.js';

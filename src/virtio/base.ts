@@ -6,6 +6,7 @@
 import type { DescChain, GuestMemoryView } from './types.js';
 import type { DeviceQueue, DeviceQueueOptions } from './queue.js';
 import type { DirtyLog } from './memory.js';
+import type { DmaTranslator } from './iotlb.js';
 import { VirtioError, hex } from './errors.js';
 
 /** Descriptor flags (split and packed). */
@@ -77,6 +78,8 @@ export abstract class BaseQueue implements DeviceQueue {
   abstract readonly packed: boolean;
   protected readonly memory: GuestMemoryView;
   protected readonly log: DirtyLog | null;
+  /** Buffer addresses are IOVAs translated by this (DeviceQueueOptions.dma). */
+  protected readonly dma: DmaTranslator | null;
   protected readonly eventIdx: boolean;
   protected readonly indirect: boolean;
   protected readonly maxChain: number;
@@ -104,6 +107,7 @@ export abstract class BaseQueue implements DeviceQueue {
     this.size = size;
     this.memory = o.memory;
     this.log = o.log ?? null;
+    this.dma = o.dma ?? null;
     this.eventIdx = o.eventIdx;
     this.indirect = o.indirect;
     const max = o.maxChainLength ?? size;
@@ -317,6 +321,13 @@ export abstract class BaseQueue implements DeviceQueue {
       throw new VirtioError('LENGTH_OVERFLOW', 'the chain is longer than 2^32 - 1 bytes');
     }
     if (len === 0) return;
+    if (this.dma !== null) {
+      // Translated first: a miss throws before the chain counts the bytes.
+      this.dma.map(addr, len, write, write ? c.writable : c.readable, write ? c.writableAddrs : null);
+      if (write) c.writableBytes += len;
+      else c.readableBytes += len;
+      return;
+    }
     if (write) c.writableBytes += len;
     else c.readableBytes += len;
     const v = this.memory.view(addr, len);
@@ -350,11 +361,19 @@ export abstract class BaseQueue implements DeviceQueue {
     if (!this.indirect) throw new VirtioError('INDIRECT_NOT_NEGOTIATED', 'INDIRECT descriptor without VIRTIO_F_INDIRECT_DESC');
     if ((flags & DESC_F_NEXT) !== 0) throw new VirtioError('INDIRECT_NEXT', 'INDIRECT and NEXT on one descriptor');
     if (len === 0 || len % 16 !== 0) throw new VirtioError('INDIRECT_LENGTH', `indirect table of ${len} bytes`);
-    const v = this.memory.view(addr, len);
-    if (v !== null) return BaseQueue.dv(v);
+    let parts: Uint8Array[];
+    if (this.dma !== null) {
+      parts = [];
+      this.dma.map(addr, len, false, parts, null);
+      if (parts.length === 1) return BaseQueue.dv(parts[0]!);
+    } else {
+      const v = this.memory.view(addr, len);
+      if (v !== null) return BaseQueue.dv(v);
+      parts = this.memory.slices(addr, len);
+    }
     const copy = new Uint8Array(len);
     let at = 0;
-    for (const s of this.memory.slices(addr, len)) {
+    for (const s of parts) {
       copy.set(s, at);
       at += s.length;
     }

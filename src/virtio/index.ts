@@ -2,6 +2,8 @@ export type * from './types.js';
 export { VirtioError } from './errors.js';
 export type { VirtioErrorCode } from './errors.js';
 export { GuestMemory, DirtyLog, LOG_PAGE_SIZE } from './memory.js';
+export { Iotlb, IotlbMiss, IOTLB_PERM_READ, IOTLB_PERM_WRITE } from './iotlb.js';
+export type { DmaTranslator, IotlbEntryInfo, IotlbOptions } from './iotlb.js';
 export { createDeviceQueue } from './queue.js';
 export type { DeviceQueue, DeviceQueueOptions } from './queue.js';
 export { DESC_F_NEXT, DESC_F_WRITE, DESC_F_INDIRECT, DESC_F_AVAIL, DESC_F_USED } from './base.js';

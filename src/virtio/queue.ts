@@ -12,6 +12,7 @@
  * little-endian hosts (x86, arm64), so the Uint16Array views used for those
  * words read the right values (checked when a queue is created).
  */
+import type { DmaTranslator } from './iotlb.js';
 import type { DescChain, GuestMemoryView } from './types.js';
 import type { DirtyLog } from './memory.js';
 import type { InflightQueue } from './inflight.js';
@@ -53,6 +54,13 @@ export interface DeviceQueueOptions {
    * `log_guest_addr` of SET_VRING_ADDR); default `device`.
    */
   logUsedAddr?: number;
+  /**
+   * Behind an IOMMU (VIRTIO_F_ACCESS_PLATFORM): buffer and indirect-table addresses are IOVAs
+   * translated by this (an Iotlb); the ring addresses above stay GPAs. A missing translation
+   * makes pop() throw IotlbMiss, which leaves the queue as it was (not broken, nothing taken).
+   * Default: buffer addresses are GPAs in `memory`.
+   */
+  dma?: DmaTranslator | null;
   /** Inflight tracking (vhost-user INFLIGHT_SHMFD): the queue's region, of the same ring kind and size. */
   inflight?: InflightQueue | null;
   /**
