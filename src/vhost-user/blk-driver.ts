@@ -33,7 +33,7 @@ import { ringLayout, type DriverBuffer, type DriverQueue, type DriverQueueOption
 import { BlkFeature, BlkReq, BlkStatus, SECTOR } from '../devices/vhost-user-blk.js';
 import { ProtocolFeature as PF, VirtioFeature as VF, bit } from './constants.js';
 import { VhostUserError } from './errors.js';
-import { VhostUserFrontend, VhostUserReconnectError, type InflightInfo, type VhostUserFrontendOptions } from './frontend.js';
+import { VhostUserFrontend, VhostUserReconnectError, type HandshakeOptions, type InflightInfo, type VhostUserFrontendOptions } from './frontend.js';
 
 /** Device status bits (SET_STATUS). */
 const STATUS_ACK = 1;
@@ -119,6 +119,13 @@ export interface VirtioBlkDriverOptions extends VhostUserFrontendOptions {
    * true: the defaults below.
    */
   reconnect?: boolean | ReconnectOptions;
+  /**
+   * Drive the disk behind an IOMMU (VIRTIO_F_ACCESS_PLATFORM, required when given): the
+   * front-end answers the back-end's IOTLB misses (HandshakeOptions.iommu); ring and buffer
+   * addresses are IOVAs, equal to our GPAs with 'identity'.
+   */
+  iommu?: HandshakeOptions['iommu'];
+  iommuPageSize?: number;
 }
 
 export interface ReconnectOptions {
@@ -333,7 +340,13 @@ export class VirtioBlkDriver extends EventEmitter<BlkDriverEvents> {
     if (o.eventIdx !== false) wanted |= bit(VF.EVENT_IDX);
     if (o.indirect !== false) wanted |= bit(VF.INDIRECT_DESC);
     if (packed) wanted |= bit(VF.RING_PACKED);
+    if (o.iommu) wanted |= bit(VF.ACCESS_PLATFORM);
     return wanted;
+  }
+
+  /** The handshake options these driver options give. */
+  static #handshakeOptions(o: VirtioBlkDriverOptions, queues: number): HandshakeOptions {
+    return { queues, config: 'require', ...(o.iommu ? { iommu: o.iommu } : {}), ...(o.iommuPageSize !== undefined ? { iommuPageSize: o.iommuPageSize } : {}) };
   }
 
   /** GET_INFLIGHT_FD, then SET_INFLIGHT_FD with it (QEMU's first start), when offered and wanted. */
@@ -359,7 +372,7 @@ export class VirtioBlkDriver extends EventEmitter<BlkDriverEvents> {
   /** Sets the device up on a connected front-end (which the driver then owns). */
   static async open(fe: VhostUserFrontend, o: VirtioBlkDriverOptions = {}): Promise<VirtioBlkDriver> {
     const want = o.queues ?? 1;
-    await fe.handshake({ queues: want, config: 'require' });
+    await fe.handshake(VirtioBlkDriver.#handshakeOptions(o, want));
     const offered = fe.offeredFeatures;
     const packed = o.packed === true || ((o.packed ?? 'auto') === 'auto' && (offered & bit(VF.RING_PACKED)) !== 0n);
     if (packed && (offered & bit(VF.RING_PACKED)) === 0n) throw new VhostUserError('UNSUPPORTED', 'packed rings asked for; the back-end does not offer RING_PACKED');
@@ -529,7 +542,7 @@ export class VirtioBlkDriver extends EventEmitter<BlkDriverEvents> {
     const other = (what: string): VhostUserReconnectError => new VhostUserReconnectError('UNSUPPORTED', `the back-end came back as another device: ${what}`, 0);
     let config: BlkConfig;
     try {
-      await fe.handshake({ queues: n, config: 'require' });
+      await fe.handshake(VirtioBlkDriver.#handshakeOptions(this.#options, n));
       const offered = fe.offeredFeatures;
       const f = (offered & this.#wanted) | (offered & bit(VF.PROTOCOL_FEATURES));
       if (f !== this.features) throw other(`features 0x${f.toString(16)} instead of 0x${this.features.toString(16)}`);
@@ -573,6 +586,10 @@ export class VirtioBlkDriver extends EventEmitter<BlkDriverEvents> {
     const status = fe.hasProtocol(PF.STATUS);
     if (status) await fe.setStatus(STATUS_ACK | STATUS_DRIVER);
     await fe.setFeatures(wanted);
+    if ((wanted & bit(VF.ACCESS_PLATFORM)) !== 0n && !fe.iommuEnabled) {
+      const offers = (fe.offeredFeatures & bit(VF.ACCESS_PLATFORM)) !== 0n;
+      throw new VhostUserError('UNSUPPORTED', `an IOMMU asked for: the back-end ${offers ? 'offers ACCESS_PLATFORM but not BACKEND_REQ and REPLY_ACK' : 'does not offer VIRTIO_F_ACCESS_PLATFORM'}`);
+    }
     if (status) await fe.setStatus(STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK);
     return decodeBlkConfig(await fe.getConfig(0, BLK_CONFIG_SIZE));
   }
