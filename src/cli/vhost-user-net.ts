@@ -3,6 +3,7 @@ import { parseArgs } from 'node:util';
 import { NetSwitch, type PortSnapshot } from '../devices/net-switch.js';
 import { NetSwitchThread } from '../devices/net-switch-thread.js';
 import type { VhostUserNetOptions } from '../devices/vhost-user-net.js';
+import type { IotlbStats } from '../vhost-user/backend.js';
 
 export const VHOST_USER_NET_HELP = `Usage: vdevkit vhost-user-net --socket PATH --socket PATH [options]
 
@@ -25,6 +26,8 @@ Options:
       --poll           busy-poll every port's TX rings (kicks off while polled, as
                        DPDK's PMD); the switch then runs on a worker thread
       --poll-port PATH busy-poll only this port (repeat); the others stay event-driven
+      --iommu          offer VIRTIO_F_ACCESS_PLATFORM: work behind the front-ends'
+                       IOMMU (QEMU: intel-iommu and iommu_platform=on)
       --json           one JSON object per second instead of the progress line
   -v, --verbose        log protocol and switch events
   -t, --trace          log every front-end message
@@ -47,6 +50,7 @@ export async function vhostUserNetCommand(argv: string[]): Promise<number> {
         poll: { type: 'boolean' },
         'poll-port': { type: 'string', multiple: true },
         json: { type: 'boolean' },
+        iommu: { type: 'boolean' },
         verbose: { type: 'boolean', short: 'v' },
         trace: { type: 'boolean', short: 't' },
         help: { type: 'boolean', short: 'h' },
@@ -90,7 +94,7 @@ export async function vhostUserNetCommand(argv: string[]): Promise<number> {
       const t = await NetSwitchThread.start({
         ageingMs: ageing * 1000,
         verbose: values.verbose === true || values.trace === true,
-        ports: sockets.map((s) => ({ path: s, connect: values.connect === true, timeoutMs: 30_000, trace: values.trace === true, device: { ...device, poll: polled(s) } })),
+        ports: sockets.map((s) => ({ path: s, connect: values.connect === true, timeoutMs: 30_000, trace: values.trace === true, iommu: values.iommu === true, device: { ...device, poll: polled(s) } })),
       });
       t.on('log', log);
       t.on('port-up', (p) => log(`port ${p.id} ${p.name}: front-end connected`));
@@ -103,7 +107,7 @@ export async function vhostUserNetCommand(argv: string[]): Promise<number> {
     }
   } else {
     const s = new NetSwitch({ ageingMs: ageing * 1000, ...(values.verbose ? { log } : {}) });
-    const backendOptions = { ...(values.verbose ? { log } : {}), ...(values.trace ? { trace: (l: string) => log(`<- ${l}`) } : {}) };
+    const backendOptions = { ...(values.verbose ? { log } : {}), ...(values.trace ? { trace: (l: string) => log(`<- ${l}`) } : {}), ...(values.iommu ? { iommu: true } : {}) };
     s.on('port-up', (p) => log(`port ${p.id} ${p.name}: front-end connected`));
     s.on('port-down', (p, err) => log(`port ${p.id} ${p.name}: front-end disconnected${err ? `: ${err.message}` : ''}`));
     try {
@@ -170,6 +174,8 @@ interface Rates {
   txBytes: number;
   /** Drops since the previous report. */
   dropped: number;
+  /** IOTLB misses, updates, invalidations so far (--iommu). */
+  iotlb?: IotlbStats;
   drops: PortSnapshot['drops'];
 }
 
@@ -192,6 +198,7 @@ function rates(p: PortSnapshot, before: PortSnapshot, dt: number): Rates {
     txBytes: p.txBytes,
     dropped: sumDrops(p) - sumDrops(before),
     drops: p.drops,
+    ...(p.iotlb ? { iotlb: p.iotlb } : {}),
   };
 }
 

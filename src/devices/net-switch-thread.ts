@@ -31,6 +31,8 @@ export interface ThreadPortSpec {
   device?: Omit<VhostUserNetOptions, 'log'>;
   /** Log every front-end message as a 'log' event. */
   trace?: boolean;
+  /** Offer ACCESS_PLATFORM (VhostUserBackendOptions.iommu). */
+  iommu?: boolean;
   /** For connect: how long to retry (default 30000 ms). */
   timeoutMs?: number;
 }
@@ -176,7 +178,7 @@ async function runWorker(options: NetSwitchThreadOptions): Promise<void> {
   try {
     for (const p of options.ports) {
       const device = { ...(p.device ?? {}), ...(log ? { log } : {}) };
-      const backend = { ...(log ? { log } : {}), ...(p.trace ? { trace: (l: string) => send({ op: 'log', line: `<- ${l}` }) } : {}) };
+      const backend = { ...(log ? { log } : {}), ...(p.trace ? { trace: (l: string) => send({ op: 'log', line: `<- ${l}` }) } : {}), ...(p.iommu ? { iommu: true } : {}) };
       if (p.connect) await sw.connect(p.path, device, { ...backend, timeoutMs: p.timeoutMs ?? 30_000 });
       else sw.listen(p.path, device, backend);
     }

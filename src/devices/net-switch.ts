@@ -18,7 +18,7 @@
  *   the next front-end (listen), or the back-end reconnects (connect).
  */
 import { EventEmitter } from 'node:events';
-import { VhostUserBackend, type VhostUserBackendOptions } from '../vhost-user/backend.js';
+import { VhostUserBackend, type IotlbStats, type VhostUserBackendOptions } from '../vhost-user/backend.js';
 import { VhostUserNetDevice, isMulticast, formatMac, readAt, type Frame, type FrameSink, type NetPortStats, type VhostUserNetOptions } from './vhost-user-net.js';
 
 export interface NetSwitchOptions {
@@ -42,6 +42,8 @@ export interface PortSnapshot extends NetPortStats {
   id: number;
   name: string;
   connected: boolean;
+  /** The port's IOTLB counters (its back-end offers ACCESS_PLATFORM: VhostUserBackendOptions.iommu). */
+  iotlb?: IotlbStats;
 }
 
 interface MacEntry {
@@ -163,7 +165,10 @@ export class NetSwitch extends EventEmitter<SwitchEvents> implements FrameSink {
   }
 
   snapshot(): PortSnapshot[] {
-    return this.#ports.map((p) => ({ id: p.id, name: p.name, connected: p.connected, ...p.device.stats, drops: { ...p.device.stats.drops } }));
+    return this.#ports.map((p) => {
+      const iotlb = p.backend && p.backend.iotlbStats.updates + p.backend.iotlbStats.misses > 0 ? { iotlb: { ...p.backend.iotlbStats } } : {};
+      return { id: p.id, name: p.name, connected: p.connected, ...p.device.stats, drops: { ...p.device.stats.drops }, ...iotlb };
+    });
   }
 
   /** Advances the ageing clock and forgets aged entries (runs on a timer; tests call it). */

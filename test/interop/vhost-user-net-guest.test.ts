@@ -32,17 +32,27 @@ sleep 10
 `;
 }
 
-test('two Linux guests on our vhost-user-net switch ping each other (ARP and ICMP both ways)', { timeout: 300_000 }, async (t) => {
+/** QEMU's arguments for a guest NIC on `sock`; behind QEMU's intel-iommu (strict unmapping in the guest) when `iommu`. */
+function nic(sock: string, mac: string, iommu: boolean): { qemuArgs: string[]; append?: string } {
+  const args = vhostUserNetArgs(sock, { mac });
+  if (!iommu) return { qemuArgs: args };
+  return {
+    qemuArgs: ['-device', 'intel-iommu,intremap=off,device-iotlb=on', ...args.map((x) => (x.startsWith('virtio-net-pci') ? `${x},disable-legacy=on,iommu_platform=on,ats=on` : x))],
+    append: 'intel_iommu=on iommu.strict=1',
+  };
+}
+
+for (const iommu of [false, true]) test(`two Linux guests on our vhost-user-net switch ping each other (ARP and ICMP both ways)${iommu ? ', both behind QEMU\'s intel-iommu (the switch with --iommu)' : ''}`, { timeout: 300_000 }, async (t) => {
   const scratch = scratchDir('vdevkit-netguest-');
   const a = path.join(scratch.dir, 'a.sock');
   const b = path.join(scratch.dir, 'b.sock');
-  const sw = startPeer(process.execPath, [CLI, '--socket', a, '--socket', b, '--json', '--verbose']);
+  const sw = startPeer(process.execPath, [CLI, '--socket', a, '--socket', b, '--json', '--verbose', ...(iommu ? ['--iommu'] : [])]);
   try {
     await waitForSocket(a, sw);
     await waitForSocket(b, sw);
     const [ga, gb] = await Promise.all([
-      runGuest({ script: pingScript('10.0.0.1', '10.0.0.2'), qemuArgs: vhostUserNetArgs(a, { mac: '52:54:00:12:34:01' }), timeoutMs: 240_000 }),
-      runGuest({ script: pingScript('10.0.0.2', '10.0.0.1'), qemuArgs: vhostUserNetArgs(b, { mac: '52:54:00:12:34:02' }), timeoutMs: 240_000 }),
+      runGuest({ script: pingScript('10.0.0.1', '10.0.0.2'), ...nic(a, '52:54:00:12:34:01', iommu), timeoutMs: 240_000 }),
+      runGuest({ script: pingScript('10.0.0.2', '10.0.0.1'), ...nic(b, '52:54:00:12:34:02', iommu), timeoutMs: 240_000 }),
     ]);
     const why = `\n--- guest A:\n${ga.output}\n--- guest B:\n${gb.output}\n--- switch:\n${sw.output().slice(-4000)}`;
     assert.equal(ga.exitCode, 0, why);
@@ -51,7 +61,7 @@ test('two Linux guests on our vhost-user-net switch ping each other (ARP and ICM
     assert.match(gb.output, /VDEVKIT-PING 10\.0\.0\.1 replies=3/);
     await sw.stop();
     const reports = sw.output().split('\n').filter((l) => l.startsWith('{'));
-    const last = JSON.parse(reports.pop()!) as { final?: boolean; ports: { name: string; rxPackets: number; txPackets: number }[] };
+    const last = JSON.parse(reports.pop()!) as { final?: boolean; ports: { name: string; rxPackets: number; txPackets: number; iotlb?: { misses: number; updates: number; invalidations: number } }[] };
     assert.equal(last.final, true, sw.output());
     t.diagnostic(`switch totals: ${JSON.stringify(last.ports.map((p) => ({ port: path.basename(p.name), rx: p.rxPackets, tx: p.txPackets })))}`);
     for (const p of last.ports) {
@@ -59,6 +69,14 @@ test('two Linux guests on our vhost-user-net switch ping each other (ARP and ICM
     }
     assert.match(sw.output(), /learned 52:54:00:12:34:01 on port 0/);
     assert.match(sw.output(), /learned 52:54:00:12:34:02 on port 1/);
+    for (const p of last.ports) {
+      if (!iommu) assert.equal(p.iotlb, undefined);
+      else {
+        // Every frame's buffers come through the port's IOTLB: misses answered by QEMU's vIOMMU.
+        t.diagnostic(`${path.basename(p.name)} IOTLB: ${JSON.stringify(p.iotlb)}`);
+        assert.ok(p.iotlb && p.iotlb.misses >= 3 && p.iotlb.updates >= p.iotlb.misses - 3, `port ${p.name}: ${JSON.stringify(p.iotlb)}`);
+      }
+    }
   } finally {
     await sw.stop();
     scratch.remove();
