@@ -50,7 +50,7 @@
  *
  *   npm run -s build && node dist/bench/scale-vfio-user.js [--conns 256] [--interval 100]
  *     [--slice 2] [--cycles 6] [--closed-slice 1] [--closed-cycles 5] [--rounds 2]
- *     [--setups pinned,unpinned] [--only ours,c] [--client-procs 1]
+ *     [--setups pinned,unpinned] [--only ours,c] [--client-procs 1] [--lead-in 0]
  *
  * pinned: servers and clients under `taskset -c 0` (one CPU, the latency
  * headline of ../shared/docs/benchmarking.md); unpinned: no taskset. Each
@@ -58,7 +58,15 @@
  * Every read is checked; any failed read, handshake, or connection closed
  * early counts as an error, and the run fails if there is one.
  *
- * Profiling our server: VDEVKIT_BENCH_SERVER_NODE_FLAGS="--cpu-prof --cpu-prof-dir=DIR".
+ * --lead-in MS: each open-loop slice first runs MS ms on the same schedule
+ * whose reads are not counted (0 by default, as in runs A-D of
+ * docs/reliability.md). A diagnostic: what a slice's first reads after the
+ * case's idle spell cost shows as the difference.
+ *
+ * Profiling our server: VDEVKIT_BENCH_SERVER_NODE_FLAGS="--cpu-prof --cpu-prof-dir=DIR";
+ * the clients: VDEVKIT_BENCH_CLIENT_NODE_FLAGS (e.g. "--trace-gc");
+ * VDEVKIT_BENCH_SLOW_DUMP=FILE appends every open-loop read slower than 1 ms
+ * (client pid, its connections, send time in ms since the epoch, us, index in the slice).
  * Internal modes: --server PATH, --client (both driven over IPC).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -91,6 +99,8 @@ import {
 } from './scale-common.js';
 
 const THIS_FILE = fileURLToPath(import.meta.url);
+/** Debugging: each open-loop read slower than 1 ms is appended here (pid, conns, send time, us, index). */
+const SLOW_DUMP = process.env['VDEVKIT_BENCH_SLOW_DUMP'];
 
 /* ------------------------------------------------------------------ */
 /* Our server process (--server PATH)                                  */
@@ -198,21 +208,30 @@ function runClient(): void {
     return { connected: conns.length, errors, handshakeMs: hs.take() };
   };
 
-  const openLoop = async (o: { intervalMs: number; seconds: number; base: number; total: number; startEpoch: number }): Promise<PhaseResult> => {
+  const openLoop = async (o: { intervalMs: number; seconds: number; leadInMs: number; base: number; total: number; startEpoch: number }): Promise<PhaseResult> => {
     const n = conns.length;
     const lat = new Samples();
     const lag = new Samples();
     let errors = 0;
     const t0 = performance.now() + (o.startEpoch - Date.now());
-    const end = t0 + o.seconds * 1000;
+    // Reads due in the lead-in are sent on the same schedule but not counted.
+    const measureFrom = t0 + o.leadInMs;
+    const end = measureFrom + o.seconds * 1000;
+    let measured = 0;
     const pending = new Set<Promise<void>>();
     const drop0 = dropped;
     let k = 0;
     const due = (i: number): number => t0 + Math.floor(i / n) * o.intervalMs + ((o.base + (i % n)) * o.intervalMs) / o.total;
-    const fire = (c: Conn): void => {
+    const fire = (c: Conn, counted: boolean): void => {
       const s = performance.now();
+      if (counted) measured++;
       const p = read(c).then(
-        () => lat.push((performance.now() - s) * 1000),
+        () => {
+          if (!counted) return;
+          const us = (performance.now() - s) * 1000;
+          lat.push(us);
+          if (SLOW_DUMP !== undefined && us > 1000) fs.appendFileSync(SLOW_DUMP, `${process.pid} ${n} ${(s + performance.timeOrigin).toFixed(3)} ${us.toFixed(0)} ${k}\n`);
+        },
         (err: unknown) => {
           errors++;
           noteError(err);
@@ -225,8 +244,9 @@ function runClient(): void {
       const tick = (): void => {
         const now = performance.now();
         while (due(k) <= now && due(k) < end) {
-          lag.push(now - due(k));
-          fire(conns[k % n]!);
+          const counted = due(k) >= measureFrom;
+          if (counted) lag.push(now - due(k));
+          fire(conns[k % n]!, counted);
           k++;
         }
         if (due(k) >= end) resolve();
@@ -236,7 +256,7 @@ function runClient(): void {
     });
     await Promise.all(pending);
     const lags = latencies([lag.take()]);
-    return { lat: lat.take(), errors: errors + (dropped - drop0), reads: k, lagP99: lags.p99, ...(firstError ? { firstError } : {}) };
+    return { lat: lat.take(), errors: errors + (dropped - drop0), reads: measured, lagP99: lags.p99, ...(firstError ? { firstError } : {}) };
   };
 
   const closedLoop = async (o: { seconds: number; startEpoch: number }): Promise<PhaseResult> => {
@@ -310,6 +330,7 @@ const { values: opt } = parseArgs({
     setups: { type: 'string', default: 'pinned,unpinned' },
     only: { type: 'string', default: 'ours,c' },
     'client-procs': { type: 'string', default: '1' },
+    'lead-in': { type: 'string', default: '0' },
   },
 });
 const CONNS = Number(opt.conns);
@@ -320,6 +341,7 @@ const CLOSED_SLICE = Number(opt['closed-slice']);
 const CLOSED_CYCLES = Number(opt['closed-cycles']);
 const ROUNDS = Number(opt.rounds);
 const CLIENT_PROCS = Math.max(1, Number(opt['client-procs']));
+const LEAD_IN_MS = Math.max(0, Number(opt['lead-in']));
 
 const C_PER = '1 conn, per-conn rate';
 const C_TOTAL = '1 conn, total rate';
@@ -388,6 +410,12 @@ interface RoundResult {
 function serverNodeFlags(): string[] {
   const s = process.env['VDEVKIT_BENCH_SERVER_NODE_FLAGS'];
   return ['--expose-gc', ...(s ? s.split(/\s+/).filter((x) => x !== '') : [])];
+}
+
+/** Node flags for the client processes (VDEVKIT_BENCH_CLIENT_NODE_FLAGS, e.g. "--trace-gc"). */
+function clientNodeFlags(): string[] {
+  const s = process.env['VDEVKIT_BENCH_CLIENT_NODE_FLAGS'];
+  return s ? s.split(/\s+/).filter((x) => x !== '') : [];
 }
 
 async function waitForSocket(p: string, child: ChildProcess, what: string): Promise<void> {
@@ -462,8 +490,8 @@ async function runContender(which: Contender, dir: string, cpus: string | undefi
   const acc = new Map<string, CaseAcc>([C_PER, C_TOTAL, C_MANY, C_CLOSED1, C_CLOSEDN].map((l) => [l, new CaseAcc()]));
   const mem: MemResult[] = [];
   let errors = 0;
-  const clientA = forkChild(THIS_FILE, ['--client'], cpus);
-  const clientsB = Array.from({ length: CLIENT_PROCS }, () => forkChild(THIS_FILE, ['--client'], cpus));
+  const clientA = forkChild(THIS_FILE, ['--client'], cpus, clientNodeFlags());
+  const clientsB = Array.from({ length: CLIENT_PROCS }, () => forkChild(THIS_FILE, ['--client'], cpus, clientNodeFlags()));
   const children: ChildProcess[] = [];
   let oursB: ChildProcess | null = null;
   const oursMem = async (label: string): Promise<ServerMem> => {
@@ -524,7 +552,7 @@ async function runContender(which: Contender, dir: string, cpus: string | undefi
     const basesB = many.split.map((n) => ((base += n), base - n));
     const open =
       (interval: number, bases: number[], total: number, seconds: number) =>
-      (i: number): object => ({ cmd: 'open', intervalMs: interval, seconds, base: bases[i]!, total, startEpoch: startAt() });
+      (i: number): object => ({ cmd: 'open', intervalMs: interval, seconds, leadInMs: LEAD_IN_MS, base: bases[i]!, total, startEpoch: startAt() });
     const steps: [string, () => Promise<void>][] = [
       [C_PER, () => slice(acc.get(C_PER)!, [clientA], pidsA, open(INTERVAL, [0], 1, 2 * SLICE), 2 * SLICE)],
       [C_TOTAL, () => slice(acc.get(C_TOTAL)!, [clientA], pidsA, open(INTERVAL / CONNS, [0], 1, SLICE), SLICE)],
@@ -598,7 +626,7 @@ async function driver(): Promise<number> {
   const setups = opt.setups.split(',');
   process.stdout.write(
     `bench/scale-vfio-user: ${CONNS} connections, open loop 1 read / ${INTERVAL} ms per connection (${Math.round((CONNS * 1000) / INTERVAL)}/s in all), ` +
-      `${CYCLES} cycles of slices (${2 * SLICE} s 1 conn per-conn rate, ${SLICE} s 1 conn total rate, ${SLICE} s ${CONNS} conns), ` +
+      `${CYCLES} cycles of slices (${2 * SLICE} s 1 conn per-conn rate, ${SLICE} s 1 conn total rate, ${SLICE} s ${CONNS} conns; each after a ${LEAD_IN_MS} ms lead-in not counted), ` +
       `closed loop ${CLOSED_CYCLES} x ${CLOSED_SLICE} s each; ${ROUNDS} round(s); ${CLIENT_PROCS} client process(es) for the ${CONNS}; ${os.cpus().length} CPUs; loadavg ${loadavg()}; ${new Date().toISOString()}\n`,
   );
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdevkit-scale-'));

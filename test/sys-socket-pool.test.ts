@@ -1,14 +1,16 @@
 /**
- * UnixSocket's read pool (src/sys/socket.ts): none until the first read into
- * it, READ_POOL_MIN then, grown while reads fill what they ask, shrunk when
- * its reads were small, given up after an idle spell and on close; chunks
- * handed out keep their bytes through all of it (a pool is reused only where
- * chunkRetained says nobody kept the last chunk).
+ * UnixSocket's read memory (src/sys/socket.ts): small reads go into the slab
+ * all sockets of the process share; a socket whose reads fill what they ask
+ * gets a pool of its own, grown while they do, shrunk when its reads were
+ * small, and given back (to the slab) once it is at READ_POOL_MIN and full,
+ * after an idle spell, and on close; chunks handed out keep their bytes
+ * through all of it (memory is reused only where chunkRetained says nobody
+ * kept the last chunk).
  */
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { socketPair, type UnixSocket, type UnixSocketOptions } from '../src/sys/index.js';
-import { READ_POOL_MAX, READ_POOL_MIN } from '../src/sys/socket.js';
+import { READ_POOL_MAX, READ_POOL_MIN, SHARED_SLAB_SIZE } from '../src/sys/socket.js';
 import { tick, until } from './helpers/sys.js';
 
 /** Bytes 0..n-1 of a fixed pattern (not produced by the code under test). */
@@ -71,16 +73,17 @@ function assertDisjoint(chunks: Buffer[]): void {
   }
 }
 
-test('UnixSocket read pool: none before the first pooled read, READ_POOL_MIN for the first small message, none once closed', async (t) => {
+test('UnixSocket read pool: none of its own for small messages (they go into the shared slab), none once closed', async (t) => {
   const [a, b] = pair(t);
   const got = collect(b);
   await tick(10); // both polls started, nothing to read
   assert.equal(a.readPoolSize, 0);
   assert.equal(b.readPoolSize, 0);
   await oneRead(a, got, pattern(100));
-  assert.equal(b.readPoolSize, READ_POOL_MIN);
+  assert.equal(b.readPoolSize, 0, 'a small message takes no pool of its own');
+  assert.equal(got.chunks[0]!.buffer.byteLength, SHARED_SLAB_SIZE, 'it is a view of the shared slab');
   assert.equal(a.readPoolSize, 0, 'the side that only wrote holds none');
-  assert.deepEqual(got.pools, [READ_POOL_MIN]);
+  assert.deepEqual(got.pools, [0]);
   assert.ok(got.chunks[0]!.equals(pattern(100)));
   b.destroy();
   assert.equal(b.readPoolSize, 0);
@@ -122,6 +125,14 @@ test('UnixSocket read pool: a grown pool whose reads were small is replaced by a
     await oneRead(a, got, m);
   }
   assert.equal(b.readPoolSize, READ_POOL_MIN);
+  // At READ_POOL_MIN and full of small reads, the pool is given up for the shared slab.
+  for (let i = 0; i < 100 && b.readPoolSize > 0; i++) {
+    const m = pattern(2048, 500 + i);
+    msgs.push(m);
+    await oneRead(a, got, m);
+  }
+  assert.equal(b.readPoolSize, 0, 'back to the shared slab');
+  assert.equal(got.chunks[got.chunks.length - 1]!.buffer.byteLength, SHARED_SLAB_SIZE);
   assert.ok(Buffer.concat(got.chunks).equals(Buffer.concat([bulk, ...msgs])), 'every byte kept intact');
   assertDisjoint(got.chunks);
 });
@@ -160,19 +171,63 @@ test('UnixSocket read pool: a target read with a tail as the first read gets a p
   await until(() => inTarget === 100 && got.bytes() === 16, 5000, 'the target and its tail');
   assert.ok(target.equals(pattern(116, 6).subarray(0, 100)));
   assert.ok(got.chunks[0]!.equals(pattern(116, 6).subarray(100)));
-  assert.equal(b.readPoolSize, READ_POOL_MIN);
+  assert.equal(b.readPoolSize, 0, 'a small tail goes into the shared slab');
+  assert.equal(got.chunks[0]!.buffer.byteLength, SHARED_SLAB_SIZE);
 });
 
-test('UnixSocket read pool: a socket that stops reading gives its pool up; chunks handed out keep their bytes; the next read gets a new one', async (t) => {
-  const [a, b] = pair(t);
+test('UnixSocket read pool: a socket that stops reading gives its pool up; chunks handed out keep their bytes; the next small read goes into the shared slab', async (t) => {
+  const [a, b] = pair(t, { readSize: 64 * 1024 });
   const got = collect(b);
-  await oneRead(a, got, pattern(300, 7));
-  assert.equal(b.readPoolSize, READ_POOL_MIN);
+  const bulk = await stream(a, got, 1 << 20, 7);
+  assert.equal(b.readPoolSize, 4 * 64 * 1024, 'a pool of its own, grown by the stream');
+  const last = got.chunks[got.chunks.length - 1]!;
   // Nothing to read: within two idle checks (POOL_IDLE_MS each) the pool is given up.
   await until(() => b.readPoolSize === 0, 10_000, 'the idle socket to give its pool up');
   await oneRead(a, got, pattern(300, 8));
-  assert.equal(b.readPoolSize, READ_POOL_MIN);
-  assert.notEqual(got.chunks[1]!.buffer, got.chunks[0]!.buffer, 'a new pool');
-  assert.ok(got.chunks[0]!.equals(pattern(300, 7)));
-  assert.ok(got.chunks[1]!.equals(pattern(300, 8)));
+  assert.equal(b.readPoolSize, 0);
+  const next = got.chunks[got.chunks.length - 1]!;
+  assert.notEqual(next.buffer, last.buffer, 'not the pool given up');
+  assert.equal(next.buffer.byteLength, SHARED_SLAB_SIZE);
+  assert.ok(Buffer.concat(got.chunks.slice(0, -1)).equals(bulk), 'the stream kept intact');
+  assert.ok(next.equals(pattern(300, 8)));
+});
+
+test('UnixSocket shared slab: small reads of many sockets go into one slab, none holds memory of its own, and no kept chunk is read over', async (t) => {
+  const pairs = Array.from({ length: 32 }, () => pair(t));
+  const gots = pairs.map(([, b]) => collect(b));
+  const sent: Buffer[][] = pairs.map(() => []);
+  // 32 sockets take turns, 600-byte messages, every chunk kept: 32 x 8 x 600 bytes fill several slabs.
+  for (let round = 0; round < 8; round++) {
+    for (let i = 0; i < pairs.length; i++) {
+      const m = pattern(600, round * 100 + i);
+      sent[i]!.push(m);
+      await oneRead(pairs[i]![0], gots[i]!, m);
+    }
+  }
+  for (let i = 0; i < pairs.length; i++) {
+    assert.equal(pairs[i]![1].readPoolSize, 0);
+    assert.ok(Buffer.concat(gots[i]!.chunks).equals(Buffer.concat(sent[i]!)), `socket ${i}'s bytes intact`);
+  }
+  const all = gots.flatMap((g) => g.chunks);
+  assertDisjoint(all);
+  const slabs = new Set(all.map((c) => c.buffer));
+  for (const sl of slabs) assert.equal(sl.byteLength, SHARED_SLAB_SIZE);
+  // 256 chunks of 600 bytes (608 with alignment): 107 to a slab, so 3 slabs (4 if one was partly used before).
+  assert.ok(slabs.size <= 4, `${slabs.size} slabs for ${all.length} small reads`);
+});
+
+test('UnixSocket shared slab: room given back by one socket (chunkRetained false) takes the next socket\'s read', async (t) => {
+  const [a1, b1] = pair(t);
+  const [a2, b2] = pair(t);
+  b1.chunkRetained = () => false;
+  b2.chunkRetained = () => false;
+  const g1 = collect(b1);
+  const g2 = collect(b2);
+  await oneRead(a1, g1, pattern(50, 1));
+  const c1 = Buffer.from(g1.chunks[0]!); // a copy: the room is given back
+  await oneRead(a2, g2, pattern(70, 2));
+  assert.equal(g2.chunks[0]!.buffer, g1.chunks[0]!.buffer, 'the same slab');
+  assert.equal(g2.chunks[0]!.byteOffset, g1.chunks[0]!.byteOffset, 'the room given back');
+  assert.ok(c1.equals(pattern(50, 1)));
+  assert.ok(g2.chunks[0]!.equals(pattern(70, 2)));
 });

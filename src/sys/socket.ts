@@ -82,14 +82,42 @@ const READS_PER_WAKEUP = 64;
  * sixteenth of it. A socket that has not read into its pool for
  * POOL_IDLE_MS to 2 x POOL_IDLE_MS gives the pool up (views handed out keep
  * their memory: only the socket's reference goes) and starts again at
- * READ_POOL_MIN. Sized this way a connection holds 64 KiB of V8 external
- * memory while it talks in small messages and none while idle, instead of
- * 1 MiB from its creation (what many short-lived or idle sockets paid in
- * garbage collection and memory).
+ * READ_POOL_MIN.
+ *
+ * A socket without a pool of its own (at READ_POOL_MIN, asking at most
+ * SHARED_ASK_MAX) reads into the slab all such sockets of the process share
+ * (sharedSlab, SHARED_SLAB_SIZE bytes), under the same rules: a chunk given
+ * back (chunkRetained false) gives its room back if no read went after it, a
+ * full slab is replaced, never reused. Only a socket whose reads fill what
+ * they ask (a stream, large messages) gets a pool of its own; when that pool
+ * has shrunk back to READ_POOL_MIN and runs out of room, or after an idle
+ * spell, the socket goes back to the slab. So a connection that talks in
+ * small messages holds no read memory of its own, idle or not (was 1 MiB from
+ * its creation, then 64 KiB while in use), and a process with many such
+ * connections reads them all into the same few KiB, hot in cache. Before the
+ * slab, 256 connections that woke up together after an idle spell each
+ * allocated a new 64 KiB pool at once: 16 MiB of external memory in a few ms
+ * set off a full GC of the client and server, which took the pinned p99 of
+ * bench/scale-vfio-user from about 1.2 to about 3 ms (docs/reliability.md).
  */
 export const READ_POOL_MIN = 64 * 1024;
 export const READ_POOL_MAX = 1024 * 1024;
 const POOL_IDLE_MS = 1000;
+/** The shared read slab's size, and the largest read asked of it. */
+export const SHARED_SLAB_SIZE = READ_POOL_MIN;
+const SHARED_ASK_MAX = READ_POOL_MIN >> 2;
+/** The slab reads of sockets without a pool of their own go into (null until the first). */
+let sharedSlab: Buffer | null = null;
+let sharedOffset = 0;
+
+/** Room for a read of `want` (<= SHARED_ASK_MAX) bytes in the shared slab, at sharedOffset. */
+function sharedSlabFor(want: number): Buffer {
+  if (sharedSlab === null || sharedSlab.length - sharedOffset < want) {
+    sharedSlab = Buffer.allocUnsafe(SHARED_SLAB_SIZE);
+    sharedOffset = 0;
+  }
+  return sharedSlab;
+}
 /** Sockets holding a read pool, checked every POOL_IDLE_MS by one unref'd timer while there are any. */
 const poolHolders = new Set<UnixSocket>();
 let poolSweep: NodeJS.Timeout | null = null;
@@ -546,14 +574,17 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
       const tail = target ? Math.min(Math.max(0, this.readTail?.() ?? 0), this.#readSize) : 0;
       const ask = this.#poolSize === READ_POOL_MAX ? this.#readSize : Math.min(this.#readSize, this.#poolSize >> 2);
       const want = target ? tail : ask;
-      const pool = want > 0 ? this.#poolFor(want) : null;
+      // Small reads of a socket without a pool of its own go into the shared slab.
+      const shared = want > 0 && want <= SHARED_ASK_MAX && this.#poolSize === READ_POOL_MIN && !this.#keepsOwnPool(want);
+      const pool = want === 0 ? null : shared ? sharedSlabFor(want) : this.#poolFor(want);
+      const at = shared ? sharedOffset : this.#poolOffset;
       let n: number;
       try {
         n = target
           ? tail > 0
-            ? native.recvmsg(this.#fd.value, target, 0, target.length, fdsOut, pool!, this.#poolOffset, tail)
+            ? native.recvmsg(this.#fd.value, target, 0, target.length, fdsOut, pool!, at, tail)
             : native.recvmsg(this.#fd.value, target, 0, target.length, fdsOut)
-          : native.recvmsg(this.#fd.value, pool!, this.#poolOffset, ask, fdsOut);
+          : native.recvmsg(this.#fd.value, pool!, at, ask, fdsOut);
       } catch (err) {
         this.destroy(err as Error);
         return;
@@ -567,7 +598,6 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
       const nfds = fdsOut[0]!;
       const fds: Fd[] = [];
       for (let k = 0; k < nfds; k++) fds.push(new Fd(fdsOut[1 + k]!));
-      const at = this.#poolOffset;
       // Bytes that went to the pool: all of them, or a target read's tail.
       const inPool = target ? Math.max(0, n - target.length) : n;
       if (target) {
@@ -579,16 +609,45 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
       }
       if (inPool > 0 && !this.#closed) {
         const chunk = pool!.subarray(at, at + inPool);
-        this.#poolOffset += (inPool + 7) & ~7;
-        if (inPool > this.#poolPeak) this.#poolPeak = inPool;
+        const next = at + ((inPool + 7) & ~7);
+        if (shared) sharedOffset = next;
+        else {
+          this.#poolOffset = next;
+          if (inPool > this.#poolPeak) this.#poolPeak = inPool;
+        }
         // A pool read that filled what it asked: more was waiting, so the next ones ask more.
         if (!target && inPool === ask && ask < this.#readSize) this.#poolSize *= 2;
         this.#deliver(chunk, fds);
-        // Nobody kept the chunk: its pool memory (hot in cache, already faulted in) takes the next read.
-        if (this.chunkRetained?.() === false && this.#pool === pool) this.#poolOffset = at;
+        // Nobody kept the chunk: its memory (hot in cache, already faulted in) takes the next read;
+        // in the shared slab only if no other socket's read went after it meanwhile.
+        if (this.chunkRetained?.() === false) {
+          if (shared) {
+            if (sharedSlab === pool && sharedOffset === next) sharedOffset = at;
+          } else if (this.#pool === pool) this.#poolOffset = at;
+        }
       }
       if (n < (target ? target.length + tail : ask)) return;
     }
+  }
+
+  /**
+   * For a socket at READ_POOL_MIN: whether its next read of `want` bytes goes into a pool of its
+   * own. Yes while it holds one with room, or a full one whose reads were not small (#poolFor
+   * replaces it). A full one whose reads took at most a sixteenth of it is given up here (it
+   * would shrink below READ_POOL_MIN): the socket goes back to the shared slab.
+   */
+  #keepsOwnPool(want: number): boolean {
+    const pool = this.#pool;
+    if (pool === null) return false;
+    if (pool.length - this.#poolOffset >= want) {
+      this.#poolUsed = true;
+      return true;
+    }
+    if (this.#poolPeak <= READ_POOL_MIN >> 4) {
+      this.#releasePool();
+      return false;
+    }
+    return true; // #poolFor replaces it
   }
 
   /** The pool with room for a read of `want` bytes at #poolOffset: the current one, or a new one. */
