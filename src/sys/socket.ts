@@ -89,9 +89,9 @@ const READS_PER_WAKEUP = 64;
  * (sharedSlab, SHARED_SLAB_SIZE bytes), under the same rules: a chunk given
  * back (chunkRetained false) gives its room back if no read went after it, a
  * full slab is replaced, never reused. Only a socket whose reads fill what
- * they ask (a stream, large messages) gets a pool of its own; when that pool
- * has shrunk back to READ_POOL_MIN and runs out of room, or after an idle
- * spell, the socket goes back to the slab. So a connection that talks in
+ * they ask (a stream, large messages) gets a pool of its own, and keeps one
+ * (shrunk to READ_POOL_MIN at least) until an idle spell gives it up: a
+ * connection that mixes large and small messages does not go back and forth. So a connection that talks in
  * small messages holds no read memory of its own, idle or not (was 1 MiB from
  * its creation, then 64 KiB while in use), and a process with many such
  * connections reads them all into the same few KiB, hot in cache. Before the
@@ -575,7 +575,7 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
       const ask = this.#poolSize === READ_POOL_MAX ? this.#readSize : Math.min(this.#readSize, this.#poolSize >> 2);
       const want = target ? tail : ask;
       // Small reads of a socket without a pool of its own go into the shared slab.
-      const shared = want > 0 && want <= SHARED_ASK_MAX && this.#poolSize === READ_POOL_MIN && !this.#keepsOwnPool(want);
+      const shared = want > 0 && want <= SHARED_ASK_MAX && this.#poolSize === READ_POOL_MIN && this.#pool === null;
       const pool = want === 0 ? null : shared ? sharedSlabFor(want) : this.#poolFor(want);
       const at = shared ? sharedOffset : this.#poolOffset;
       let n: number;
@@ -628,26 +628,6 @@ export class UnixSocket extends EventEmitter<SocketEvents> {
       }
       if (n < (target ? target.length + tail : ask)) return;
     }
-  }
-
-  /**
-   * For a socket at READ_POOL_MIN: whether its next read of `want` bytes goes into a pool of its
-   * own. Yes while it holds one with room, or a full one whose reads were not small (#poolFor
-   * replaces it). A full one whose reads took at most a sixteenth of it is given up here (it
-   * would shrink below READ_POOL_MIN): the socket goes back to the shared slab.
-   */
-  #keepsOwnPool(want: number): boolean {
-    const pool = this.#pool;
-    if (pool === null) return false;
-    if (pool.length - this.#poolOffset >= want) {
-      this.#poolUsed = true;
-      return true;
-    }
-    if (this.#poolPeak <= READ_POOL_MIN >> 4) {
-      this.#releasePool();
-      return false;
-    }
-    return true; // #poolFor replaces it
   }
 
   /** The pool with room for a read of `want` bytes at #poolOffset: the current one, or a new one. */
