@@ -15,8 +15,14 @@ import { runGuest, vhostUserNetArgs } from './guest.js';
 
 const CLI = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../helpers/vhost-user-net-cli.js');
 
-/** Brings eth0 up as `me`, pings `peer` until 3 replies (or 90 s), then stays up a while for the peer's pings. */
+/**
+ * Brings eth0 up as `me`, pings `peer` until 3 replies (or 90 s), then stays up until the peer is
+ * done too: each guest, once done, adds a second address (`me` + 10 in the last byte) and waits
+ * (at most 120 s) until the peer's answers. Under load one guest may boot tens of seconds after
+ * the other (CI, with TCG), and a fixed wait let the first power off before the second pinged it.
+ */
 function pingScript(me: string, peer: string): string {
+  const done = (ip: string): string => ip.replace(/\.(\d+)$/, (_, d: string) => `.${Number(d) + 10}`);
   return `set -u
 ip link set eth0 up || { echo "VDEVKIT-ERROR no eth0: $(ls /sys/class/net)"; exit 3; }
 ip addr add ${me}/24 dev eth0
@@ -27,7 +33,11 @@ for i in $(seq 1 90); do
 done
 echo "VDEVKIT-PING ${peer} replies=$ok"
 ping -c 3 -W 2 ${peer}
-sleep 10
+ip addr add ${done(me)}/24 dev eth0
+for i in $(seq 1 120); do
+  ping -c 1 -W 1 ${done(peer)} >/dev/null 2>&1 && break
+done
+sleep 3
 [ $ok -ge 3 ]
 `;
 }
